@@ -19,6 +19,7 @@ from timm.models import group_modules, group_parameters
 from torch import nn
 
 from .errors import ConfigError, did_you_mean
+from .paths import cache_dir
 from .registry import Registry
 
 WEIGHTS = Registry("weight source")
@@ -42,10 +43,16 @@ def bundled_imagenet(model_name: str) -> Loaded:
     if model_name not in BUNDLED:
         raise ConfigError("backbones.weights", f"no bundled ImageNet weights for '{model_name}'",
                           f"use one of {sorted(BUNDLED)}, 'hub' (network), a local file, or 'none'")
+    path, state_dict = _bundled_state_dict(model_name)
+    return Loaded(state_dict, f"imagenet:{path.name}", dict(BUNDLED_CFG))  # keys mapped in order by _load
+
+
+@lru_cache(maxsize=4)
+def _bundled_state_dict(model_name: str) -> tuple[Path, dict]:
+    """Read once per process: load_state_dict copies, so cells can share it."""
     module, cls = BUNDLED[model_name]
     path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
-    src = torch.load(path, map_location="cpu", weights_only=True)
-    return Loaded(src, f"imagenet:{path.name}", dict(BUNDLED_CFG))  # keys mapped in order by _load
+    return path, torch.load(path, map_location="cpu", weights_only=True)
 
 
 @WEIGHTS.register("none")
@@ -90,6 +97,13 @@ def load_weights_file(path: Path) -> dict:
 def resolve_weights(model_name: str, weights: str) -> Loaded:
     if weights in WEIGHTS:
         return WEIGHTS.get(weights)(model_name)
+    if weights.startswith("pretrain:"):  # pretrain:<dataset>:<config hash>, trained by source.py beforehand
+        _, dataset, *key = weights.split(":")
+        path = cache_dir("sources") / f"{model_name}-{dataset}-{key[0] if key else ''}.safetensors"
+        if not key or not path.exists():
+            raise ConfigError("backbones.weights", f"no pretrained source checkpoint for '{weights}'",
+                              "run the study: `transferbench study` pretrains its sources before the cells")
+        return Loaded(load_weights_file(path), f"source:{path.stem}")
     if weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or "/" in weights:
         path = Path(weights)
         sd = load_weights_file(path)
@@ -100,7 +114,7 @@ def resolve_weights(model_name: str, weights: str) -> Loaded:
 
 def _load(model: nn.Module, sd: dict, weights: str) -> None:
     own = model.state_dict()
-    if list(sd) != list(own) and len(sd) == len(own):  # a foreign layout (EfficientNet-Lite's _blocks.N...)
+    if not set(sd) & set(own) and len(sd) == len(own):  # a foreign layout (EfficientNet-Lite's _blocks.N...)
         sd = dict(zip(own, sd.values()))  # same order and shapes, one to one; checked below
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in sd]
@@ -109,6 +123,15 @@ def _load(model: nn.Module, sd: dict, weights: str) -> None:
                           f"{len(bad)} shape mismatches (e.g. {bad[:2]}), {len(missing)} missing keys (e.g. {missing[:2]})",
                           "use weights saved from the same timm architecture")
     model.load_state_dict(sd)
+
+
+def _head_rows(model_name: str, sd: dict | None) -> int | None:
+    """A checkpoint's own number of source classes (e.g. 20 for a glyph-pretrained source)."""
+    if not sd:
+        return None
+    name = timm.models.get_pretrained_cfg_value(model_name, "classifier") or "classifier"
+    weight = sd.get(f"{name}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
 
 def check_model_name(model_name: str) -> None:
@@ -134,7 +157,9 @@ def create_backbone(model_name: str, weights: str, num_classes: int, seed: int) 
     check_model_name(model_name)
     loaded = resolve_weights(model_name, weights)
     torch.manual_seed(seed)  # scratch init and the new head are functions of the seed
-    model = timm.create_model(model_name, pretrained=loaded.pretrained, drop_rate=0.0, drop_path_rate=0.0)
+    source_classes = _head_rows(model_name, loaded.state_dict)
+    model = timm.create_model(model_name, pretrained=loaded.pretrained, drop_rate=0.0, drop_path_rate=0.0,
+                              **({"num_classes": source_classes} if source_classes else {}))
     if loaded.state_dict is not None:
         _load(model, loaded.state_dict, weights)
     source_head = None

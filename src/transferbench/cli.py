@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -27,34 +28,51 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild tables, figures and report from the records (no training)")
     r.add_argument("study", help="study name (its folder under --results)")
     r.add_argument("--results", type=Path, default=Path("results"))
+    c = sub.add_parser("compare", help="compare two result folders; exit 1 on a regression")
+    c.add_argument("base", type=Path, help="e.g. results/baselines/smoke")
+    c.add_argument("new", type=Path, help="e.g. results/smoke")
+    c.add_argument("--tolerance", type=float, default=0.02, help="accuracy below the base CI counted as noise")
+    c.add_argument("--speed-fraction", type=float, default=0.5, help="fail when images/s falls below this share")
     return p
 
 
 def _check_writable(out: Path) -> None:
+    """Refuse before anything is written. Mode bits are checked too: root may write anywhere."""
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise ConfigError("--results", f"{probe} is not writable", "choose a writable --results folder or fix its permissions")
+    if not os.access(probe, os.W_OK) or not probe.stat().st_mode & stat.S_IWUSR:
+        raise ConfigError("--results", f"{probe} is read-only", "choose a writable --results folder or fix its permissions")
 
 
 def cmd_study(args) -> int:
     from .report import build, save_study
-    from .runner import plan, run_cells, timing_table
+    from .domains import domain_table
+    from .runner import plan, results_lock, run_cells, timing_table
+    from .store import read_records
     from .study import load_study, study_path
 
     study = load_study(study_path(args.study), args.overrides, args.profile)
+    if (args.backend or study.run.backend) == "dask" and not (args.scheduler or study.run.scheduler
+                                                              or os.environ.get("TRANSFERBENCH_DASK_SCHEDULER")):
+        raise ConfigError("run.scheduler", "backend 'dask' needs a scheduler address",
+                          "pass --scheduler tcp://HOST:8786 or set TRANSFERBENCH_DASK_SCHEDULER")
     cells = plan(study)
     out = args.results / study.name
     _check_writable(out)
-    print(f"{study.name}: {len(cells)} cells -> {out}/", flush=True)
-    save_study(study, out)
-    t0 = time.perf_counter()
-    summary = run_cells(study, cells, out / "records", jobs=args.jobs, backend=args.backend,
-                        scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
-    summary.wall_seconds = time.perf_counter() - t0
-    timing = timing_table(summary)
-    report = build(study, out, timing)
+    read_records(out / "records")  # a corrupted record is refused before anything is written
+    with results_lock(out):
+        print(f"{study.name}: {len(cells)} cells -> {out}/", flush=True)
+        save_study(study, out)
+        t0 = time.perf_counter()
+        summary = run_cells(study, cells, out / "records", jobs=args.jobs, backend=args.backend,
+                            scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
+        summary.wall_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if summary.ran or not (out / "domains.csv").exists():
+            domain_table(study).to_csv(out / "domains.csv", index=False)
+        timing = timing_table(summary) + f"\ndomain measures: {time.perf_counter() - t1:.1f} s"
+        report = build(study, out, timing)
     print(timing)
-    print(f"report: {report}")
+    print(f"report: {report} (and report.html)")
     if summary.failed:
         print(f"{summary.failed} cell(s) failed; see runs.csv (status, error) and rerun with --retry-failed",
               file=sys.stderr)
@@ -72,10 +90,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare, render
+
+    result = compare(args.base, args.new, args.tolerance, args.speed_fraction)
+    print(render(result, args.base, args.new))
+    return 0 if result.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may come after options too
+    if extra and (args.command != "study" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
-        return {"study": cmd_study, "report": cmd_report}[args.command](args)
+        return {"study": cmd_study, "report": cmd_report, "compare": cmd_compare}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

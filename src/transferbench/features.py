@@ -39,7 +39,7 @@ class FeatureCache:
     @classmethod
     def default(cls) -> "FeatureCache":
         env = os.environ.get
-        return cls(cache_dir("features"), int(env("TRANSFERBENCH_CACHE_MEMORY", 1 << 30)),
+        return cls(cache_dir("features"), int(env("TRANSFERBENCH_CACHE_MEMORY", 256 << 20)),
                    int(env("TRANSFERBENCH_CACHE_DISK", 4 << 30)))
 
     def get(self, key: str, compute, disk: bool = True) -> tuple[dict[str, torch.Tensor], str]:
@@ -78,3 +78,9 @@ class FeatureCache:
                 break
             total -= p.stat().st_size
             p.unlink(missing_ok=True)
+
+
+def prefix_key(model_name: str, backbone, depth: int, target_name: str, image_size: int) -> str:
+    """The key of a frozen prefix's output: everything it depends on, and nothing else."""
+    return feature_key(model=model_name, weights=backbone.weights_id, depth=depth, target=target_name,
+                       image_size=image_size, mean=backbone.data_config["mean"], std=backbone.data_config["std"])

@@ -43,7 +43,7 @@ def accuracy_vs_size(runs: pd.DataFrame, selected: pd.DataFrame, targets: list[s
     df["test accuracy (%)"] = 100 * df["test_acc"]
     g = sns.relplot(df, x="n_per_class", y="test accuracy (%)", hue="label", hue_order=_depth_order(df),
                     col="target", col_order=[t for t in targets if t in set(df["target"])], row="backbone",
-                    kind="line", marker="o", errorbar=("ci", 95), palette=PALETTE, height=2.6, aspect=1.0,
+                    kind="line", marker="o", errorbar=("ci", 95), n_boot=200, seed=0, palette=PALETTE, height=2.6, aspect=1.0,
                     facet_kws=dict(sharey=True, sharex=True))
     g.set(xscale="log", ylim=(0, 100))
     g.set_axis_labels("labelled examples per class (log)", "test accuracy (%)")
@@ -106,3 +106,109 @@ def gain_by_condition(selected: pd.DataFrame, targets: list[str], directory: Pat
     fig.supxlabel("target condition (near the source -> far)", fontsize=9)
     fig.tight_layout()
     return _save(fig, directory, "gain_by_condition")
+
+
+def gain_vs_distance(selected: pd.DataFrame, domains: pd.DataFrame, directory: Path, distance: str = "fd"):
+    """Gain against the measured distance of each target from the source, per depth and size."""
+    df = selected.merge(domains[["backbone", "weights", "target", distance]], on=["backbone", "weights", "target"])
+    df["label"] = [depth_label(d) for d in df["frozen_depth"]]
+    df["gain (pp)"] = 100 * df["gain"]
+    g = sns.relplot(df, x=distance, y="gain (pp)", hue="label", hue_order=_depth_order(df), style="backbone",
+                    col="n_per_class", kind="scatter", palette=PALETTE, height=2.8, aspect=1.1, s=45)
+    for ax in g.axes.flat:
+        ax.axhline(0, color="black", lw=0.8)
+    names = {"fd": "Frechet distance to the source reference", "mmd": "MMD^2 to the source reference",
+             "pad": "proxy A-distance to the source reference"}
+    g.set_axis_labels(names.get(distance, distance) + " (frozen features)", "gain over scratch (pp)")
+    g.set_titles("{col_name} examples per class")
+    g.legend.set_title("frozen depth")
+    return _save(g.figure, directory, f"gain_vs_{distance}")
+
+
+def bn_divergence_profile(domains: pd.DataFrame, targets: list[str], directory: Path):
+    """Source-free: KL of target activation stats from the BatchNorm running stats, by depth group."""
+    cols = sorted((c for c in domains.columns if c.startswith("bn_kl_group")), key=lambda c: int(c[11:]))
+    long = domains.melt(id_vars=["backbone", "target"], value_vars=cols, var_name="group", value_name="KL")
+    long["depth group"] = long["group"].str[11:].astype(int)
+    ref = domains.drop_duplicates("backbone").melt(
+        id_vars=["backbone"], value_vars=[c.replace("group", "ref_group") for c in cols], var_name="group", value_name="KL")
+    ref["depth group"], ref["target"] = ref["group"].str[15:].astype(int), "source reference"
+    long = pd.concat([long, ref], ignore_index=True)
+    order = [t for t in targets if t in set(long["target"])] + ["source reference"]
+    g = sns.relplot(long, x="depth group", y="KL", hue="target", hue_order=order, col="backbone", kind="line",
+                    marker="o", palette=PALETTE, height=3, aspect=1.2)
+    g.set(yscale="log")
+    g.set_axis_labels("depth group (input side = 0)", "mean KL to BN running stats (nats, log)")
+    return _save(g.figure, directory, "bn_divergence_profile")
+
+
+def estimators_vs_accuracy(selected: pd.DataFrame, domains: pd.DataFrame, corr: pd.DataFrame, directory: Path):
+    """Each estimator against the realized probe accuracy at the largest size, Kendall tau in the title."""
+    from .analysis import MEASURES
+
+    n = selected["n_per_class"].max()
+    probe = selected[(selected["frozen_depth"].astype(str) == "all") & (selected["n_per_class"] == n)]
+    if probe.empty:
+        probe = selected[selected["n_per_class"] == n]
+    depth = str(probe["frozen_depth"].iloc[0])
+    df = probe.merge(domains, on=["backbone", "weights", "target"])
+    measures = [m for m in MEASURES if m in df and df[m].notna().any()]
+    fig, axes = plt.subplots(1, len(measures), figsize=(2.6 * len(measures), 2.8), squeeze=False)
+    for ax, m in zip(axes[0], measures):
+        sns.scatterplot(df, x=m, y=100 * df["transfer_mean"], hue="target", style="backbone", ax=ax,
+                        palette=PALETTE, legend=ax is axes[0, -1], s=40)
+        row = corr[(corr["measure"] == m) & (corr["outcome"] == "transfer_acc") & (corr["n_per_class"] == n)
+                   & (corr["frozen_depth"].astype(str) == depth)]
+        tau = row["tau"].iloc[0] if len(row) else float("nan")
+        ax.set_title(f"{m}: tau = {tau:.2f}", fontsize=8)
+        ax.set_ylabel("transfer test accuracy (%)" if ax is axes[0, 0] else "")
+    axes[0, -1].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(f"transferability estimates vs realized accuracy (frozen {depth}, {n} per class)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, directory, "estimators_vs_accuracy")
+
+
+def accuracy_vs_compute(runs: pd.DataFrame, curves: pd.DataFrame, targets: list[str], directory: Path):
+    """Validation accuracy against images seen in training (He et al. 2019: does scratch catch up?)."""
+    runs = ok_runs(runs)
+    n = runs["n_per_class"].max()
+    sel = runs[(runs["n_per_class"] == n)][["cell_id", "arm", "frozen_depth", "frozen_groups", "target", "backbone"]]
+    df = curves[(curves["split"] == "val") & (curves["metric"] == "acc")].merge(sel, on="cell_id")
+    df["label"] = [depth_label(d, a) for d, a in zip(df["frozen_depth"], df["arm"])]
+    df["val accuracy (%)"] = 100 * df["value"]
+    g = sns.relplot(df, x="images_seen", y="val accuracy (%)", hue="label", hue_order=_depth_order(df),
+                    col="target", col_order=[t for t in targets if t in set(df["target"])], row="backbone",
+                    kind="line", errorbar=("ci", 95), n_boot=200, seed=0, palette=PALETTE, height=2.4, aspect=1.0)
+    g.set_axis_labels("training images seen", "val accuracy (%)")
+    g.set_titles("{row_name}\n{col_name}", size=8)
+    g.figure.suptitle(f"{n} examples per class", y=1.01, fontsize=9)
+    return _save(g.figure, directory, "accuracy_vs_compute")
+
+
+def source_label(weights: str) -> str:
+    """'pretrain:glyphs:<hash>' -> 'glyphs-pretrained'; 'imagenet' stays."""
+    return f"{weights.split(':')[1]}-pretrained" if str(weights).startswith("pretrain:") else str(weights)
+
+
+def transfer_matrix(selected: pd.DataFrame, targets: list[str], directory: Path):
+    """Gain (pp) with its CI for every source x target pair; negative cells (whole CI < 0) marked."""
+    df = selected.copy()
+    df["source"] = df["weights"].map(source_label)
+    panels = sorted(df.groupby(["backbone", "frozen_depth", "n_per_class"]).groups)
+    cols = [t for t in targets if t in set(df["target"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(cols) * len(panels) + 2, 0.7 * df["source"].nunique() + 1.6),
+                             squeeze=False)
+    lim = max(5.0, float(np.nanmax(np.abs(100 * df["gain"]))))
+    for ax, (bb, depth, n) in zip(axes[0], panels):
+        sub = df[(df["backbone"] == bb) & (df["frozen_depth"] == depth) & (df["n_per_class"] == n)]
+        gain = sub.pivot_table(index="source", columns="target", values="gain").reindex(columns=cols) * 100
+        text = sub.assign(t=[f"{100 * g:+.0f}\n[{100 * lo:+.0f},{100 * hi:+.0f}]" + ("\nNEG" if v == "negative" else "")
+                             for g, lo, hi, v in zip(sub["gain"], sub["ci_low"], sub["ci_high"], sub["verdict"])]
+                          ).pivot(index="source", columns="target", values="t").reindex(index=gain.index, columns=cols)
+        sns.heatmap(gain, ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=text, fmt="",
+                    annot_kws={"size": 7}, cbar=ax is axes[0, -1], cbar_kws={"label": "gain over scratch (pp)"})
+        ax.set_title(f"{bb}, frozen {depth}, {n} per class", fontsize=8)
+        ax.set_xlabel("target")
+        ax.set_ylabel("source" if ax is axes[0, 0] else "")
+    fig.tight_layout()
+    return _save(fig, directory, "transfer_matrix")

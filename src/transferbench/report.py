@@ -26,10 +26,15 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     records = [r for cid, r in read_records(out / "records").items() if cid in wanted]
     runs = runs_table(records)
     runs.to_csv(out / "runs.csv", index=False)
-    curves_table(records).to_csv(out / "curves.csv", index=False)
-    gains = analysis.gains(runs, study.analysis.n_bootstrap, study.analysis.confidence)
+    curves = curves_table(records)
+    curves.to_csv(out / "curves.csv", index=False)
+    gains = analysis.negative_transfer(analysis.gains(runs, study.analysis.n_bootstrap, study.analysis.confidence))
     gains.to_csv(out / "gains.csv", index=False)
-    return dict(runs=runs, gains=gains, selected=analysis.select_on_val(gains))
+    selected = analysis.select_on_val(gains)
+    domains = pd.read_csv(out / "domains.csv") if (out / "domains.csv").exists() else pd.DataFrame()
+    corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence)
+    corr.to_csv(out / "correlations.csv", index=False)
+    return dict(runs=runs, curves=curves, gains=gains, selected=selected, domains=domains, correlations=corr)
 
 
 def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
@@ -55,36 +60,96 @@ def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
+    cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
 
+def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(
+        gain_pp=lambda d: d["gain"].map(pp), ci_pp=lambda d: [f"[{pp(a)}, {pp(b)}]" for a, b in zip(d.ci_low, d.ci_high)],
+        transfer=lambda d: (100 * d["transfer_mean"]).round(1))
+
+
+def failure_section(study: Study, t: dict) -> list[str]:
+    """'When transfer fails': negative points, where gains stop, best depth, estimator ranking."""
+    selected, gains, domains, corr = t["selected"], t["gains"], t["domains"], t["correlations"]
+    conf = int(study.analysis.confidence * 100)
+    lines = ["## When transfer fails", ""]
+    neg = selected[selected["negative"]]
+    lines.append(f"Negative transfer gap (Wang et al. 2019: transfer error minus scratch error), schedule chosen on "
+                 f"validation: **{len(neg)} of {len(selected)}** grid points have the whole {conf}% CI on the harmful "
+                 f"side ({int(gains['negative'].sum())} of {len(gains)} over every schedule).")
+    if len(neg):
+        lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class", "schedule",
+                                                       "transfer", "gain_pp", "ci_pp"]])]
+    conditions = [c.condition for c in study.targets]
+    by_target = selected.groupby("target").agg(mean_gain=("gain", "mean"), positive=("verdict", lambda v: (v == "positive").mean()))
+    by_target = by_target.reindex([c for c in conditions if c in by_target.index])
+    lines += ["", "Mean gain per target condition (near -> far), and the share of its grid points with a positive verdict:", ""]
+    lines += [f"- {tg}: {pp(r.mean_gain)} pp, {100 * r.positive:.0f}% positive" for tg, r in by_target.iterrows()]
+    if not domains.empty:
+        d = domains.groupby("target")[["fd", "mmd", "pad", "bn_kl_mean"]].mean().reindex(by_target.index)
+        lines += ["", "Measured distance to the source reference (mean over backbones):", "",
+                  markdown_table(d.round(3).reset_index())]
+    best = analysis.best_depth(selected)
+    if len(best):
+        lines += ["", "Best frozen depth per target (chosen on validation) at each size:", ""]
+        pivot = best.pivot_table(index=["backbone", "target"], columns="n_per_class", values="frozen_depth",
+                                 aggfunc="first").reset_index()
+        pivot["target"] = pd.Categorical(pivot["target"], [c for c in conditions if c in set(pivot["target"])])
+        lines.append(markdown_table(pivot.sort_values(["backbone", "target"]).astype(str)))
+    ranking = analysis.measure_ranking(corr)
+    if len(ranking):
+        top = ranking.iloc[0]
+        lines += ["", f"Which measure ranked the targets best: **{top.measure}** (mean sign-adjusted Kendall tau with the "
+                  f"realized gain {top.mean_agreement:+.2f} over {int(top.cells)} depth x size cells). All measures:", "",
+                  markdown_table(ranking.round(3))]
+    oracle = analysis.select_oracle(gains)
+    if len(oracle):
+        lines += ["", f"Model selection: with the schedule chosen on validation the mean gain is {pp(selected['gain'].mean())} pp; "
+                  f"choosing on test (oracle, optimistic) would report {pp(oracle['gain'].mean())} pp."]
+    return lines
+
+
 def build(study: Study, out: Path, timing: str | None = None) -> Path:
-    """Write runs/curves/gains CSVs, the figures and report.md under `out`; returns the report path."""
-    tables = write_tables(study, out)
-    runs, selected = tables["runs"], tables["selected"]
-    conditions = [t.condition for t in study.targets]
+    """Write the tidy tables, the figures and report.md under `out`; returns the report path."""
+    t = write_tables(study, out)
+    runs, selected, domains = t["runs"], t["selected"], t["domains"]
+    if timing:
+        (out / "timing.txt").write_text(timing + "\n")
+    elif (out / "timing.txt").exists():
+        timing = (out / "timing.txt").read_text().strip()
+    conditions = [c.condition for c in study.targets]
     figures = out / "figures"
     figs = []
     if not selected.empty:
         figs = [plots.accuracy_vs_size(runs, selected, conditions, figures)[0],
                 plots.gain_heatmap(selected, conditions, figures)[0],
-                plots.gain_by_condition(selected, conditions, figures)[0]]
+                plots.gain_by_condition(selected, conditions, figures)[0],
+                plots.accuracy_vs_compute(runs, t["curves"], conditions, figures)[0]]
+        if selected["weights"].nunique() > 1:
+            figs.append(plots.transfer_matrix(selected, conditions, figures)[0])
+        if not domains.empty:
+            figs += [plots.gain_vs_distance(selected, domains, figures)[0],
+                     plots.bn_divergence_profile(domains, conditions, figures)[0],
+                     plots.estimators_vs_accuracy(selected, domains, t["correlations"], figures)[0]]
     status = runs["status"].value_counts().to_dict() if len(runs) else {}
-    shown = selected.sort_values(["backbone", "target", "frozen_groups", "n_per_class"]).assign(
-        gain_pp=lambda d: d["gain"].map(pp), ci_pp=lambda d: [f"[{pp(a)}, {pp(b)}]" for a, b in zip(d.ci_low, d.ci_high)],
-        transfer=lambda d: (100 * d["transfer_mean"]).round(1), scratch=lambda d: (100 * d["scratch_mean"]).round(1),
-    )[["backbone", "target", "frozen_depth", "n_per_class", "schedule", "transfer", "scratch", "gain_pp", "ci_pp",
-       "n_seeds", "verdict"]] if not selected.empty else selected
     text = [f"# transferbench study: {study.name}", "", study.description.strip(), "",
             "## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline, mean over "
             f"seeds with a {int(study.analysis.confidence * 100)}% paired bootstrap CI; the LR schedule of each point "
             "is chosen on the validation split.", ""]
     text += [f"- {line}" for line in headlines(study, selected)]
+    if not selected.empty:
+        text += [""] + failure_section(study, t)
     text += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs]
-    text += ["", "## Gains (schedule chosen on validation)", "", markdown_table(shown) if len(shown) else "(none)"]
+    if not selected.empty:
+        shown = _fmt_gains(selected.sort_values(["backbone", "target", "frozen_groups", "n_per_class"]))
+        shown = shown.assign(scratch=(100 * shown["scratch_mean"]).round(1))
+        text += ["", "## Gains (schedule chosen on validation)", "", markdown_table(shown[
+            ["backbone", "target", "frozen_depth", "n_per_class", "schedule", "transfer", "scratch", "gain_pp", "ci_pp",
+             "n_seeds", "verdict"]])]
     text += ["", "## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})",
              f"- targets, near to far: {', '.join(conditions)}",
              f"- backbones: {', '.join(f'{b.model} ({b.weights})' for b in study.backbones)}"]
@@ -92,6 +157,33 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
         text += ["", "```", timing, "```"]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")
+    write_html(path, study.name)
+    return path
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:.2em .5em}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code,pre{background:#f6f6f6}"""
+
+
+def write_html(md_path: Path, title: str) -> Path:
+    """report.html: the same content as report.md, one self-contained file (figures inlined)."""
+    import base64
+    import re
+
+    import markdown
+
+    body = markdown.markdown(md_path.read_text(), extensions=["tables", "fenced_code"])
+
+    def inline(match):
+        data = base64.b64encode((md_path.parent / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>transferbench: {title}</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>")
+    path = md_path.with_suffix(".html")
+    path.write_text(html)
     return path
 
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 import traceback
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,7 @@ def plan(study: Study) -> list[Cell]:
     from .data import DATASETS, SHIFTS, class_counts
     from .data.embedded import load_raw
     from .schedules import SCHEDULES
+    from .source import cells_of, source_cell
 
     for i, t in enumerate(study.targets):
         DATASETS.get(t.dataset, f"targets.{i}.dataset")
@@ -43,18 +45,20 @@ def plan(study: Study) -> list[Cell]:
         SCHEDULES.get(s.name, f"grid.schedule.{i}.name")
     for i, b in enumerate(study.backbones):
         check_model_name(b.model)
-        if b.weights != "hub":  # hub weights need the network: checked when the cell runs
+        if b.weights.startswith("pretrain:"):
+            source_cell(study, b.model, b.weights.split(":", 1)[1])  # the source dataset must exist
+        elif b.weights != "hub":  # hub weights need the network: checked when the cell runs
             resolve_weights(b.model, b.weights)
         n_groups = len(_groups_of(timm, b.model))
         for d in study.grid.frozen_depth:
             resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
     for i, t in enumerate(study.targets):
-        smallest = min(class_counts(load_raw(t.dataset).splits["train"][1]).values())
-        too_big = [n for n in study.grid.n_per_class if n > smallest]
+        smallest = min(class_counts(load_raw(t.dataset, t.options).splits["train"][1]).values())
+        too_big = [n for n in (t.n_per_class or study.grid.n_per_class) if n > smallest]
         if too_big:
-            raise ConfigError("grid.n_per_class", f"{too_big} examples per class asked, but '{t.dataset}' holds "
+            raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class", f"{too_big} examples per class asked, but '{t.dataset}' holds "
                               f"only {smallest} in its smallest class", f"use sizes up to {smallest}")
-    return expand(study)
+    return cells_of(study)
 
 
 def _groups_of(timm, model_name: str):
@@ -113,7 +117,56 @@ def run_one(cell: Cell, study_name: str, records_dir: str, threads: int, context
                                        "prefix_seconds", "images_seen", "cache")}
 
 
+def run_group(cells: list[Cell], *args) -> list[dict]:
+    """Cells that share frozen-prefix features, run in one worker: the features are computed once."""
+    return [run_one(c, *args) for c in cells]
+
+
+def feature_groups(cells: list[Cell]) -> list[list[Cell]]:
+    """Cells grouped by what their frozen prefix computes (weights, depth, target condition)."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        key = (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth), c.arm)
+        groups.setdefault(key, []).append(c)
+    return [sorted(g, key=lambda c: (c.n_per_class, c.schedule, c.seed)) for _, g in sorted(groups.items())]
+
+
 # ------------------------------------------------------------------ the study ------------------------------
+
+class PeakMemory:
+    """Peak memory of this process and all its children (the workers), sampled every `interval`
+    seconds in a background thread. Summed as PSS (shared library pages split between the
+    processes that map them), so torch's libraries are not counted once per worker."""
+
+    def __init__(self, interval: float = 1.0):
+        import threading
+
+        self.peak, self.interval = 0, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
 
 @dataclass
 class RunSummary:
@@ -121,6 +174,7 @@ class RunSummary:
     skipped: int
     ran: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
+    peak_rss_bytes: int = 0
 
     @property
     def failed(self) -> int:
@@ -141,9 +195,6 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     t0 = time.perf_counter()
     records = read_records(records_dir)
     todo = pending(cells, records, retry_failed)
-    # Cells that share frozen-prefix features run back to back, so the worker's memory cache hits.
-    todo.sort(key=lambda c: (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth),
-                             c.n_per_class, c.schedule, c.seed))
     summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo))
     if not todo:
         return summary
@@ -152,17 +203,43 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     jobs, backend = jobs or run.jobs, backend or run.backend
     threads = run.threads_per_worker
     context = provenance()
-    tasks = (delayed(run_one)(c, study.name, str(records_dir), threads, context) for c in todo)
+    tasks = (delayed(run_group)(g, study.name, str(records_dir), threads, context) for g in feature_groups(todo))
     bar = tqdm(total=len(todo), desc=f"{study.name}: cells", unit="cell", disable=not progress, smoothing=0.05)
-    with _backend(backend, jobs, threads, scheduler or run.scheduler):
-        for result in Parallel(n_jobs=1 if backend == "sequential" else jobs, return_as="generator_unordered")(tasks):
-            summary.ran.append(result)
-            bar.update(1)
-            if result["status"] == "failed":
-                bar.write(f"cell {result['cell_id']} failed: {result['error']}")
+    with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
+        for results in Parallel(n_jobs=1 if backend == "sequential" else jobs, return_as="generator_unordered")(tasks):
+            summary.ran += results
+            bar.update(len(results))
+            for r in results:
+                if r["status"] == "failed":
+                    bar.write(f"cell {r['cell_id']} failed: {r['error']}")
     bar.close()
+    summary.peak_rss_bytes = memory.peak
     summary.wall_seconds = time.perf_counter() - t0
     return summary
+
+
+@contextmanager
+def results_lock(out: Path):
+    """One writer per results folder: a second runner is refused (not queued, not interleaved)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ConfigError("--results", f"another transferbench run holds {out} (pid {holder})",
+                              "wait for it to finish, or write to another --results folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _backend(backend: str, jobs: int, threads: int, scheduler: str | None):
@@ -189,6 +266,7 @@ def timing_table(summary: RunSummary) -> str:
     cache = Counter(r.get("cache") for r in summary.ran)
     lines = [f"wall time: {summary.wall_seconds:.1f} s for {len(summary.ran)} cells "
              f"({summary.skipped} already done, {summary.failed} failed)",
+             f"peak memory (PSS), runner + workers: {summary.peak_rss_bytes / 2**30:.2f} GiB",
              f"{'arm':<10}{'cells':>7}{'cell-seconds':>14}{'prefix-s':>10}{'images/s':>10}"]
     for arm, rs in sorted(by_arm.items()):
         secs = sum(r.get("cell_seconds") or 0 for r in rs)

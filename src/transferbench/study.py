@@ -35,6 +35,8 @@ class TargetSpec(Strict):
     dataset: str
     shift: str | None = None
     severity: int = Field(0, ge=0, le=5)
+    options: dict[str, Any] = Field(default_factory=dict, description="dataset options, e.g. {root: data/, download: true}")
+    n_per_class: list[PositiveInt] | None = Field(None, description="this target's sizes, instead of grid.n_per_class")
 
     @model_validator(mode="after")
     def _shift_needs_severity(self):
@@ -78,7 +80,8 @@ class Grid(Strict):
     @field_validator("frozen_depth", "n_per_class", "schedule", "seed")
     @classmethod
     def _no_dupes(cls, v, info):
-        return _unique([s.model_dump() if isinstance(s, BaseModel) else s for s in v], info.field_name) and v
+        values = [s.name if isinstance(s, ScheduleSpec) else s for s in v]  # a schedule name is its identity
+        return _unique(values, info.field_name) and v
 
 
 class Train(Strict):
@@ -92,6 +95,18 @@ class Train(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
+    eval_at: Literal["epoch", "log"] = Field("log", description="val after every epoch, or at epochs 1, 2, 4, ... and the last")
+
+
+class Pretraining(Strict):
+    """Budget of `weights: pretrain:<dataset>` sources: scratch training on the source's whole train split."""
+
+    epochs: PositiveInt = 15
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 0.01
+    schedule: str = "cosine"
+    augment: bool = False
+    seed: NonNegativeInt = 0
 
 
 class Scratch(Strict):
@@ -119,6 +134,7 @@ class Study(Strict):
     grid: Grid
     train: Train = Train()
     scratch: Scratch = Scratch()
+    pretraining: Pretraining = Pretraining()
     run: Run = Run()
     analysis: Analysis = Analysis()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named override sets")
@@ -152,10 +168,13 @@ class Cell(Strict):
     device: str
     amp: bool
     channels_last: bool
+    # Fields added later have defaults and enter the id only when set otherwise, so ids stay stable.
+    eval_at: Literal["epoch", "log"] = "log"
+    data_options: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def cell_id(self) -> str:
-        blob = json.dumps(self.model_dump(), sort_keys=True)
+        blob = json.dumps(self.model_dump(exclude_defaults=True), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -163,20 +182,23 @@ class Cell(Strict):
         return TargetSpec(dataset=self.dataset, shift=self.shift, severity=self.severity).condition
 
 
-def expand(study: Study) -> list[Cell]:
-    """The grid as cells: every transfer cell, plus its matched scratch cell (same budget, no weights)."""
+def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) -> list[Cell]:
+    """The grid as cells: every transfer cell, plus its matched scratch cell (same budget, no weights).
+    `weights_map` renames weight sources (e.g. `pretrain:glyphs` -> `pretrain:glyphs:<config hash>`)."""
     t = study.train
+    weights_map = weights_map or {}
     common = dict(epochs=t.epochs, batch_size=t.batch_size, image_size=t.image_size, optimizer=t.optimizer,
                   weight_decay=t.weight_decay, augment=t.augment, device=t.device, amp=t.amp,
-                  channels_last=t.channels_last)
+                  channels_last=t.channels_last, eval_at=t.eval_at)
     g = study.grid
     cells: dict[str, Cell] = {}
     for bb, tg, n, sch, seed in itertools.product(study.backbones, study.targets, g.n_per_class, g.schedule, g.seed):
         point = dict(model=bb.model, dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n,
-                     schedule=sch.name, seed=seed, **common)
+                     schedule=sch.name, seed=seed, data_options=tg.options, **common)
         base_lr = sch.lr or t.lr
         for depth in g.frozen_depth:
-            c = Cell(arm="transfer", weights=bb.weights, frozen_depth=depth, lr=base_lr, **point)
+            c = Cell(arm="transfer", weights=weights_map.get((bb.model, bb.weights), bb.weights), frozen_depth=depth, lr=base_lr,
+                     **point)
             cells[c.cell_id] = c
         if study.scratch.enabled:  # scratch = no weights, nothing frozen; shared by backbones of one model
             c = Cell(arm="scratch", weights="none", frozen_depth=0, lr=study.scratch.lr or base_lr, **point)
@@ -213,7 +235,8 @@ def apply_overrides(raw: dict, overrides: list[str] | dict, source: str = "overr
         keys = path.split(".")
         problem = _known_path(Study, keys)
         if problem:
-            raise ConfigError(f"{source} {path}", "unknown override path: " + problem)
+            wrong, hint = problem.split("; ", 1)
+            raise ConfigError(f"{source} {path}", f"unknown override path: {wrong}", hint)
         node = out
         for k in keys[:-1]:
             if not isinstance(node.setdefault(k, {}), dict):

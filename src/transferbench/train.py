@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbones import create_backbone, frozen_fraction, resolve_depth, split_at_depth
 from .data import load_target, nested_kshot
-from .features import FeatureCache, feature_key
+from .features import FeatureCache, prefix_key
 from .schedules import SCHEDULES, make_optimizer
 from .study import Cell
 
@@ -64,68 +64,102 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Te
 
 def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp, channels_last) -> tuple[float, float]:
     logits = forward_batched(module, x, device, amp, channels_last)
+    y = y.cpu()
     return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
-def train_cell(cell: Cell, cache: FeatureCache | None = None) -> dict:
-    """Train and evaluate one cell; returns the measured part of its record."""
+def eval_epochs(epochs: int, mode: str) -> set[int]:
+    """Epochs after which val is evaluated: every one, or log-spaced (1, 2, 4, ... and the last),
+    which keeps the accuracy-vs-compute curve and costs a fraction of the forward passes."""
+    if mode == "epoch":
+        return set(range(1, epochs + 1))
+    return {e for e in (2 ** i for i in range(epochs.bit_length())) if e <= epochs} | {epochs}
+
+
+class Step:
+    """One optimizer step: the whole harness overhead over a bare PyTorch step lives here."""
+
+    def __init__(self, module, opt, sched, device, amp: bool, channels_last: bool):
+        self.module, self.opt, self.sched = module, opt, sched
+        self.autocast = lambda: _autocast(device, amp)
+        self.channels_last = channels_last
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            loss = F.cross_entropy(self.module(_layout(xb, self.channels_last)), yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.detach()
+
+
+def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True) -> tuple[nn.Module, dict]:
+    """Train and evaluate one cell: (the trained suffix, the measured part of its record).
+
+    use_prefix_cache=False runs the frozen layers on every batch (the naive way; for benchmarks).
+    """
     cache = cache or FeatureCache()
     device = resolve_device(cell.device)
     t_start = time.perf_counter()
-    target = load_target(cell.dataset, cell.shift, cell.severity, cell.image_size)
+    target = load_target(cell.dataset, cell.shift, cell.severity, cell.image_size, cell.data_options)
     bb = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)
     k = resolve_depth(cell.frozen_depth, bb.n_groups)
     # Augmentation must pass through the frozen layers, so such cells pay full price (no cache).
-    prefix, suffix, cacheable = split_at_depth(bb, k, allow=not cell.augment)
-    prefix_depth = k if cacheable else 0
-    key = feature_key(model=cell.model, weights=bb.weights_id, depth=prefix_depth, target=target.name,
-                      image_size=cell.image_size, mean=bb.data_config["mean"], std=bb.data_config["std"])
+    prefix, suffix, cacheable = split_at_depth(bb, k, allow=use_prefix_cache and not cell.augment)
     t0 = time.perf_counter()
     feats, cache_state = cache.get(
-        key, lambda: {s: forward_batched(prefix.to(device), x, device, cell.amp, cell.channels_last)
-                      for s, x in target.x.items()},
-        disk=prefix_depth > 0)  # depth 0 features are just normalised images: cheaper to redo than to read
+        prefix_key(cell.model, bb, k if cacheable else 0, target.name, cell.image_size),
+        lambda: {s: forward_batched(prefix.to(device), x, device, cell.amp, cell.channels_last)
+                 for s, x in target.x.items()},
+        disk=cacheable and k > 0)  # depth-0 "features" are normalised images: cheaper to redo than to read
     prefix_seconds = time.perf_counter() - t0 if cache_state == "miss" else 0.0
+    feats = {s: v.to(device) for s, v in feats.items()}  # resident on the device for the whole cell
+    ys = {s: v.to(device) for s, v in target.y.items()}
 
-    idx = torch.from_numpy(nested_kshot(target.y["train"].numpy(), cell.n_per_class, cell.seed))
-    x_train, y_train = feats["train"][idx].to(device), target.y["train"][idx].to(device)
+    idx = torch.from_numpy(nested_kshot(target.y["train"].numpy(), cell.n_per_class, cell.seed)).to(device)
+    x_train, y_train = feats["train"][idx], ys["train"][idx]
     suffix = suffix.to(device)
     if cell.channels_last:
         suffix = suffix.to(memory_format=torch.channels_last)
     n, bs = len(idx), min(cell.batch_size, len(idx))
-    steps_per_epoch = math.ceil(n / bs)
     opt = make_optimizer(suffix.parameters(), cell.optimizer, cell.lr, cell.weight_decay)
-    sched = SCHEDULES.get(cell.schedule, "grid.schedule")(opt, cell.epochs * steps_per_epoch)
+    sched = SCHEDULES.get(cell.schedule, "grid.schedule")(opt, cell.epochs * math.ceil(n / bs))
+    step = Step(suffix, opt, sched, device, cell.amp, cell.channels_last)
     g = torch.Generator().manual_seed(cell.seed)
+    evals = eval_epochs(cell.epochs, cell.eval_at)
     curves, seen = [], 0
+    explode = 100 * max(1.0, math.log(target.num_classes))  # far above chance: the run has diverged
     t0 = time.perf_counter()
     for epoch in range(1, cell.epochs + 1):
         suffix.train()
-        perm, total = torch.randperm(n, generator=g).to(device), 0.0
+        perm, losses = torch.randperm(n, generator=g).to(device), []
         for i in range(0, n, bs):
             xb, yb = x_train[perm[i:i + bs]], y_train[perm[i:i + bs]]
             if cell.augment:
                 xb = augment_batch(xb, g)
-            with _autocast(device, cell.amp):
-                loss = F.cross_entropy(suffix(_layout(xb, cell.channels_last)), yb)
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss became {loss.item()} at epoch {epoch}; lower the LR (grid.schedule lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(yb)
+            losses.append(step(xb, yb) * len(yb))
             seen += len(yb)
-        val_acc, val_loss = evaluate(suffix, feats["val"], target.y["val"], device, cell.amp, cell.channels_last)
-        curves += [dict(epoch=epoch, split="train", metric="loss", value=total / n, images_seen=seen),
-                   dict(epoch=epoch, split="val", metric="acc", value=val_acc, images_seen=seen),
-                   dict(epoch=epoch, split="val", metric="loss", value=val_loss, images_seen=seen)]
+        train_loss = torch.stack(losses).sum().item() / n  # one sync per epoch, not per step
+        if not math.isfinite(train_loss) or train_loss > explode:
+            raise Diverged(f"train loss {train_loss:.3g} in epoch {epoch} (chance is {math.log(target.num_classes):.2f}); "
+                           "lower the LR (grid.schedule lr)")
+        curves.append(dict(epoch=epoch, split="train", metric="loss", value=train_loss, images_seen=seen))
+        if epoch in evals:
+            val_acc, val_loss = evaluate(suffix, feats["val"], ys["val"], device, cell.amp, cell.channels_last)
+            curves += [dict(epoch=epoch, split="val", metric="acc", value=val_acc, images_seen=seen),
+                       dict(epoch=epoch, split="val", metric="loss", value=val_loss, images_seen=seen)]
     train_seconds = time.perf_counter() - t0
-    test_acc, test_loss = evaluate(suffix, feats["test"], target.y["test"], device, cell.amp, cell.channels_last)
-    return dict(
+    test_acc, test_loss = evaluate(suffix, feats["test"], ys["test"], device, cell.amp, cell.channels_last)
+    return suffix, dict(
         frozen_groups=k, n_groups=bb.n_groups, frozen_fraction=round(frozen_fraction(bb, k), 6),
         n_train=n, num_classes=target.num_classes, target=target.name, weights_id=bb.weights_id,
         val_acc=val_acc, val_loss=val_loss, test_acc=test_acc, test_loss=test_loss,
         train_seconds=train_seconds, prefix_seconds=prefix_seconds,
         cell_seconds=time.perf_counter() - t_start, images_per_second=seen / max(train_seconds, 1e-9),
         images_seen=seen, cache=cache_state if cacheable else "off", device=str(device), curves=curves)
+
+
+def train_cell(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True) -> dict:
+    """Train and evaluate one cell; returns the measured part of its record."""
+    return fit(cell, cache, use_prefix_cache)[1]

@@ -6,6 +6,7 @@ Normalisation belongs to the backbone (its weights' mean/std), not to the data.
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,9 +41,13 @@ def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     return x.clamp_(0, 1).contiguous()
 
 
+def load_target(dataset: str, shift: str | None, severity: int, image_size: int, options: dict | None = None) -> Target:
+    return _load_target(dataset, shift, severity, image_size, json.dumps(options or {}, sort_keys=True))
+
+
 @lru_cache(maxsize=16)
-def load_target(dataset: str, shift: str | None, severity: int, image_size: int) -> Target:
-    raw = load_raw(dataset)
+def _load_target(dataset: str, shift: str | None, severity: int, image_size: int, options: str) -> Target:
+    raw = load_raw(dataset, json.loads(options))
     xs, ys = {}, {}
     for split in SPLITS:
         images, labels = raw.splits[split]
@@ -52,3 +57,6 @@ def load_target(dataset: str, shift: str | None, severity: int, image_size: int)
         xs[split], ys[split] = x, torch.from_numpy(labels)
     name = dataset + (f"+{shift}@{severity}" if shift else "")
     return Target(name, xs, ys, raw.classes)
+
+
+load_target.cache_clear = _load_target.cache_clear  # tests rebuild from the disk cache

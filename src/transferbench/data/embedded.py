@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..paths import cache_dir
 from ..registry import Registry
 
@@ -138,16 +139,54 @@ def faces() -> RawDataset:
     return RawDataset(_split_stratified(x, y), ["face", "non-face"])
 
 
-def load_raw(name: str) -> RawDataset:
-    """Build once, then read from the on-disk cache."""
+def load_raw(name: str, options: dict | None = None) -> RawDataset:
+    """Build once, then read from the on-disk cache (keyed by the dataset's options too)."""
+    import hashlib
+    import inspect
+    import json
+
     builder = DATASETS.get(name, "targets.dataset")
-    path = cache_dir("data") / f"{name}-v{VERSION}.npz"
+    options = options or {}
+    unknown = set(options) - set(inspect.signature(builder).parameters)
+    if unknown:
+        raise ConfigError("targets.options", f"dataset '{name}' takes no option(s) {sorted(unknown)}",
+                          f"its options are {sorted(inspect.signature(builder).parameters) or 'none'}")
+    tag = "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12] if options else ""
+    path = cache_dir("data") / f"{name}{tag}-v{VERSION}.npz"
     if path.exists():
         z = np.load(path, allow_pickle=False)
         return RawDataset({s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS}, z["classes"].tolist())
-    raw = builder()
+    raw = builder(**options)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     arrays = {f"{k}_{s}": v for s in SPLITS for k, v in zip("xy", raw.splits[s])}
     np.savez(tmp, classes=np.array(raw.classes), **arrays)
     os.replace(tmp, path)
     return raw
+
+
+def _register_external() -> None:
+    """torchvision datasets by name and ImageFolder trees: the user's data on disk (see external.py)."""
+    from . import external
+
+    def make(name):
+        def builder(root: str | None = None, download: bool = False, store_size: int = 64) -> RawDataset:
+            if not root:
+                raise ConfigError("targets.options.root", f"dataset '{name}' needs a root folder",
+                                  "add options: {root: /path/to/data, download: true}")
+            return external.torchvision_dataset(name, root, download, store_size)
+        builder.__doc__ = f"torchvision's {external.TORCHVISION[name][0]} (options: root, download, store_size)"
+        return builder
+
+    for name in external.TORCHVISION:
+        DATASETS.register(name)(make(name))
+
+    @DATASETS.register("imagefolder")
+    def imagefolder(path: str | None = None, store_size: int = 64) -> RawDataset:
+        """Any ImageFolder tree (options: path, store_size)."""
+        if not path:
+            raise ConfigError("targets.options.path", "dataset 'imagefolder' needs a path",
+                              "add options: {path: /data/my_images}")
+        return external.image_folder(path, store_size)
+
+
+_register_external()

@@ -1,0 +1,52 @@
+# transferbench: `make study STUDY=domain_gap` and `make test` are all a new user needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STUDY ?= smoke
+OVERRIDES ?=
+PROFILE ?=
+
+.PHONY: install study report test test-all bench regress baseline clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install -q -e '.[dev,dask]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run a study (skips finished cells); e.g. make study STUDY=domain_gap OVERRIDES="grid.seed=[0,1]"
+study: $(STAMP)
+	$(VENV)/bin/transferbench study $(STUDY) $(OVERRIDES) $(if $(PROFILE),--profile $(PROFILE))
+
+## rebuild tables, figures and report from the records, without training
+report: $(STAMP)
+	$(VENV)/bin/transferbench report $(STUDY)
+
+## the test suite (fast; slow tests are marked and left out)
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+## speed benchmarks (pytest-benchmark), saved as JSON for --benchmark-compare
+bench: $(STAMP)
+	$(PY) -m pytest bench -q -m "" --benchmark-autosave --benchmark-columns=mean,stddev,rounds
+
+## compare a rerun with its committed baseline; exits 1 on a regression
+regress: $(STAMP)
+	$(VENV)/bin/transferbench compare results/baselines/$(STUDY) results/$(STUDY)
+
+## refresh the committed baseline from the last run (tables, figures, reports; no records)
+baseline:
+	mkdir -p results/baselines/$(STUDY)
+	cp results/$(STUDY)/*.csv results/$(STUDY)/report.md results/$(STUDY)/report.html \
+	   results/$(STUDY)/study.resolved.yaml results/baselines/$(STUDY)/
+	rm -rf results/baselines/$(STUDY)/figures && cp -r results/$(STUDY)/figures results/baselines/$(STUDY)/
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,88 @@
+"""Speed of the harness, side by side with the naive way, in one run (`make bench`).
+
+Ratios go into each benchmark's extra_info and are asserted where the speed issue sets a target:
+harness step <= 1.10x a bare PyTorch step; a cached linear-probe cell >= 10x faster than the
+naive one that forwards every image through the frozen network in every epoch.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TIMES, record
+from transferbench.backbones import create_backbone, split_at_depth
+from transferbench.data import load_target
+from transferbench.features import FeatureCache
+from transferbench.schedules import SCHEDULES, make_optimizer
+from transferbench.study import Cell
+from transferbench.train import Step, forward_batched, train_cell
+
+BATCH = 32
+CELL = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
+            severity=0, n_per_class=10, schedule="cosine", lr=1e-3, seed=0, epochs=20, batch_size=BATCH,
+            image_size=32, optimizer="adamw", weight_decay=0.01, augment=False, device="cpu", amp=False,
+            channels_last=True)
+
+
+def _model_and_batch():
+    bb = create_backbone("tf_efficientnet_lite0", "imagenet", 10, 0)
+    model = bb.model.to(memory_format=torch.channels_last).train()
+    x = torch.rand(BATCH, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    return model, x, torch.randint(0, 10, (BATCH,))
+
+
+@pytest.mark.parametrize("loop", ["bare", "harness"])
+def test_train_step(benchmark, loop):
+    model, x, y = _model_and_batch()
+    opt = make_optimizer(model.parameters(), "adamw", 1e-3, 0.01)
+    if loop == "bare":
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        step_fn = Step(model, opt, SCHEDULES.get("cosine")(opt, 10_000), torch.device("cpu"), amp=False,
+                       channels_last=True)
+        step = lambda: step_fn(x, y)  # noqa: E731
+    benchmark.pedantic(step, rounds=15, warmup_rounds=3)
+    record(benchmark, f"step_{loop}", BATCH)
+    if loop == "harness":
+        ratio = TIMES["step_harness"] / TIMES["step_bare"]
+        benchmark.extra_info["ratio_vs_bare"] = round(ratio, 3)
+        assert ratio <= 1.10
+
+
+@pytest.mark.parametrize("depth", ["all", 5])
+@pytest.mark.parametrize("mode", ["naive", "cached"])
+def test_frozen_cell(benchmark, depth, mode):
+    """20 epochs of one cell. naive: the frozen layers run on every batch of every epoch."""
+    cell = Cell(**(CELL | dict(frozen_depth=depth)))
+    cache = FeatureCache()
+    train_cell(cell, cache, use_prefix_cache=mode == "cached")  # warm: data built, features cached
+    result = benchmark.pedantic(lambda: train_cell(cell, cache, use_prefix_cache=mode == "cached"), rounds=3)
+    record(benchmark, f"cell_{depth}_{mode}", result["images_seen"])
+    if mode == "cached":
+        speedup = TIMES[f"cell_{depth}_naive"] / TIMES[f"cell_{depth}_cached"]
+        benchmark.extra_info["speedup_vs_naive"] = round(speedup, 2)
+        if depth == "all":
+            assert speedup >= 10
+
+
+def test_feature_extraction(benchmark):
+    bb = create_backbone("tf_efficientnet_lite0", "imagenet", 10, 0)
+    prefix, _, _ = split_at_depth(bb, bb.n_groups)
+    x = load_target("glyphs", None, 0, 32).x["train"]
+    benchmark.pedantic(lambda: forward_batched(prefix, x, torch.device("cpu"), channels_last=True), rounds=3)
+    record(benchmark, "extract", len(x))
+
+
+def test_smoke_study_end_to_end(benchmark, tmp_path):
+    from transferbench.cli import main
+
+    study = Path(__file__).parents[1] / "studies" / "smoke.yaml"
+    benchmark.pedantic(lambda: main(["study", str(study), "--results", str(tmp_path), "--no-progress"]), rounds=1,
+                       setup=lambda: __import__("shutil").rmtree(tmp_path / "smoke", ignore_errors=True))
+    record(benchmark, "smoke", 96)

@@ -1,0 +1,108 @@
+"""domains.csv: for every (backbone, target condition), measured on frozen features without fine-tuning:
+distance to the source reference set, a source-free BatchNorm divergence profile by depth, and
+transferability estimates. The arithmetic lives in `measures/`; this module only feeds it arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .backbones import create_backbone, split_at_depth
+from .data import load_target
+from .data.embedded import SOURCE_REFERENCE_IMAGES
+from .features import FeatureCache, prefix_key
+from .measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme, mmd2_unbiased, nce,
+                       proxy_a_distance)
+from .study import Study
+from .train import forward_batched
+
+REFERENCE = "source_reference"  # embedded natural-photo patches from photos no target uses
+PCA_DIMS = 64  # distances in a fixed 64-d PCA basis of the reference features: few samples, 1280-d features
+
+
+def _pooled_features(model_name: str, bb, target, image_size: int, cache: FeatureCache, device) -> dict[str, np.ndarray]:
+    """The backbone's pooled features (the linear probe's input), shared with the training cells' cache."""
+    prefix, _, _ = split_at_depth(bb, bb.n_groups)
+    key = prefix_key(model_name, bb, bb.n_groups, target.name, image_size)
+    feats, _ = cache.get(key, lambda: {s: forward_batched(prefix.to(device), x, device) for s, x in target.x.items()})
+    return {s: v.numpy() for s, v in feats.items()}
+
+
+@torch.inference_mode()
+def bn_profile(model: nn.Module, groups: list[list[str]], x: torch.Tensor, device, data_config: dict) -> list[float]:
+    """Per depth group: mean over its BatchNorm layers of KL(target activation stats || running stats)."""
+    model = model.eval().to(device).to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(data_config["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data_config["std"], device=device).view(1, -1, 1, 1)
+    stats: dict[str, list] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            def hook(mod, inp, out, name=name):
+                a = inp[0].float()
+                stats.setdefault(name, []).append((a.mean((0, 2, 3)), a.pow(2).mean((0, 2, 3)), a.shape[0]))
+            hooks.append(m.register_forward_hook(hook))
+    for i in range(0, len(x), 256):
+        model((x[i:i + 256].to(device) - mean) / std)
+    for h in hooks:
+        h.remove()
+    profile = []
+    for names in groups:
+        kls = []
+        for name in stats:
+            if any(name == n or name.startswith(n + ".") for n in names):
+                m1, m2, n = zip(*stats[name])
+                w = torch.tensor(n, dtype=torch.float32, device=m1[0].device)[:, None] / sum(n)
+                mean, sq = (torch.stack(m1) * w).sum(0), (torch.stack(m2) * w).sum(0)
+                bn = model.get_submodule(name)
+                kls.append(gaussian_kl(mean.cpu().numpy(), (sq - mean ** 2).clamp_min(0).cpu().numpy(),
+                                       bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy()))
+        profile.append(float(np.mean(kls)) if kls else float("nan"))
+    return profile
+
+
+def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: int = 500) -> pd.DataFrame:
+    """One row per (backbone, target condition). Backbones without source weights get no row."""
+    cache = cache or FeatureCache.default()
+    device = torch.device("cuda" if torch.cuda.is_available() and study.train.device != "cpu" else "cpu")
+    size = study.train.image_size
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    reference = load_target(REFERENCE, None, 0, size)
+    rows = []
+    for spec in study.backbones:
+        if spec.weights == "none":
+            continue
+        bb = create_backbone(spec.model, spec.weights, num_classes=2, seed=0)
+        ref = np.concatenate(list(_pooled_features(spec.model, bb, reference, size, cache, device).values()))
+        ref = ref[rng.permutation(len(ref))[:max_samples]]
+        mean = ref.mean(0)
+        basis = np.linalg.svd(ref - mean, full_matrices=False)[2][:PCA_DIMS].T
+        ref_x = torch.cat(list(reference.x.values()))
+        ref_profile = bn_profile(bb.model, bb.groups, ref_x[torch.randperm(len(ref_x), generator=g)[:max_samples]],
+                                 device, bb.data_config)
+        for t in study.targets:
+            target = load_target(t.dataset, t.shift, t.severity, size)
+            feats = _pooled_features(spec.model, bb, target, size, cache, device)
+            f, y = feats["train"], target.y["train"].numpy()
+            sub = f[rng.permutation(len(f))[:max_samples]]
+            pa, pb = (sub - mean) @ basis, (ref - mean) @ basis
+            with torch.inference_mode():
+                probs = torch.softmax(bb.source_head(torch.from_numpy(f)).float(), 1).numpy() if bb.source_head else None
+            x = target.x["train"]
+            profile = bn_profile(bb.model, bb.groups, x[torch.randperm(len(x), generator=g)[:max_samples]], device,
+                                 bb.data_config)
+            row = dict(backbone=spec.model, weights=spec.weights, target=t.condition, dataset=t.dataset,
+                       shift=t.shift, severity=t.severity, reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})",
+                       n_target=len(sub), n_reference=len(ref), fd=frechet_distance(pa, pb), mmd=mmd2_unbiased(pa, pb),
+                       pad=proxy_a_distance(pa, pb), logme=logme(f, y), h_score=h_score(f, y), knn_acc=knn_accuracy(f, y),
+                       leep=leep(probs, y) if probs is not None else np.nan,
+                       nce=nce(probs.argmax(1), y) if probs is not None else np.nan,
+                       bn_kl_mean=float(np.nanmean(profile)))
+            row |= {f"bn_kl_group{g}": v for g, v in enumerate(profile)}
+            row |= {f"bn_kl_ref_group{g}": v for g, v in enumerate(ref_profile)}
+            rows.append(row)
+    return pd.DataFrame(rows)

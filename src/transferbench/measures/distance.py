@@ -1,0 +1,64 @@
+"""How far a target lies from the source, measured on frozen features.
+
+Shapes: `a` is [n, d] (target features), `b` is [m, d] (source reference features).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to a and b (Heusel et al. 2017, "FID"):
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as the FID code does
+        eps = 1e-6 * np.eye(len(s_a))
+        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean.real)
+    return float(max(fd, 0.0))
+
+
+def mmd2_unbiased(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None) -> float:
+    """Unbiased squared MMD with a Gaussian kernel (Gretton et al. 2012, eq. 3); bandwidth by the
+    median heuristic on the pooled sample unless given. Near 0 (can dip below) for one distribution."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    pooled = np.concatenate([a, b])
+    sq = (pooled ** 2).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * pooled @ pooled.T, 0)
+    if bandwidth is None:
+        bandwidth = np.sqrt(0.5 * np.median(d2[np.triu_indices_from(d2, k=1)])) or 1.0
+    k = np.exp(-d2 / (2 * bandwidth ** 2))
+    n, m = len(a), len(b)
+    kaa, kbb, kab = k[:n, :n], k[n:, n:], k[:n, n:]
+    return float((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+                 - 2 * kab.mean())
+
+
+def proxy_a_distance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
+    """Proxy A-distance (Ben-David et al. 2007): 2 (1 - 2 err) of a linear domain classifier,
+    err by 5-fold cross-validation on a class-balanced sample. 0 = indistinguishable, 2 = separable."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    n = min(len(a), len(b))
+    x = np.concatenate([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]])
+    y = np.r_[np.zeros(n), np.ones(n)]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    err = 1 - cross_val_score(clf, x, y, cv=5).mean()
+    return float(2 * (1 - 2 * min(err, 0.5)))
+
+
+def gaussian_kl(mu_p: np.ndarray, var_p: np.ndarray, mu_q: np.ndarray, var_q: np.ndarray, eps: float = 1e-5) -> float:
+    """Mean over channels of KL(N(mu_p, var_p) || N(mu_q, var_q)) for per-channel Gaussians [c].
+    Used with the target's activation statistics as p and a BatchNorm layer's running statistics as q."""
+    var_p, var_q = np.asarray(var_p) + eps, np.asarray(var_q) + eps
+    kl = 0.5 * (np.log(var_q / var_p) + (var_p + (np.asarray(mu_p) - mu_q) ** 2) / var_q - 1)
+    return float(np.mean(kl))

@@ -1,0 +1,87 @@
+"""Transferability estimates without fine-tuning.
+
+Shapes: `features` [n, d] (frozen backbone features of the target's training pool), `labels` [n]
+ints in 0..C-1, `source_probs` [n, Z] (the backbone's source-head softmax, rows sum to 1).
+Higher means "expected to transfer better" for every estimator here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11) -> float:
+    """LogME (You et al. 2021): log maximum evidence of a Bayesian linear model on the features,
+    per one-hot class target, averaged over classes and divided by n."""
+    f = np.asarray(features, np.float64)
+    n, d = f.shape
+    v, s, _ = np.linalg.svd(f.T @ f, full_matrices=True)  # s: eigenvalues of F^T F
+    evidences = []
+    for c in np.unique(labels):
+        y = (labels == c).astype(np.float64)
+        proj = v.T @ (f.T @ y)
+        alpha, beta = 1.0, 1.0
+        for _ in range(max_iter):  # fixed-point updates of the prior and noise precisions
+            gamma = (s / (s + alpha / beta)).sum()
+            m = v @ (proj * beta / (alpha + beta * s))
+            alpha_de = (m * m).sum()
+            beta_de = ((y - f @ m) ** 2).sum()
+            new_alpha, new_beta = gamma / (alpha_de + 1e-5), (n - gamma) / (beta_de + 1e-5)
+            converged = abs(new_alpha / new_beta - alpha / beta) / (alpha / beta) < 0.01
+            alpha, beta = new_alpha, new_beta
+            if converged:
+                break
+        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
+                    - beta / 2 * beta_de - alpha / 2 * alpha_de - n / 2 * np.log(2 * np.pi))
+        evidences.append(evidence / n)
+    return float(np.mean(evidences))
+
+
+def _joint(source_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Empirical joint P(y, z) [C, Z] of target label y and source label z."""
+    onehot = np.eye(labels.max() + 1)[labels]
+    return onehot.T @ np.asarray(source_probs, np.float64) / len(labels)
+
+
+def leep(source_probs: np.ndarray, labels: np.ndarray) -> float:
+    """LEEP (Nguyen et al. 2020): mean log-likelihood of the target labels under the "expected
+    empirical predictor" sum_z P(y|z) theta_z(x). At most 0; 0 for a perfect, deterministic source head."""
+    joint = _joint(source_probs, labels)
+    cond = joint / np.maximum(joint.sum(0, keepdims=True), 1e-12)  # P(y|z)
+    eep = np.asarray(source_probs) @ cond.T  # [n, C]
+    return float(np.mean(np.log(np.maximum(eep[np.arange(len(labels)), labels], 1e-12))))
+
+
+def nce(source_labels: np.ndarray, labels: np.ndarray) -> float:
+    """NCE (Tran et al. 2019): negative conditional entropy -H(Y | Z) of target labels given the
+    source head's hard labels z = argmax. At most 0; 0 when z determines y."""
+    z = np.unique(source_labels, return_inverse=True)[1]
+    joint = _joint(np.eye(z.max() + 1)[z], labels)
+    pz = joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log((joint / np.maximum(pz, 1e-12))[nz])).sum())
+
+
+def h_score(features: np.ndarray, labels: np.ndarray) -> float:
+    """H-score (Bao et al. 2019) with a Ledoit-Wolf shrinkage covariance (Ibrahim et al. 2022):
+    tr(cov(f)^-1 cov(E[f | y])). Invariant to invertible affine maps of the features."""
+    from sklearn.covariance import LedoitWolf
+
+    f = np.asarray(features, np.float64)
+    f = f - f.mean(0)
+    cov_f = LedoitWolf(assume_centered=True).fit(f).covariance_
+    class_means = np.stack([f[labels == c].mean(0) for c in np.unique(labels)])
+    g = class_means[np.unique(labels, return_inverse=True)[1]]  # E[f | y] for every sample
+    cov_g = g.T @ g / len(f)
+    return float(np.trace(np.linalg.solve(cov_f, cov_g)))
+
+
+def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy with cosine similarity."""
+    f = np.asarray(features, np.float64)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    sim = f @ f.T
+    np.fill_diagonal(sim, -np.inf)
+    nearest = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.apply_along_axis(np.bincount, 1, labels[nearest], minlength=labels.max() + 1)
+    return float((votes.argmax(1) == labels).mean())

@@ -1,0 +1,66 @@
+"""Source pretraining: `weights: pretrain:<dataset>` trains the backbone from scratch on an embedded
+source dataset (the same training loop as every cell), caches the checkpoint as safetensors keyed
+by the hash of its config, and serves it as pretrained weights (`pretrain:<dataset>:<hash>`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from .paths import cache_dir
+from .study import Cell, Study
+
+PREFIX = "pretrain:"
+
+
+def source_cell(study: Study, model: str, dataset: str) -> Cell:
+    """Scratch training on the source's whole training pool, with the study's pretraining budget."""
+    from .data.embedded import DATASETS, load_raw
+    from .data.sampling import class_counts
+
+    DATASETS.get(dataset, "backbones.weights (pretrain:<dataset>)")
+    p, t = study.pretraining, study.train
+    n = min(class_counts(load_raw(dataset).splits["train"][1]).values())
+    return Cell(arm="scratch", model=model, weights="none", dataset=dataset, shift=None, severity=0, frozen_depth=0,
+                n_per_class=n, schedule=p.schedule, lr=p.lr, seed=p.seed, epochs=p.epochs, batch_size=p.batch_size,
+                image_size=t.image_size, optimizer=t.optimizer, weight_decay=t.weight_decay, augment=p.augment,
+                device=t.device, amp=t.amp, channels_last=t.channels_last, eval_at=t.eval_at)
+
+
+def _key(cell: Cell) -> str:
+    return hashlib.sha256(json.dumps(cell.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_map(study: Study) -> dict[tuple[str, str], str]:
+    """(model, 'pretrain:<dataset>') -> 'pretrain:<dataset>:<hash of the source config>'."""
+    return {(b.model, b.weights): f"{b.weights}:{_key(source_cell(study, b.model, b.weights[len(PREFIX):]))}"
+            for b in study.backbones if b.weights.startswith(PREFIX)}
+
+
+def ensure_checkpoints(study: Study, log=print) -> None:
+    """Train every `pretrain:` source the study names that is not cached yet."""
+    from safetensors.torch import save_file
+
+    from .train import fit
+
+    for (model, weights), resolved in weights_map(study).items():
+        cell = source_cell(study, model, weights[len(PREFIX):])
+        path = cache_dir("sources") / f"{model}-{cell.dataset}-{resolved.rsplit(':', 1)[1]}.safetensors"
+        if path.exists():
+            continue
+        log(f"pretraining {model} on {cell.dataset}: {cell.epochs} epochs, {cell.n_per_class} per class")
+        net, record = fit(cell)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"source": cell.dataset, "val_acc": f"{record['val_acc']:.4f}"})
+        os.replace(tmp, path)
+        log(f"  source val accuracy {record['val_acc']:.3f} in {record['cell_seconds']:.0f} s -> {path}")
+
+
+def cells_of(study: Study) -> list[Cell]:
+    """The study's cells, with pretrained sources named by their config hash."""
+    from .study import expand
+
+    return expand(study, weights_map(study))

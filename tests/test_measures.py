@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+from scipy.stats import special_ortho_group
+
+from transferbench.measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme,
+                                    mmd2_unbiased, nce, proxy_a_distance)
+
+rng = np.random.default_rng(0)
+A = rng.normal(size=(300, 8))
+B = rng.normal(size=(300, 8))
+
+
+def test_frechet_distance_known_answers():
+    assert frechet_distance(A, A) == pytest.approx(0, abs=1e-6)
+    shift = np.array([3.0] + [0] * 7)
+    assert frechet_distance(A, A + shift) == pytest.approx(9.0, rel=1e-6)  # same covariance: |t|^2
+
+
+def test_mmd_is_near_zero_for_one_distribution_and_large_otherwise():
+    assert abs(mmd2_unbiased(A, B)) < 0.01
+    assert mmd2_unbiased(A, B + 3) > 0.5
+
+
+def test_proxy_a_distance_bounds():
+    assert proxy_a_distance(A, A) < 0.3  # identical sets: the classifier is at chance
+    assert proxy_a_distance(A, B + 10) > 1.9  # separable sets: PAD near 2
+
+
+def test_gaussian_kl_by_hand():
+    assert gaussian_kl(np.zeros(3), np.ones(3), np.zeros(3), np.ones(3), eps=0) == 0
+    assert gaussian_kl(np.zeros(1), np.ones(1), np.ones(1), np.ones(1), eps=0) == pytest.approx(0.5)
+    assert gaussian_kl(np.zeros(1), np.ones(1), np.zeros(1), 4 * np.ones(1), eps=0) == pytest.approx(
+        0.5 * (np.log(4) + 0.25 - 1))
+
+
+def test_leep_small_example_worked_by_hand():
+    probs = np.array([[0.8, 0.2], [0.3, 0.7]])
+    assert leep(probs, np.array([0, 1])) == pytest.approx(np.log(0.62626), abs=1e-4)
+
+
+def test_leep_of_a_perfect_source_head_is_zero_and_of_a_useless_one_is_log_prior():
+    y = np.repeat(np.arange(4), 10)
+    assert leep(np.eye(4)[y], y) == pytest.approx(0, abs=1e-9)
+    assert leep(np.full((40, 6), 1 / 6), y) == pytest.approx(np.log(1 / 4))
+
+
+def test_nce_deterministic_and_independent():
+    y = np.repeat(np.arange(4), 10)
+    assert nce((y + 1) % 4, y) == pytest.approx(0, abs=1e-12)  # a relabelling: z determines y
+    z = np.tile(np.arange(5), 8)  # independent of y, balanced
+    assert nce(z, y) == pytest.approx(-np.log(4))
+
+
+def test_h_score_one_dimensional_example():
+    assert h_score(np.array([[-1.0], [-1.0], [1.0], [1.0]]), np.array([0, 0, 1, 1])) == pytest.approx(1.0)
+
+
+def test_logme_and_h_score_are_invariant_to_rotation_and_order():
+    y = np.repeat(np.arange(3), 40)
+    f = rng.normal(size=(120, 6)) + np.eye(6)[y] * 2
+    rot = special_ortho_group.rvs(6, random_state=1)
+    perm = rng.permutation(120)
+    assert logme(f @ rot, y) == pytest.approx(logme(f, y), rel=1e-6)
+    assert logme(f[perm], y[perm]) == pytest.approx(logme(f, y), rel=1e-9)
+    assert h_score(f @ rot + 5, y) == pytest.approx(h_score(f, y), rel=1e-6)
+
+
+def test_estimators_prefer_informative_features():
+    y = np.repeat(np.arange(3), 40)
+    good = rng.normal(size=(120, 6)) + np.eye(6)[y] * 3
+    bad = rng.normal(size=(120, 6))
+    assert logme(good, y) > logme(bad, y)
+    assert h_score(good, y) > h_score(bad, y)
+    assert knn_accuracy(good, y) > 0.9 > knn_accuracy(bad, y)

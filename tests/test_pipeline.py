@@ -1,0 +1,79 @@
+"""The smoke study end to end, through the CLI a user runs: every axis, real data, real weights."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from transferbench.cli import main
+from transferbench.store import RUN_COLUMNS
+
+STUDIES = Path(__file__).parents[1] / "studies"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert main(["study", str(STUDIES / "smoke.yaml"), "--results", str(out), "--no-progress"]) == 0
+    return out / "smoke"
+
+
+def test_runs_csv_has_one_row_per_cell_and_the_column_floor(smoke):
+    runs = pd.read_csv(smoke / "runs.csv")
+    assert len(runs) == 96 and runs["cell_id"].is_unique
+    assert set(RUN_COLUMNS) <= set(runs.columns)
+    assert (runs["status"] == "ok").all()
+    assert set(runs["arm"]) == {"transfer", "scratch"}
+    probe = runs[runs["frozen_depth"] == "all"]
+    assert (probe["frozen_fraction"] == 1).all() and (probe["frozen_groups"] == 8).all()
+    assert runs["test_acc"].between(0, 1).all() and runs["images_per_second"].gt(0).all()
+    for col in ("torch_version", "timm_version", "device", "host", "started", "ended"):
+        assert runs[col].notna().all()
+
+
+def test_curves_are_long_format_per_epoch(smoke):
+    curves = pd.read_csv(smoke / "curves.csv")
+    assert list(curves.columns[:5]) == ["cell_id", "epoch", "split", "metric", "value"]
+    per_cell = curves[(curves["split"] == "val") & (curves["metric"] == "acc")].groupby("cell_id")["epoch"].apply(list)
+    assert len(per_cell) == 96 and all(e == [1, 2, 3] for e in per_cell)
+
+
+def test_gains_pair_every_transfer_point_with_scratch(smoke):
+    gains = pd.read_csv(smoke / "gains.csv")
+    assert len(gains) == 2 * 2 * 2 * 2 * 2  # backbones x targets x depths x sizes x schedules
+    assert (gains["n_seeds"] == 2).all()
+    assert (gains["ci_low"] <= gains["gain"]).all() and (gains["gain"] <= gains["ci_high"]).all()
+    assert set(gains["verdict"]) <= {"positive", "negative", "inconclusive"}
+    runs = pd.read_csv(smoke / "runs.csv")
+    row = gains.iloc[0]
+    tr = runs[(runs.arm == "transfer") & (runs.backbone == row.backbone) & (runs.target == row.target)
+              & (runs.frozen_depth.astype(str) == str(row.frozen_depth)) & (runs.n_per_class == row.n_per_class)
+              & (runs.schedule == row.schedule)]
+    assert row.transfer_mean == pytest.approx(tr["test_acc"].mean())
+
+
+def test_figures_and_report(smoke):
+    for name in ("accuracy_vs_size", "gain_heatmap", "gain_by_condition"):
+        assert (smoke / "figures" / f"{name}.png").stat().st_size > 10_000
+    report = (smoke / "report.md").read_text()
+    assert "## Headline" in report and "textures, 2 per class" in report and " pp [" in report
+
+
+def test_rerun_skips_every_finished_cell(smoke, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in (smoke / "records").glob("*.json")}
+    assert main(["study", str(STUDIES / "smoke.yaml"), "--results", str(smoke.parent), "--no-progress"]) == 0
+    assert "0 cells (96 already done" in capsys.readouterr().out
+    assert before == {p.name: p.stat().st_mtime_ns for p in (smoke / "records").glob("*.json")}
+
+
+def test_report_is_rebuilt_from_records_alone(smoke):
+    (smoke / "report.md").unlink()
+    (smoke / "gains.csv").unlink()
+    assert main(["report", "smoke", "--results", str(smoke.parent)]) == 0
+    assert (smoke / "report.md").exists() and (smoke / "gains.csv").exists()
+
+
+def test_every_record_names_device_and_versions(smoke):
+    rec = json.loads(next((smoke / "records").glob("*.json")).read_text())
+    assert {"device", "torch_version", "timm_version", "transferbench_version", "threads"} <= set(rec)

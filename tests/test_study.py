@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from transferbench.errors import ConfigError
+from transferbench.study import expand, load_study, study_path
+
+STUDIES = Path(__file__).parents[1] / "studies"
+
+
+def write(tmp_path, text):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = """
+name: t
+backbones: [{model: tf_efficientnet_lite0, weights: imagenet}]
+targets: [{dataset: textures}, {dataset: digits}]
+grid: {frozen_depth: [0, all], n_per_class: [2, 4], schedule: [constant, {name: cosine, lr: 0.01}], seed: [0, 1]}
+"""
+
+
+@pytest.mark.parametrize("name", ["smoke", "domain_gap"])
+def test_shipped_studies_load(name):
+    study = load_study(study_path(name, STUDIES))
+    assert study.name == name
+    assert len(expand(study)) > 0
+
+
+def test_domain_gap_meets_the_grid_floor():
+    s = load_study(STUDIES / "domain_gap.yaml")
+    assert len(s.backbones) >= 2 and all(b.weights == "imagenet" for b in s.backbones)
+    assert {0, "all"} <= set(s.grid.frozen_depth) and len(s.grid.frozen_depth) >= 3
+    assert len(s.grid.n_per_class) >= 3 and len(s.grid.schedule) >= 2 and len(s.grid.seed) >= 3
+    assert len(s.targets) >= 5 and s.targets[0].dataset == "textures"
+    assert {t.dataset for t in s.targets} >= {"digits", "glyphs"}
+    severities = {}
+    for t in s.targets:
+        if t.shift:
+            severities.setdefault(t.shift, set()).add(t.severity)
+    assert max(len(v) for v in severities.values()) >= 3
+
+
+def test_expand_counts_and_matched_scratch(tmp_path):
+    cells = expand(load_study(write(tmp_path, MINIMAL)))
+    transfer = [c for c in cells if c.arm == "transfer"]
+    scratch = [c for c in cells if c.arm == "scratch"]
+    assert len(transfer) == 2 * 2 * 2 * 2 * 2  # targets x depths x sizes x schedules x seeds
+    assert len(scratch) == 2 * 2 * 2 * 2  # one per grid point without depth
+    assert all(c.weights == "none" and c.frozen_depth == 0 for c in scratch)
+    assert len({c.cell_id for c in cells}) == len(cells)
+    assert {c.lr for c in transfer if c.schedule == "cosine"} == {0.01}
+    assert {c.lr for c in transfer if c.schedule == "constant"} == {0.001}  # train.lr default
+
+
+def test_cell_id_is_a_function_of_the_config(tmp_path):
+    a = expand(load_study(write(tmp_path, MINIMAL)))
+    b = expand(load_study(write(tmp_path, MINIMAL)))
+    assert [c.cell_id for c in a] == [c.cell_id for c in b]
+    c = expand(load_study(write(tmp_path, MINIMAL), ["train.epochs=3"]))
+    assert not {x.cell_id for x in a} & {x.cell_id for x in c}
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    s = load_study(write(tmp_path, MINIMAL), ["grid.seed=[0,1,2]", "train.epochs=3", "scratch.lr=0.05"])
+    assert s.grid.seed == [0, 1, 2] and s.train.epochs == 3 and s.scratch.lr == 0.05
+
+
+def test_profile_applies_its_overrides(tmp_path):
+    p = write(tmp_path, MINIMAL + "profiles:\n  gpu: {train.epochs: 50, train.image_size: 96}\n")
+    s = load_study(p, profile="gpu")
+    assert (s.train.epochs, s.train.image_size) == (50, 96)
+
+
+def test_all_errors_at_once_with_dotted_paths(tmp_path):
+    bad = MINIMAL.replace("n_per_class: [2, 4]", "n_per_class: [-1, 4]").replace("seed: [0, 1]", "seed: [0, 0]")
+    with pytest.raises(ConfigError) as e:
+        load_study(write(tmp_path, bad + "train: {epochs: many}\n"))
+    msg = str(e.value)
+    assert "grid.n_per_class.0" in msg and "grid.seed" in msg and "duplicate" in msg and "train.epochs" in msg
+
+
+def test_unknown_key_gets_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.epoch: unknown key; did you mean 'epochs'"):
+        load_study(write(tmp_path, MINIMAL + "train: {epoch: 3}\n"))
+
+
+def test_unknown_override_path_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown override path.*did you mean 'seed'"):
+        load_study(write(tmp_path, MINIMAL), ["grid.seeds=[0,1]"])
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"s.yaml:\d+:\d+: malformed YAML"):
+        load_study(write(tmp_path, "name: [unclosed\n"))
