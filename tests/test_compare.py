@@ -42,7 +42,7 @@ def test_gate_fails_when_gains_drop_beyond_the_ci(degraded, capsys):
 
 
 def test_gate_fails_on_missing_or_failed_cells(degraded):
-    runs = pd.read_csv(degraded / "runs.csv")
+    runs = pd.read_csv(degraded / "runs.csv", dtype={"error": object})
     runs.iloc[1:].to_csv(degraded / "runs.csv", index=False)
     assert any("missing" in p for p in compare(BASELINE, degraded).problems)
     runs.loc[0, ["status", "error"]] = ["failed", "Diverged: loss became nan"]

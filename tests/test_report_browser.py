@@ -17,7 +17,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     tiny = tmp_path_factory.mktemp("study") / "tiny.yaml"
     tiny.write_text((STUDIES / "smoke.yaml").read_text().replace("name: smoke", "name: tiny")
-                    .replace("- {model: tf_efficientnet_lite1, weights: imagenet}\n", "")
+                    .replace("  - {model: tf_efficientnet_lite1, weights: imagenet}\n", "")
                     .replace("seed: [0, 1]", "seed: [0, 1, 2]").replace("n_per_class: [2, 4]", "n_per_class: [2, 3]"))
     assert main(["study", str(tiny), "--results", str(out), "--no-progress"]) == 0
     return out / "tiny" / "report.html"

@@ -57,3 +57,11 @@ def test_a_diverging_cell_is_recorded_as_failed(tmp_path, torch_single_thread):
     summary = run_one(bad, "t", str(tmp_path), 1, {})
     assert summary["status"] == "failed" and "Diverged" in summary["error"]
     assert read_records(tmp_path)[bad.cell_id]["status"] == "failed"
+
+
+def test_eval_epochs_every_or_log_spaced():
+    from transferbench.train import eval_epochs
+
+    assert eval_epochs(10, "log") == {1, 2, 4, 8, 10}
+    assert eval_epochs(8, "log") == {1, 2, 4, 8}
+    assert eval_epochs(3, "epoch") == {1, 2, 3}

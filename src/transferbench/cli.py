@@ -73,8 +73,10 @@ def cmd_study(args) -> int:
         report = build(study, out, timing)
     print(timing)
     print(f"report: {report} (and report.html)")
-    if summary.failed:
-        print(f"{summary.failed} cell(s) failed; see runs.csv (status, error) and rerun with --retry-failed",
+    records = read_records(out / "records")
+    failed = sum(records[c.cell_id]["status"] == "failed" for c in cells if c.cell_id in records)
+    if failed:
+        print(f"{failed} cell(s) failed; see runs.csv (status, error) and rerun with --retry-failed",
               file=sys.stderr)
         return 1
     return 0

@@ -242,6 +242,7 @@ def results_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextmanager
 def _backend(backend: str, jobs: int, threads: int, scheduler: str | None):
     if backend == "dask":
         try:
@@ -252,11 +253,14 @@ def _backend(backend: str, jobs: int, threads: int, scheduler: str | None):
         if not address:
             raise ConfigError("run.scheduler", "backend 'dask' needs a scheduler address",
                               "pass --scheduler tcp://HOST:8786 or set TRANSFERBENCH_DASK_SCHEDULER")
-        Client(address)  # joblib's dask backend uses the current client
-        return parallel_config(backend="dask")
-    if backend == "sequential":
-        return parallel_config(backend="sequential")
-    return parallel_config(backend="loky", inner_max_num_threads=threads)
+        with Client(address), parallel_config(backend="dask"):  # joblib's dask backend uses this client
+            yield
+    elif backend == "sequential":
+        with parallel_config(backend="sequential"):
+            yield
+    else:
+        with parallel_config(backend="loky", inner_max_num_threads=threads):
+            yield
 
 
 def timing_table(summary: RunSummary) -> str:
