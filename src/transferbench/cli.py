@@ -47,6 +47,7 @@ def cmd_study(args) -> int:
     from .report import build, save_study
     from .domains import domain_table
     from .runner import plan, results_lock, run_cells, timing_table
+    from .source import ensure_checkpoints
     from .store import read_records
     from .study import load_study, study_path
 
@@ -63,6 +64,7 @@ def cmd_study(args) -> int:
         print(f"{study.name}: {len(cells)} cells -> {out}/", flush=True)
         save_study(study, out)
         t0 = time.perf_counter()
+        ensure_checkpoints(study)  # `pretrain:<dataset>` sources, trained once and cached
         summary = run_cells(study, cells, out / "records", jobs=args.jobs, backend=args.backend,
                             scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
         summary.wall_seconds = time.perf_counter() - t0
@@ -72,7 +74,8 @@ def cmd_study(args) -> int:
         timing = timing_table(summary) + f"\ndomain measures: {time.perf_counter() - t1:.1f} s"
         report = build(study, out, timing)
     print(timing)
-    print(f"report: {report} (and report.html)")
+    print(f"report: {report} (and report.html)\nfindings:")
+    print("".join(f"  {i}. {line}\n" for i, line in enumerate((out / "findings.txt").read_text().splitlines(), 1)), end="")
     records = read_records(out / "records")
     failed = sum(records[c.cell_id]["status"] == "failed" for c in cells if c.cell_id in records)
     if failed:

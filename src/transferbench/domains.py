@@ -16,6 +16,7 @@ from .data.embedded import SOURCE_REFERENCE_IMAGES
 from .features import FeatureCache, prefix_key
 from .measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme, mmd2_unbiased, nce,
                        proxy_a_distance)
+from .source import weights_map
 from .study import Study
 from .train import forward_batched
 
@@ -73,10 +74,12 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
     reference = load_target(REFERENCE, None, 0, size)
     rows = []
+    resolved = weights_map(study)
     for spec in study.backbones:
         if spec.weights == "none":
             continue
-        bb = create_backbone(spec.model, spec.weights, num_classes=2, seed=0)
+        weights = resolved.get((spec.model, spec.weights), spec.weights)
+        bb = create_backbone(spec.model, weights, num_classes=2, seed=0)
         ref = np.concatenate(list(_pooled_features(spec.model, bb, reference, size, cache, device).values()))
         ref = ref[rng.permutation(len(ref))[:max_samples]]
         mean = ref.mean(0)
@@ -85,7 +88,7 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
         ref_profile = bn_profile(bb.model, bb.groups, ref_x[torch.randperm(len(ref_x), generator=g)[:max_samples]],
                                  device, bb.data_config)
         for t in study.targets:
-            target = load_target(t.dataset, t.shift, t.severity, size)
+            target = load_target(t.dataset, t.shift, t.severity, size, t.options)
             feats = _pooled_features(spec.model, bb, target, size, cache, device)
             f, y = feats["train"], target.y["train"].numpy()
             sub = f[rng.permutation(len(f))[:max_samples]]
@@ -95,7 +98,7 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
             x = target.x["train"]
             profile = bn_profile(bb.model, bb.groups, x[torch.randperm(len(x), generator=g)[:max_samples]], device,
                                  bb.data_config)
-            row = dict(backbone=spec.model, weights=spec.weights, target=t.condition, dataset=t.dataset,
+            row = dict(backbone=spec.model, weights=weights, target=t.condition, dataset=t.dataset,
                        shift=t.shift, severity=t.severity, reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})",
                        n_target=len(sub), n_reference=len(ref), fd=frechet_distance(pa, pb), mmd=mmd2_unbiased(pa, pb),
                        pad=proxy_a_distance(pa, pb), logme=logme(f, y), h_score=h_score(f, y), knn_acc=knn_accuracy(f, y),

@@ -10,7 +10,8 @@ import yaml
 
 from . import analysis, plots
 from .store import curves_table, read_records, runs_table
-from .study import Study, expand
+from .source import cells_of
+from .study import Study
 
 
 def pp(x: float) -> str:
@@ -22,7 +23,7 @@ def gain_text(row) -> str:
 
 
 def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
-    wanted = {c.cell_id for c in expand(study)}  # records of other configurations in the folder stay out
+    wanted = {c.cell_id for c in cells_of(study)}  # records of other configurations in the folder stay out
     records = [r for cid, r in read_records(out / "records").items() if cid in wanted]
     runs = runs_table(records)
     runs.to_csv(out / "runs.csv", index=False)
@@ -57,6 +58,39 @@ def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
     lines.append(f"Negative transfer (whole {int(study.analysis.confidence * 100)}% CI below zero): "
                  f"{len(negatives)} of {len(selected)} grid points (schedule chosen on val).")
     return lines
+
+
+def findings(study: Study, t: dict) -> list[str]:
+    """3-5 findings written from the numbers (schedule chosen on validation), for the report and the terminal."""
+    sel, corr = t["selected"], t["correlations"]
+    if sel.empty:
+        return ["no transfer cell has a matched scratch cell yet"]
+    conf = int(study.analysis.confidence * 100)
+    sizes = sorted(sel["n_per_class"].unique())
+    by_size = sel.groupby("n_per_class")["gain"].mean()
+    out = [f"Mean gain of transfer over scratch: {pp(by_size[sizes[0]])} pp at {sizes[0]} examples per class, "
+           f"{pp(by_size[sizes[-1]])} pp at {sizes[-1]} (over {sel['backbone'].nunique()} backbone(s), "
+           f"{sel['target'].nunique()} target condition(s), {sel['frozen_depth'].nunique()} frozen depth(s))."]
+    order = [c.condition for c in study.targets if c.condition in set(sel["target"])]
+    by_target = sel.groupby("target")["gain"].mean().reindex(order)
+    worst = by_target.idxmin()
+    out.append(f"Nearest target {order[0]}: {pp(by_target[order[0]])} pp; farthest {order[-1]}: "
+               f"{pp(by_target[order[-1]])} pp; smallest gain on {worst} ({pp(by_target[worst])} pp).")
+    neg = sel[sel["negative"]]
+    where = ", ".join(f"{r.backbone} {r.target} frozen {r.frozen_depth} n={r.n_per_class} ({pp(r.gain)} pp)"
+                      for r in neg.head(3).itertuples())
+    out.append(f"Negative transfer (whole {conf}% CI below zero) at {len(neg)} of {len(sel)} grid points"
+               + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
+    best = analysis.best_depth(sel)
+    if len(best) and sel["frozen_depth"].nunique() > 1:
+        counts = best.groupby("target")["frozen_depth"].agg(lambda d: d.value_counts().index[0]).reindex(order)
+        out.append("Most often best frozen depth (on validation): " +
+                   ", ".join(f"{tg}: {d}" for tg, d in counts.items()) + ".")
+    ranking = analysis.measure_ranking(corr)
+    if len(ranking):
+        r = ranking.iloc[0]
+        out.append(f"Best predictor of the realized gain: {r.measure} (mean sign-adjusted Kendall tau {r.mean_agreement:+.2f}).")
+    return out[:5]
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -141,6 +175,7 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
             f"seeds with a {int(study.analysis.confidence * 100)}% paired bootstrap CI; the LR schedule of each point "
             "is chosen on the validation split.", ""]
     text += [f"- {line}" for line in headlines(study, selected)]
+    text += ["", "## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(findings(study, t), 1)]
     if not selected.empty:
         text += [""] + failure_section(study, t)
     text += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs]
@@ -158,6 +193,7 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")
     write_html(path, study.name)
+    (out / "findings.txt").write_text("\n".join(findings(study, t)) + "\n")
     return path
 
 
