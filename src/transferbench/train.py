@@ -46,6 +46,8 @@ def forward_batched(module: nn.Module, x: torch.Tensor, device: torch.device, am
                     channels_last: bool = False, batch_size: int = 256) -> torch.Tensor:
     """module(x) in eval mode, batch by batch, returned as float32 on the CPU."""
     module.eval()
+    if channels_last:  # weights in the same layout as the input, or conv falls back to a slow path
+        module = module.to(memory_format=torch.channels_last)
     outs = []
     for i in range(0, len(x), batch_size):
         xb = _layout(x[i:i + batch_size].to(device, non_blocking=True), channels_last)
