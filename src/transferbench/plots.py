@@ -26,6 +26,15 @@ def _save(fig, directory: Path, name: str) -> list[Path]:
     return paths
 
 
+def _by_source(df: pd.DataFrame) -> pd.DataFrame:
+    """Where one architecture has several weight sources (source_choice), panels are per source."""
+    if "weights" in df and df[df["arm"].ne("scratch") if "arm" in df else slice(None)].groupby("backbone")["weights"].nunique().max() > 1:
+        df = df.copy()
+        transfer = df["arm"].ne("scratch") if "arm" in df else pd.Series(True, index=df.index)
+        df.loc[transfer, "backbone"] = df.loc[transfer, "backbone"] + " | " + df.loc[transfer, "weights"].map(source_label)
+    return df
+
+
 def _depth_order(df: pd.DataFrame) -> list[str]:
     order = df.sort_values("frozen_groups")["label"].drop_duplicates().tolist()
     return [lbl for lbl in order if lbl != "scratch"] + (["scratch"] if "scratch" in order else [])
@@ -38,7 +47,7 @@ def accuracy_vs_size(runs: pd.DataFrame, selected: pd.DataFrame, targets: list[s
     tr = runs[runs["arm"] == "transfer"].merge(keep, on=list(keep.columns))
     sc = runs[runs["arm"] == "scratch"].merge(keep.drop(columns="frozen_depth").drop_duplicates(),
                                               on=["backbone", "target", "n_per_class", "schedule"])
-    df = pd.concat([tr, sc.drop_duplicates("cell_id")], ignore_index=True)
+    df = pd.concat([_by_source(tr), sc.drop_duplicates("cell_id")], ignore_index=True)
     df["label"] = [depth_label(d, a) for d, a in zip(df["frozen_depth"], df["arm"])]
     df["test accuracy (%)"] = 100 * df["test_acc"]
     g = sns.relplot(df, x="n_per_class", y="test accuracy (%)", hue="label", hue_order=_depth_order(df),
@@ -54,7 +63,7 @@ def accuracy_vs_size(runs: pd.DataFrame, selected: pd.DataFrame, targets: list[s
 
 def gain_heatmap(selected: pd.DataFrame, targets: list[str], directory: Path):
     """Gain (pp) over frozen depth x examples per class, one panel per backbone and target."""
-    df = selected.copy()
+    df = _by_source(selected)
     df["gain (pp)"] = 100 * df["gain"]
     df["label"] = [depth_label(d) for d in df["frozen_depth"]]
     order = _depth_order(df)
@@ -78,7 +87,7 @@ def gain_heatmap(selected: pd.DataFrame, targets: list[str], directory: Path):
 
 def gain_by_condition(selected: pd.DataFrame, targets: list[str], directory: Path):
     """Gain with its bootstrap CI across target conditions (near -> far), per size and depth."""
-    df = selected.copy()
+    df = _by_source(selected)
     df["label"] = [depth_label(d) for d in df["frozen_depth"]]
     order = _depth_order(df)
     cols = [t for t in targets if t in set(df["target"])]
