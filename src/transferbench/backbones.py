@@ -98,9 +98,8 @@ def resolve_weights(model_name: str, weights: str) -> Loaded:
     if weights in WEIGHTS:
         return WEIGHTS.get(weights)(model_name)
     if weights.startswith("pretrain:"):  # pretrain:<dataset>:<config hash>, trained by source.py beforehand
-        _, dataset, *key = weights.split(":")
-        path = cache_dir("sources") / f"{model_name}-{dataset}-{key[0] if key else ''}.safetensors"
-        if not key or not path.exists():
+        path = source_checkpoint(model_name, weights)
+        if weights.count(":") != 2 or not path.exists():
             raise ConfigError("backbones.weights", f"no pretrained source checkpoint for '{weights}'",
                               "run the study: `transferbench study` pretrains its sources before the cells")
         return Loaded(load_weights_file(path), f"source:{path.stem}")
@@ -123,6 +122,12 @@ def _load(model: nn.Module, sd: dict, weights: str) -> None:
                           f"{len(bad)} shape mismatches (e.g. {bad[:2]}), {len(missing)} missing keys (e.g. {missing[:2]})",
                           "use weights saved from the same timm architecture")
     model.load_state_dict(sd)
+
+
+def source_checkpoint(model_name: str, weights: str) -> Path:
+    """Where the checkpoint of a `pretrain:<dataset>:<config hash>` source lives."""
+    _, dataset, *key = weights.split(":")
+    return cache_dir("sources") / f"{model_name}-{dataset}-{key[0] if key else ''}.safetensors"
 
 
 def _head_rows(model_name: str, sd: dict | None) -> int | None:

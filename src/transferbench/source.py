@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 
-from .paths import cache_dir
 from .study import Cell, Study
 
 PREFIX = "pretrain:"
@@ -43,11 +42,12 @@ def ensure_checkpoints(study: Study, log=print) -> None:
     """Train every `pretrain:` source the study names that is not cached yet."""
     from safetensors.torch import save_file
 
+    from .backbones import source_checkpoint
     from .train import fit
 
     for (model, weights), resolved in weights_map(study).items():
         cell = source_cell(study, model, weights[len(PREFIX):])
-        path = cache_dir("sources") / f"{model}-{cell.dataset}-{resolved.rsplit(':', 1)[1]}.safetensors"
+        path = source_checkpoint(model, resolved)
         if path.exists():
             continue
         log(f"pretraining {model} on {cell.dataset}: {cell.epochs} epochs, {cell.n_per_class} per class")
