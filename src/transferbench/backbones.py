@@ -254,9 +254,13 @@ def _cut(bb: Backbone, k: int):
         return None
     prefix = [m for _, m in elements[:first_trainable]]
     suffix = [m for _, m in elements[first_trainable:]]
-    if not _same_function(bb.model, prefix, suffix, bb.data_config["input_size"][-1]):
-        return None
-    return prefix, suffix
+    key = (bb.model.pretrained_cfg.get("architecture"), k)  # the check depends on the architecture only
+    if key not in _EXACT_CUTS:
+        _EXACT_CUTS[key] = _same_function(bb.model, prefix, suffix, bb.data_config["input_size"][-1])
+    return (prefix, suffix) if _EXACT_CUTS[key] else None
+
+
+_EXACT_CUTS: dict[tuple, bool] = {}  # (architecture, k) -> prefix then suffix == model, checked once per process
 
 
 @torch.no_grad()
