@@ -46,16 +46,14 @@ def _check_writable(out: Path) -> None:
 def cmd_study(args) -> int:
     from .report import build, save_study
     from .domains import domain_table
-    from .runner import plan, results_lock, run_cells, timing_table
+    from .runner import dask_address, plan, results_lock, run_cells, timing_table
     from .source import ensure_checkpoints
     from .store import read_records
     from .study import load_study, study_path
 
     study = load_study(study_path(args.study), args.overrides, args.profile)
-    if (args.backend or study.run.backend) == "dask" and not (args.scheduler or study.run.scheduler
-                                                              or os.environ.get("TRANSFERBENCH_DASK_SCHEDULER")):
-        raise ConfigError("run.scheduler", "backend 'dask' needs a scheduler address",
-                          "pass --scheduler tcp://HOST:8786 or set TRANSFERBENCH_DASK_SCHEDULER")
+    if (args.backend or study.run.backend) == "dask":
+        dask_address(args.scheduler or study.run.scheduler)  # refused before anything is written
     cells = plan(study)
     out = args.results / study.name
     _check_writable(out)

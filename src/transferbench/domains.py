@@ -13,22 +13,23 @@ from torch import nn
 from .backbones import create_backbone, split_at_depth
 from .data import load_target
 from .data.embedded import SOURCE_REFERENCE_IMAGES
-from .features import FeatureCache, prefix_key
+from .features import FeatureCache
 from .measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme, mmd2_unbiased, nce,
                        proxy_a_distance)
 from .source import weights_map
 from .study import Study
-from .train import forward_batched
+from .train import prefix_features
 
 REFERENCE = "source_reference"  # embedded natural-photo patches from photos no target uses
 PCA_DIMS = 64  # distances in a fixed 64-d PCA basis of the reference features: few samples, 1280-d features
 
 
-def _pooled_features(model_name: str, bb, target, image_size: int, cache: FeatureCache, device) -> dict[str, np.ndarray]:
+def _pooled_features(model_name: str, bb, target, study: Study, cache: FeatureCache, device) -> dict[str, np.ndarray]:
     """The backbone's pooled features (the linear probe's input), shared with the training cells' cache."""
     prefix, _, _ = split_at_depth(bb, bb.n_groups)
-    key = prefix_key(model_name, bb, bb.n_groups, target.name, image_size)
-    feats, _ = cache.get(key, lambda: {s: forward_batched(prefix.to(device), x, device) for s, x in target.x.items()})
+    t = study.train
+    feats, _ = prefix_features(cache, model_name, bb, prefix, bb.n_groups, target, t.image_size, device, t.amp,
+                               t.channels_last)
     return {s: v.numpy() for s, v in feats.items()}
 
 
@@ -80,7 +81,7 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
             continue
         weights = resolved.get((spec.model, spec.weights), spec.weights)
         bb = create_backbone(spec.model, weights, num_classes=2, seed=0)
-        ref = np.concatenate(list(_pooled_features(spec.model, bb, reference, size, cache, device).values()))
+        ref = np.concatenate(list(_pooled_features(spec.model, bb, reference, study, cache, device).values()))
         ref = ref[rng.permutation(len(ref))[:max_samples]]
         mean = ref.mean(0)
         basis = np.linalg.svd(ref - mean, full_matrices=False)[2][:PCA_DIMS].T
@@ -89,7 +90,7 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
                                  device, bb.data_config)
         for t in study.targets:
             target = load_target(t.dataset, t.shift, t.severity, size, t.options)
-            feats = _pooled_features(spec.model, bb, target, size, cache, device)
+            feats = _pooled_features(spec.model, bb, target, study, cache, device)
             f, y = feats["train"], target.y["train"].numpy()
             sub = f[rng.permutation(len(f))[:max_samples]]
             pa, pb = (sub - mean) @ basis, (ref - mean) @ basis

@@ -23,7 +23,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
-from .study import Cell, Study, expand
+from .study import Cell, Study
 from .store import read_records, write_record
 
 
@@ -242,6 +242,15 @@ def results_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def dask_address(scheduler: str | None) -> str:
+    """The scheduler to use: --scheduler / run.scheduler, else $TRANSFERBENCH_DASK_SCHEDULER."""
+    address = scheduler or os.environ.get("TRANSFERBENCH_DASK_SCHEDULER")
+    if not address:
+        raise ConfigError("run.scheduler", "backend 'dask' needs a scheduler address",
+                          "pass --scheduler tcp://HOST:8786 or set TRANSFERBENCH_DASK_SCHEDULER")
+    return address
+
+
 @contextmanager
 def _backend(backend: str, jobs: int, threads: int, scheduler: str | None):
     if backend == "dask":
@@ -249,11 +258,7 @@ def _backend(backend: str, jobs: int, threads: int, scheduler: str | None):
             from dask.distributed import Client
         except ImportError:
             raise ConfigError("run.backend", "dask is not installed", "pip install 'transferbench[dask]'") from None
-        address = scheduler or os.environ.get("TRANSFERBENCH_DASK_SCHEDULER")
-        if not address:
-            raise ConfigError("run.scheduler", "backend 'dask' needs a scheduler address",
-                              "pass --scheduler tcp://HOST:8786 or set TRANSFERBENCH_DASK_SCHEDULER")
-        with Client(address), parallel_config(backend="dask"):  # joblib's dask backend uses this client
+        with Client(dask_address(scheduler)), parallel_config(backend="dask"):  # joblib's dask backend uses this client
             yield
     elif backend == "sequential":
         with parallel_config(backend="sequential"):

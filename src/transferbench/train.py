@@ -64,6 +64,15 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Te
     return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
 
 
+def prefix_features(cache: FeatureCache, model_name: str, bb, prefix: nn.Module, depth: int, target, image_size: int,
+                    device, amp: bool, channels_last: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The frozen prefix's output on every split of a target, through the cache: (features, memory|disk|miss)."""
+    return cache.get(
+        prefix_key(model_name, bb, depth, target.name, image_size),
+        lambda: {s: forward_batched(prefix.to(device), x, device, amp, channels_last) for s, x in target.x.items()},
+        disk=depth > 0)  # depth-0 "features" are normalised images: cheaper to redo than to read
+
+
 def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp, channels_last) -> tuple[float, float]:
     logits = forward_batched(module, x, device, amp, channels_last)
     y = y.cpu()
@@ -110,11 +119,8 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     # Augmentation must pass through the frozen layers, so such cells pay full price (no cache).
     prefix, suffix, cacheable = split_at_depth(bb, k, allow=use_prefix_cache and not cell.augment)
     t0 = time.perf_counter()
-    feats, cache_state = cache.get(
-        prefix_key(cell.model, bb, k if cacheable else 0, target.name, cell.image_size),
-        lambda: {s: forward_batched(prefix.to(device), x, device, cell.amp, cell.channels_last)
-                 for s, x in target.x.items()},
-        disk=cacheable and k > 0)  # depth-0 "features" are normalised images: cheaper to redo than to read
+    feats, cache_state = prefix_features(cache, cell.model, bb, prefix, k if cacheable else 0, target, cell.image_size,
+                                         device, cell.amp, cell.channels_last)
     prefix_seconds = time.perf_counter() - t0 if cache_state == "miss" else 0.0
     feats = {s: v.to(device) for s, v in feats.items()}  # resident on the device for the whole cell
     ys = {s: v.to(device) for s, v in target.y.items()}
