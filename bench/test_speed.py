@@ -2,7 +2,8 @@
 
 Ratios go into each benchmark's extra_info and are asserted where the speed issue sets a target:
 harness step <= 1.10x a bare PyTorch step; a cached linear-probe cell >= 10x faster than the
-naive one that forwards every image through the frozen network in every epoch.
+naive one that forwards every image through the frozen network in every epoch. The small-map
+convolution fast paths and the mid-depth cache are reported, not gated.
 """
 
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from conftest import TIMES, record
 from transferbench.backbones import create_backbone, split_at_depth
 from transferbench.data import load_target
+from transferbench.fastconv import use_plain_convs
 from transferbench.features import FeatureCache
 from transferbench.schedules import SCHEDULES, make_optimizer
 from transferbench.study import Cell
@@ -53,6 +55,21 @@ def test_train_step(benchmark, loop):
         ratio = TIMES["step_harness"] / TIMES["step_bare"]
         benchmark.extra_info["ratio_vs_bare"] = round(ratio, 3)
         assert ratio <= 1.10
+
+
+@pytest.mark.parametrize("convs", ["plain", "fast"])
+def test_small_map_convs(benchmark, convs):
+    """A full fine-tuning step at 32 px, with timm's convolutions vs the exact small-map fast paths
+    (transferbench.fastconv): the last stages run 5x5 depthwise convolutions on 1x1 and 2x2 maps."""
+    model, x, y = _model_and_batch()
+    if convs == "plain":
+        use_plain_convs(model)
+    opt = make_optimizer(model.parameters(), "adamw", 1e-3, 0.01)
+    step = Step(model, opt, SCHEDULES.get("constant")(opt, 1), torch.device("cpu"), amp=False, channels_last=True)
+    benchmark.pedantic(lambda: step(x, y), rounds=15, warmup_rounds=3)
+    record(benchmark, f"convs_{convs}", BATCH)
+    if convs == "fast":
+        benchmark.extra_info["speedup_vs_plain"] = round(TIMES["convs_plain"] / TIMES["convs_fast"], 2)
 
 
 @pytest.mark.parametrize("depth", ["all", 5])

@@ -7,6 +7,7 @@ first k groups, weights and BatchNorm statistics alike; "all" freezes every grou
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from timm.models import group_modules, group_parameters
 from torch import nn
 
 from .errors import ConfigError, did_you_mean
+from .fastconv import use_fast_convs
 from .paths import cache_dir
 from .registry import Registry
 
@@ -159,22 +161,43 @@ class Backbone:
 
 
 def create_backbone(model_name: str, weights: str, num_classes: int, seed: int) -> Backbone:
+    """A timm model with `weights` and a new `num_classes` head; random parts are functions of `seed`."""
     check_model_name(model_name)
     loaded = resolve_weights(model_name, weights)
-    torch.manual_seed(seed)  # scratch init and the new head are functions of the seed
+    if loaded.state_dict is None and not loaded.pretrained:  # scratch: the whole init comes from the seed
+        torch.manual_seed(seed)
+        model, source_head = _build(model_name, loaded, weights), None
+    else:  # pretrained: built and loaded once per process, then copied (a copy costs ~10x less)
+        model, source_head = copy.deepcopy(_pretrained(model_name, weights, loaded))
+    torch.manual_seed(seed)  # the new head is a function of the seed
+    model.reset_classifier(num_classes)
+    data_config = timm.data.resolve_data_config({}, model=model) | loaded.data_config
+    weights_id = loaded.weights_id if weights != "none" else f"none:seed{seed}"  # random weights differ by seed
+    return Backbone(model, depth_groups(model), data_config, weights_id, source_head)
+
+
+def _build(model_name: str, loaded: Loaded, weights: str) -> nn.Module:
     source_classes = _head_rows(model_name, loaded.state_dict)
     model = timm.create_model(model_name, pretrained=loaded.pretrained, drop_rate=0.0, drop_path_rate=0.0,
                               **({"num_classes": source_classes} if source_classes else {}))
     if loaded.state_dict is not None:
         _load(model, loaded.state_dict, weights)
-    source_head = None
-    if loaded.state_dict is not None or loaded.pretrained:
-        import copy
-        source_head = copy.deepcopy(model.get_classifier())
-    model.reset_classifier(num_classes)
-    data_config = timm.data.resolve_data_config({}, model=model) | loaded.data_config
-    weights_id = loaded.weights_id if weights != "none" else f"none:seed{seed}"  # random weights differ by seed
-    return Backbone(model, depth_groups(model), data_config, weights_id, source_head)
+    use_fast_convs(model)
+    return model
+
+
+_TEMPLATES: dict[tuple[str, str], tuple[nn.Module, nn.Module]] = {}
+
+
+def _pretrained(model_name: str, weights: str, loaded: Loaded) -> tuple[nn.Module, nn.Module]:
+    """(model with the source head, a copy of that head), kept per process for the last few weight sources."""
+    key = (model_name, loaded.weights_id)
+    if key not in _TEMPLATES:
+        if len(_TEMPLATES) >= 4:
+            _TEMPLATES.pop(next(iter(_TEMPLATES)))
+        model = _build(model_name, loaded, weights)
+        _TEMPLATES[key] = (model, copy.deepcopy(model.get_classifier()))
+    return _TEMPLATES[key]
 
 
 def depth_groups(model: nn.Module) -> list[list[str]]:

@@ -43,9 +43,10 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @torch.inference_mode()
 def forward_batched(module: nn.Module, x: torch.Tensor, device: torch.device, amp: bool = False,
-                    channels_last: bool = False, batch_size: int = 256) -> torch.Tensor:
+                    channels_last: bool = False, batch_size: int | None = None) -> torch.Tensor:
     """module(x) in eval mode, batch by batch, returned as float32 on the CPU."""
     module.eval()
+    batch_size = batch_size or (512 if device.type == "cuda" else 64)  # 64: fastest measured on 1 CPU thread
     if channels_last:  # weights in the same layout as the input, or conv falls back to a slow path
         module = module.to(memory_format=torch.channels_last)
     outs = []
