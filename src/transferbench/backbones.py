@@ -168,7 +168,8 @@ def create_backbone(model_name: str, weights: str, num_classes: int, seed: int) 
         torch.manual_seed(seed)
         model, source_head = _build(model_name, loaded, weights), None
     else:  # pretrained: built and loaded once per process, then copied (a copy costs ~10x less)
-        model, source_head = copy.deepcopy(_pretrained(model_name, weights, loaded))
+        model = copy.deepcopy(_pretrained(model_name, weights, loaded))
+        source_head = copy.deepcopy(model.get_classifier())  # some timm heads reset in place
     torch.manual_seed(seed)  # the new head is a function of the seed
     model.reset_classifier(num_classes)
     data_config = timm.data.resolve_data_config({}, model=model) | loaded.data_config
@@ -186,17 +187,16 @@ def _build(model_name: str, loaded: Loaded, weights: str) -> nn.Module:
     return model
 
 
-_TEMPLATES: dict[tuple[str, str], tuple[nn.Module, nn.Module]] = {}
+_TEMPLATES: dict[tuple[str, str], nn.Module] = {}
 
 
-def _pretrained(model_name: str, weights: str, loaded: Loaded) -> tuple[nn.Module, nn.Module]:
-    """(model with the source head, a copy of that head), kept per process for the last few weight sources."""
+def _pretrained(model_name: str, weights: str, loaded: Loaded) -> nn.Module:
+    """The model with its source head, kept per process for the last few weight sources (never modified)."""
     key = (model_name, loaded.weights_id)
     if key not in _TEMPLATES:
         if len(_TEMPLATES) >= 4:
             _TEMPLATES.pop(next(iter(_TEMPLATES)))
-        model = _build(model_name, loaded, weights)
-        _TEMPLATES[key] = (model, copy.deepcopy(model.get_classifier()))
+        _TEMPLATES[key] = _build(model_name, loaded, weights)
     return _TEMPLATES[key]
 
 
