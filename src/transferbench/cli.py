@@ -43,35 +43,54 @@ def _check_writable(out: Path) -> None:
         raise ConfigError("--results", f"{probe} is read-only", "choose a writable --results folder or fix its permissions")
 
 
+def study_folder(results: Path, name: str) -> Path:
+    """results/<name>, refused unless it resolves inside results/ (a name is never a path)."""
+    from .study import IDENTIFIER
+
+    out = (results / name).resolve()
+    if not IDENTIFIER.match(name) or out.parent != results.resolve():
+        raise ConfigError("study name", f"{name!r} would write outside {results}/",
+                          "use a plain name: letters, digits, '_' and '-'")
+    return out
+
+
 def cmd_study(args) -> int:
-    from .report import build, save_study
-    from .domains import domain_table
-    from .runner import dask_address, plan, results_lock, run_cells, timing_table
-    from .source import ensure_checkpoints
-    from .store import read_records
     from .study import load_study, study_path
 
+    # Validated before torch, pandas or matplotlib are imported: bad input is refused in well under a second.
     study = load_study(study_path(args.study), args.overrides, args.profile)
+    out = study_folder(args.results, study.name)
+
+    from .runner import dask_address, plan, results_lock, run_cells
+    from .source import ensure_checkpoints
+    from .store import read_records, remove_orphans
+
     if (args.backend or study.run.backend) == "dask":
         dask_address(args.scheduler or study.run.scheduler)  # refused before anything is written
     cells = plan(study)
-    out = args.results / study.name
     _check_writable(out)
     read_records(out / "records")  # a corrupted record is refused before anything is written
     with results_lock(out):
-        print(f"{study.name}: {len(cells)} cells -> {out}/", flush=True)
+        removed = remove_orphans(out / "records")
+        print(f"{study.name}: {len(cells)} cells -> {out}/" + (f" ({removed} orphan temporary file(s) removed)"
+                                                              if removed else ""), flush=True)
+        from .report import save_study
+
         save_study(study, out)
         t0 = time.perf_counter()
         ensure_checkpoints(study)  # `pretrain:<dataset>` sources, trained once and cached
         summary = run_cells(study, cells, out / "records", jobs=args.jobs, backend=args.backend,
                             scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
         summary.wall_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        if summary.ran or not (out / "domains.csv").exists():
-            domain_table(study).to_csv(out / "domains.csv", index=False)
-        timing = timing_table(summary) + f"\ndomain measures: {time.perf_counter() - t1:.1f} s"
+        timing = _measure_domains(study, out, summary)
+        from .report import build
+
         report = build(study, out, timing)
-    print(timing)
+    if timing:
+        print(timing)
+    else:
+        print(f"nothing to do: all {len(cells)} cells already have records (timing of the run that trained them "
+              f"kept in {out / 'timing.txt'})")
     print(f"report: {report} (and report.html)\nfindings:")
     print("".join(f"  {i}. {line}\n" for i, line in enumerate((out / "findings.txt").read_text().splitlines(), 1)), end="")
     records = read_records(out / "records")
@@ -83,13 +102,30 @@ def cmd_study(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    from .report import build, load_saved_study
+def _measure_domains(study, out: Path, summary) -> str | None:
+    """domains.csv (rebuilt when cells ran or it is missing or unreadable); the timing block, None if nothing ran."""
+    from .atomic import write_text
+    from .domains import domain_table
+    from .runner import timing_table
+    from .store import read_domains
 
-    out = args.results / args.study
+    t1 = time.perf_counter()
+    if summary.ran or read_domains(out) is None:
+        write_text(out / "domains.csv", domain_table(study).to_csv(index=False))
+    if not summary.ran:
+        return None
+    return timing_table(summary) + f"\ndomain measures: {time.perf_counter() - t1:.1f} s"
+
+
+def cmd_report(args) -> int:
+    out = study_folder(args.results, args.study)
     if not (out / "study.resolved.yaml").exists():
         raise ConfigError("study", f"no results for '{args.study}' in {args.results}/", "run `transferbench study` first")
-    print(f"report: {build(load_saved_study(out), out)}")
+    from .report import build, load_saved_study
+    from .runner import results_lock
+
+    with results_lock(out):  # a report is never rebuilt from a folder a runner is writing
+        print(f"report: {build(load_saved_study(out), out)}")
     return 0
 
 
@@ -112,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"study": cmd_study, "report": cmd_report, "compare": cmd_compare}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a vanished folder: one line, and what was finished stays on disk
+        where = e.filename or "I/O"
+        print(f"error: {where}: {e.strerror or e} -- fix: free disk space or fix the folder's permissions, then rerun "
+              "(finished cells are kept; a rerun resumes)", file=sys.stderr)
         return 2
 
 

@@ -31,7 +31,13 @@ def _read(folder: Path, name: str) -> pd.DataFrame:
     path = folder / name
     if not path.exists():
         raise ConfigError("compare", f"{path} does not exist", "give result folders written by `transferbench study`")
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise ConfigError("compare", f"{path} is not a readable table ({type(e).__name__})",
+                          "rebuild it with `transferbench report STUDY`") from None
+    if df.empty:
+        raise ConfigError("compare", f"{path} has no rows", "compare folders of studies that ran cells")
     if "frozen_depth" in df:
         df["frozen_depth"] = df["frozen_depth"].astype(str)
     return df

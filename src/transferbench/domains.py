@@ -17,6 +17,7 @@ from .features import FeatureCache
 from .measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme, mmd2_unbiased, nce,
                        proxy_a_distance)
 from .source import weights_map
+from .store import DOMAIN_COLUMNS
 from .study import Study
 from .train import prefix_features
 
@@ -89,7 +90,7 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
         ref_profile = bn_profile(bb.model, bb.groups, ref_x[torch.randperm(len(ref_x), generator=g)[:max_samples]],
                                  device, bb.data_config)
         for t in study.targets:
-            target = load_target(t.dataset, t.shift, t.severity, size, t.options)
+            target = load_target(t.dataset, t.shift, t.severity, size, t.options, t.label)
             feats = _pooled_features(spec.model, bb, target, study, cache, device)
             f, y = feats["train"], target.y["train"].numpy()
             sub = f[rng.permutation(len(f))[:max_samples]]
@@ -109,4 +110,4 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
             row |= {f"bn_kl_group{g}": v for g, v in enumerate(profile)}
             row |= {f"bn_kl_ref_group{g}": v for g, v in enumerate(ref_profile)}
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=DOMAIN_COLUMNS)

@@ -18,11 +18,20 @@ from safetensors.torch import load_file, save_file
 
 from .paths import cache_dir
 
-FORMAT = 1  # bump when what the prefix computes changes
+FORMAT = 2  # bump when what the prefix computes changes (2: targets keyed by content digest)
 
 
 def feature_key(**parts) -> str:
     return hashlib.sha256(json.dumps({"format": FORMAT, **parts}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -49,17 +58,18 @@ class FeatureCache:
             return self._remember("memory", key, self._mem[key])
         path = self.dir / f"{key}.safetensors" if self.dir and disk else None
         if path and path.exists():
-            try:
-                feats = load_file(str(path))
+            feats = _read_checked(path)
+            if feats is not None:
                 os.utime(path)  # recently used: evicted last
                 return self._remember("disk", key, feats)
-            except Exception:
-                path.unlink(missing_ok=True)  # unreadable (e.g. truncated): recompute
         feats = {k: v.contiguous() for k, v in compute().items()}
         if path:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            save_file(feats, str(tmp))
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+            try:
+                save_file(feats, str(tmp), metadata={"sha256": _digest(feats)})
+                os.replace(tmp, path)  # atomic: a reader never sees half a file
+            finally:
+                tmp.unlink(missing_ok=True)
             self._evict_disk()
         return self._remember("miss", key, feats)
 
@@ -80,7 +90,28 @@ class FeatureCache:
             p.unlink(missing_ok=True)
 
 
-def prefix_key(model_name: str, backbone, depth: int, target_name: str, image_size: int) -> str:
-    """The key of a frozen prefix's output: everything it depends on, and nothing else."""
-    return feature_key(model=model_name, weights=backbone.weights_id, depth=depth, target=target_name,
+def _read_checked(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached features if they match the digest stored with them; a damaged file is removed (and recomputed)."""
+    import sys
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("sha256")
+        feats = load_file(str(path))
+        problem = None if stored and _digest(feats) == stored else "content does not match its digest"
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        feats, problem = None, f"unreadable ({type(e).__name__})"
+    if problem:
+        print(f"warning: feature cache {path} is damaged ({problem}); recomputing it", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+    return feats
+
+
+def prefix_key(model_name: str, backbone, depth: int, target_key: str, image_size: int) -> str:
+    """The key of a frozen prefix's output: everything it depends on (the target by its content digest, not its
+    name), and nothing else."""
+    return feature_key(model=model_name, weights=backbone.weights_id, depth=depth, target=target_key,
                        image_size=image_size, mean=backbone.data_config["mean"], std=backbone.data_config["std"])

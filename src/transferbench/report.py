@@ -9,9 +9,10 @@ import pandas as pd
 import yaml
 
 from . import analysis, plots
-from .store import curves_table, read_records, runs_table
+from .errors import ConfigError
+from .store import curves_table, read_domains, read_records, runs_table
 from .source import cells_of
-from .study import Study
+from .study import Study, safe_yaml
 
 
 def pp(x: float) -> str:
@@ -32,7 +33,12 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     gains = analysis.negative_transfer(analysis.gains(runs, study.analysis.n_bootstrap, study.analysis.confidence))
     gains.to_csv(out / "gains.csv", index=False)
     selected = analysis.select_on_val(gains)
-    domains = pd.read_csv(out / "domains.csv") if (out / "domains.csv").exists() else pd.DataFrame()
+    domains = read_domains(out)
+    if domains is None:
+        if (out / "domains.csv").exists():
+            raise ConfigError(str(out / "domains.csv"), "damaged (truncated or edited)",
+                              "rerun `transferbench study` on this study to rebuild it")
+        domains = pd.DataFrame()
     corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence)
     corr.to_csv(out / "correlations.csv", index=False)
     return dict(runs=runs, curves=curves, gains=gains, selected=selected, domains=domains, correlations=corr)
@@ -229,4 +235,5 @@ def save_study(study: Study, out: Path) -> None:
 
 
 def load_saved_study(out: Path) -> Study:
-    return Study.model_validate(yaml.safe_load((out / "study.resolved.yaml").read_text()))
+    path = out / "study.resolved.yaml"
+    return Study.model_validate(safe_yaml(path.read_text(), str(path)))

@@ -53,11 +53,14 @@ def plan(study: Study) -> list[Cell]:
         for d in study.grid.frozen_depth:
             resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
     for i, t in enumerate(study.targets):
-        smallest = min(class_counts(load_raw(t.dataset, t.options).splits["train"][1]).values())
+        raw = load_raw(t.dataset, t.options)
+        counts = class_counts(raw.splits["train"][1])
+        smallest = min(counts.get(c, 0) for c in range(len(raw.classes)))  # a class absent from train counts as 0
         too_big = [n for n in (t.n_per_class or study.grid.n_per_class) if n > smallest]
         if too_big:
-            raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class", f"{too_big} examples per class asked, but '{t.dataset}' holds "
-                              f"only {smallest} in its smallest class", f"use sizes up to {smallest}")
+            raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class", f"{too_big} examples per class asked, but '{t.label}' holds "
+                              f"only {smallest} in its smallest class", f"use sizes up to {smallest}" if smallest
+                              else "give every class enough images for its train split")
     return cells_of(study)
 
 

@@ -10,6 +10,8 @@ import copy
 import hashlib
 import itertools
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -20,6 +22,18 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 from .errors import ConfigError, did_you_mean
 
 Depth = Union[NonNegativeInt, Literal["all"]]
+
+# Names that become folders or labels: plain identifiers, so no `../`, no `/`, no markup.
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_STUDY_BYTES = 1 << 20  # a study file is a page of YAML; anything larger is refused unread
+MAX_YAML_NODES = 100_000  # nodes after alias expansion: a "billion laughs" file is refused, not expanded
+
+
+def _identifier(value: str, what: str) -> str:
+    if not IDENTIFIER.match(value):
+        raise ValueError(f"{what} {value!r} is not a plain identifier; use letters, digits, '_' and '-' "
+                         "(at most 64, starting with a letter or digit)")
+    return value
 
 
 class Strict(BaseModel):
@@ -33,10 +47,17 @@ class BackboneSpec(Strict):
 
 class TargetSpec(Strict):
     dataset: str
+    name: str | None = Field(None, description="label in tables and figures; default: the dataset, or the folder of "
+                             "a `path`/`root` option (e.g. imagefolder)")
     shift: str | None = None
     severity: int = Field(0, ge=0, le=5)
     options: dict[str, Any] = Field(default_factory=dict, description="dataset options, e.g. {root: data/, download: true}")
     n_per_class: list[PositiveInt] | None = Field(None, description="this target's sizes, instead of grid.n_per_class")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        return v if v is None else _identifier(v, "target name")
 
     @model_validator(mode="after")
     def _shift_needs_severity(self):
@@ -47,8 +68,22 @@ class TargetSpec(Strict):
         return self
 
     @property
+    def label(self) -> str:
+        return self.name or default_label(self.dataset, self.options)
+
+    @property
     def condition(self) -> str:
-        return self.dataset + (f"+{self.shift}@{self.severity}" if self.shift else "")
+        return condition_name(self.label, self.shift, self.severity)
+
+
+def default_label(dataset: str, options: dict) -> str:
+    """A folder-based target is named by its folder: two ImageFolders are never both "imagefolder"."""
+    folder = options.get("path") or options.get("root")
+    return Path(str(folder)).resolve().name if folder else dataset
+
+
+def condition_name(label: str, shift: str | None, severity: int) -> str:
+    return label + (f"+{shift}@{severity}" if shift else "")
 
 
 class ScheduleSpec(Strict):
@@ -115,6 +150,7 @@ class Scratch(Strict):
 
 
 class Run(Strict):
+    max_cells: PositiveInt = Field(100_000, description="a larger grid is refused before it is planned")
     jobs: PositiveInt = 2
     threads_per_worker: PositiveInt = 1
     backend: Literal["loky", "dask", "sequential"] = "loky"
@@ -139,10 +175,40 @@ class Study(Strict):
     analysis: Analysis = Analysis()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named override sets")
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        return _identifier(v, "study name")
+
     @field_validator("backbones", "targets")
     @classmethod
     def _no_dupes(cls, v, info):
         return _unique([s.model_dump() for s in v], info.field_name) and v
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_names(cls, v):
+        names = [t.condition for t in v]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise ValueError(f"two targets are both named {clash}; give each a distinct `name:`")
+        return v
+
+    @model_validator(mode="after")
+    def _bounded_grid(self):
+        n = n_cells(self)
+        if n > self.run.max_cells:
+            raise ValueError(f"the grid has {n:,} cells, above run.max_cells = {self.run.max_cells:,}; shrink an axis "
+                             "or raise run.max_cells")
+        return self
+
+
+def n_cells(study: "Study") -> int:
+    """The number of cells `expand` will make, counted without making them."""
+    g = study.grid
+    per_point = len(g.frozen_depth) + study.scratch.enabled
+    sizes = sum(len(t.n_per_class or g.n_per_class) for t in study.targets)
+    return math.prod([len(study.backbones), sizes, len(g.schedule), len(g.seed), per_point])
 
 
 class Cell(Strict):
@@ -171,15 +237,20 @@ class Cell(Strict):
     # Fields added later have defaults and enter the id only when set otherwise, so ids stay stable.
     eval_at: Literal["epoch", "log"] = "log"
     data_options: dict[str, Any] = Field(default_factory=dict)
+    target_name: str | None = None  # set only where the target's label is not its dataset's name
 
     @property
     def cell_id(self) -> str:
-        blob = json.dumps(self.model_dump(exclude_defaults=True), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return cell_hash(self.model_dump(exclude_defaults=True))
 
     @property
     def condition(self) -> str:
-        return TargetSpec(dataset=self.dataset, shift=self.shift, severity=self.severity).condition
+        return condition_name(self.target_name or self.dataset, self.shift, self.severity)
+
+
+def cell_hash(config: dict) -> str:
+    """The one way a cell's config is hashed (its id)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) -> list[Cell]:
@@ -192,9 +263,12 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
                   channels_last=t.channels_last, eval_at=t.eval_at)
     g = study.grid
     cells: dict[str, Cell] = {}
-    for bb, tg, n, sch, seed in itertools.product(study.backbones, study.targets, g.n_per_class, g.schedule, g.seed):
+    points = ((bb, tg, n, sch, seed) for bb, tg in itertools.product(study.backbones, study.targets)
+              for n, sch, seed in itertools.product(tg.n_per_class or g.n_per_class, g.schedule, g.seed))
+    for bb, tg, n, sch, seed in points:
+        label = tg.label if tg.label != tg.dataset else None
         point = dict(model=bb.model, dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n,
-                     schedule=sch.name, seed=seed, data_options=tg.options, **common)
+                     schedule=sch.name, seed=seed, data_options=tg.options, target_name=label, **common)
         base_lr = sch.lr or t.lr
         for depth in g.frozen_depth:
             c = Cell(arm="transfer", weights=weights_map.get((bb.model, bb.weights), bb.weights), frozen_depth=depth, lr=base_lr,
@@ -210,8 +284,10 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
 
 def _parse_value(text: str):
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return safe_yaml(text, "override")
+    except ConfigError as e:
+        if "expands" in e.problem:
+            raise
         return text
 
 
@@ -284,14 +360,41 @@ def study_path(name_or_path: str, studies_dir: Path = Path("studies")) -> Path:
     return p
 
 
-def load_study(path: Path | str, overrides: list[str] = (), profile: str | None = None) -> Study:
-    path = Path(path)
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes of the YAML tree once every alias is expanded (memoised: a shared node is sized once)."""
+    if id(node) not in memo:
+        memo[id(node)] = 0  # a recursive alias counts once, then the bound below stops it
+        children = node.value if isinstance(node.value, list) else []
+        flat = [x for c in children for x in (c if isinstance(c, tuple) else (c,))]
+        memo[id(node)] = 1 + sum(_expanded_size(c, memo) for c in flat)
+    return memo[id(node)]
+
+
+def safe_yaml(text: str, where: str):
+    """yaml.safe_load, refusing documents that expand past MAX_YAML_NODES (alias bombs) before building them."""
+    loader = yaml.SafeLoader(text)
     try:
-        raw = yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(where, f"YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases)",
+                              "write the values out instead of nesting aliases")
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(where, f"malformed YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        raise ConfigError(at, f"malformed YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError(where, "YAML nested too deeply", "flatten the file") from None
+    finally:
+        loader.dispose()
+
+
+def load_study(path: Path | str, overrides: list[str] = (), profile: str | None = None) -> Study:
+    path = Path(path)
+    if path.stat().st_size > MAX_STUDY_BYTES:
+        raise ConfigError(str(path), f"study file is {path.stat().st_size:,} bytes, above {MAX_STUDY_BYTES:,}",
+                          "a study file is a page of YAML; check you gave the right file")
+    raw = safe_yaml(path.read_text(errors="replace"), str(path))
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "a study file must be a mapping of keys", "start from studies/smoke.yaml")
     if profile:

@@ -69,7 +69,7 @@ def prefix_features(cache: FeatureCache, model_name: str, bb, prefix: nn.Module,
                     device, amp: bool, channels_last: bool) -> tuple[dict[str, torch.Tensor], str]:
     """The frozen prefix's output on every split of a target, through the cache: (features, memory|disk|miss)."""
     return cache.get(
-        prefix_key(model_name, bb, depth, target.name, image_size),
+        prefix_key(model_name, bb, depth, target.key, image_size),
         lambda: {s: forward_batched(prefix.to(device), x, device, amp, channels_last) for s, x in target.x.items()},
         disk=depth > 0)  # depth-0 "features" are normalised images: cheaper to redo than to read
 
@@ -86,6 +86,15 @@ def eval_epochs(epochs: int, mode: str) -> set[int]:
     if mode == "epoch":
         return set(range(1, epochs + 1))
     return {e for e in (2 ** i for i in range(epochs.bit_length())) if e <= epochs} | {epochs}
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each batch of an epoch. A last batch of one example joins the one before it:
+    BatchNorm in training mode cannot normalise a single example (and its statistics would be noise)."""
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 class Step:
@@ -114,7 +123,7 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     cache = cache or FeatureCache()
     device = resolve_device(cell.device)
     t_start = time.perf_counter()
-    target = load_target(cell.dataset, cell.shift, cell.severity, cell.image_size, cell.data_options)
+    target = load_target(cell.dataset, cell.shift, cell.severity, cell.image_size, cell.data_options, cell.target_name)
     bb = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)
     k = resolve_depth(cell.frozen_depth, bb.n_groups)
     # Augmentation must pass through the frozen layers, so such cells pay full price (no cache).
@@ -133,7 +142,8 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
         suffix = suffix.to(memory_format=torch.channels_last)
     n, bs = len(idx), min(cell.batch_size, len(idx))
     opt = make_optimizer(suffix.parameters(), cell.optimizer, cell.lr, cell.weight_decay)
-    sched = SCHEDULES.get(cell.schedule, "grid.schedule")(opt, cell.epochs * math.ceil(n / bs))
+    batches = batch_bounds(n, bs)
+    sched = SCHEDULES.get(cell.schedule, "grid.schedule")(opt, cell.epochs * len(batches))
     step = Step(suffix, opt, sched, device, cell.amp, cell.channels_last)
     g = torch.Generator().manual_seed(cell.seed)
     evals = eval_epochs(cell.epochs, cell.eval_at)
@@ -143,8 +153,8 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     for epoch in range(1, cell.epochs + 1):
         suffix.train()
         perm, losses = torch.randperm(n, generator=g).to(device), []
-        for i in range(0, n, bs):
-            xb, yb = x_train[perm[i:i + bs]], y_train[perm[i:i + bs]]
+        for i, j in batches:
+            xb, yb = x_train[perm[i:j]], y_train[perm[i:j]]
             if cell.augment:
                 xb = augment_batch(xb, g)
             losses.append(step(xb, yb) * len(yb))

@@ -6,6 +6,7 @@ Normalisation belongs to the backbone (its weights' mean/std), not to the data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .embedded import DATASETS, SPLITS, load_raw
+from .embedded import DATASETS, SPLITS, _folder_fingerprints, load_raw
 from .sampling import class_counts, nested_kshot
 from .shifts import SHIFTS, apply_shift
 
@@ -28,6 +29,7 @@ class Target:
     x: dict[str, torch.Tensor]  # split -> float32 [N, 3, S, S] in [0, 1]
     y: dict[str, torch.Tensor]  # split -> int64 [N]
     classes: list[str]
+    key: str  # what the tensors are: a digest of the raw data, the shift and the size (feature-cache keys use it)
 
     @property
     def num_classes(self) -> int:
@@ -41,12 +43,17 @@ def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     return x.clamp_(0, 1).contiguous()
 
 
-def load_target(dataset: str, shift: str | None, severity: int, image_size: int, options: dict | None = None) -> Target:
-    return _load_target(dataset, shift, severity, image_size, json.dumps(options or {}, sort_keys=True))
+def load_target(dataset: str, shift: str | None, severity: int, image_size: int, options: dict | None = None,
+                name: str | None = None) -> Target:
+    """`name` labels the target in records (default: the dataset's name)."""
+    options = options or {}
+    files = json.dumps(_folder_fingerprints(options))  # in the memo key: a folder edited mid-process is read anew
+    return _load_target(dataset, shift, severity, image_size, json.dumps(options, sort_keys=True), name, files)
 
 
 @lru_cache(maxsize=16)
-def _load_target(dataset: str, shift: str | None, severity: int, image_size: int, options: str) -> Target:
+def _load_target(dataset: str, shift: str | None, severity: int, image_size: int, options: str, name: str | None,
+                 files: str) -> Target:
     raw = load_raw(dataset, json.loads(options))
     xs, ys = {}, {}
     for split in SPLITS:
@@ -55,8 +62,9 @@ def _load_target(dataset: str, shift: str | None, severity: int, image_size: int
         if shift:  # fixed corrupted copy: the seed depends on the condition and split only
             x = apply_shift(x, shift, severity, seed=zlib.crc32(f"{dataset}/{shift}/{severity}/{split}".encode()))
         xs[split], ys[split] = x, torch.from_numpy(labels)
-    name = dataset + (f"+{shift}@{severity}" if shift else "")
-    return Target(name, xs, ys, raw.classes)
+    label = (name or dataset) + (f"+{shift}@{severity}" if shift else "")
+    key = hashlib.sha256(json.dumps([raw.digest, shift, severity, image_size]).encode()).hexdigest()
+    return Target(label, xs, ys, raw.classes, key)
 
 
 load_target.cache_clear = _load_target.cache_clear  # tests rebuild from the disk cache

@@ -32,6 +32,19 @@ class RawDataset:
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     classes: list[str]
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 of every array and class name: what the cache file is checked against, and what
+        identifies the data in every derived cache key (features), whatever the dataset is called."""
+        import hashlib
+
+        h = hashlib.sha256("\n".join(self.classes).encode())
+        for split in SPLITS:
+            for a in self.splits[split]:
+                h.update(f"{split}{a.dtype}{a.shape}".encode())
+                h.update(np.ascontiguousarray(a).data)
+        return h.hexdigest()
+
 
 def _rgb(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)
@@ -140,7 +153,9 @@ def faces() -> RawDataset:
 
 
 def load_raw(name: str, options: dict | None = None) -> RawDataset:
-    """Build once, then read from the on-disk cache (keyed by the dataset's options too)."""
+    """Build once, then read from the on-disk cache. The cache key holds the dataset's options and, for
+    data in a folder, a fingerprint of its files (names, sizes, mtimes): an edited folder is read anew.
+    Each cache file carries the digest of its arrays, checked on every read; a damaged file is rebuilt."""
     import hashlib
     import inspect
     import json
@@ -151,17 +166,52 @@ def load_raw(name: str, options: dict | None = None) -> RawDataset:
     if unknown:
         raise ConfigError("targets.options", f"dataset '{name}' takes no option(s) {sorted(unknown)}",
                           f"its options are {sorted(inspect.signature(builder).parameters) or 'none'}")
-    tag = "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12] if options else ""
-    path = cache_dir("data") / f"{name}{tag}-v{VERSION}.npz"
-    if path.exists():
-        z = np.load(path, allow_pickle=False)
-        return RawDataset({s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS}, z["classes"].tolist())
+    key = json.dumps({"options": options, "files": _folder_fingerprints(options)}, sort_keys=True)
+    path = cache_dir("data") / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}-v{VERSION}.npz"
+    cached = _read_cache(path)
+    if cached is not None:
+        return cached
     raw = builder(**options)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     arrays = {f"{k}_{s}": v for s in SPLITS for k, v in zip("xy", raw.splits[s])}
-    np.savez(tmp, classes=np.array(raw.classes), **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, classes=np.array(raw.classes), digest=np.array(raw.digest), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return raw
+
+
+def _folder_fingerprints(options: dict) -> dict:
+    """Fingerprints of the folders a dataset reads (its `path` or `root` option), so edits invalidate caches."""
+    folders = {k: options[k] for k in ("path", "root") if isinstance(options.get(k), str) and os.path.isdir(options[k])}
+    if not folders:
+        return {}
+    from .external import folder_fingerprint
+
+    return {k: folder_fingerprint(v) for k, v in folders.items()}
+
+
+def _read_cache(path) -> RawDataset | None:
+    """The cached dataset, or None (absent, or damaged: then removed, and the caller rebuilds it)."""
+    import sys
+    import zipfile
+
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = RawDataset({s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS}, z["classes"].tolist())
+            stored = str(z["digest"])
+        if raw.digest == stored:
+            return raw
+        problem = "its content does not match its digest"
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        problem = f"unreadable ({type(e).__name__})"
+    print(f"warning: data cache {path} is damaged ({problem}); rebuilding it", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def _register_external() -> None:
