@@ -56,8 +56,6 @@ def remove_orphans(directory: Path) -> int:
 
 def check_record(record: dict) -> str | None:
     """Why a record cannot be trusted, or None: its content must match its checksum and its config its cell_id."""
-    if record.get("checksum") != _checksum(record):
-        return "content does not match its checksum (edited or damaged)"
     config = {k: record[k] for k in Cell.model_fields if k in record}
     try:
         cell = Cell.model_validate(config)
@@ -65,6 +63,8 @@ def check_record(record: dict) -> str | None:
         return "its config is not a valid cell"
     if cell.cell_id != record.get("cell_id"):
         return f"its config hashes to {cell.cell_id}, not to its cell_id {record.get('cell_id')}"
+    if record.get("checksum") != _checksum(record):
+        return "content does not match its checksum (edited or damaged)"
     return None
 
 
