@@ -1,6 +1,7 @@
 """Real data on disk, read through torchvision's own classes from files written in their formats,
 and sources pretrained here: all offline."""
 
+import os
 import pickle
 
 import numpy as np
@@ -43,8 +44,8 @@ def test_cifar10_from_its_pickle_batches(tmp_path, monkeypatch):
     assert t.x["train"].shape[1:] == (3, 16, 16)
 
 
-def write_image_folder(root, classes=("cat", "dog", "fox"), per_class=10):
-    rng = np.random.default_rng(0)
+def write_image_folder(root, classes=("cat", "dog", "fox"), per_class=10, seed=0):
+    rng = np.random.default_rng(seed)  # a different seed per split: the same bytes twice are refused
     for c in classes:
         (root / c).mkdir(parents=True)
         for i in range(per_class):
@@ -61,7 +62,7 @@ def test_image_folder_tree(tmp_path):
 
 def test_image_folder_with_split_folders(tmp_path):
     write_image_folder(tmp_path / "d" / "train", per_class=8)
-    write_image_folder(tmp_path / "d" / "test", per_class=3)
+    write_image_folder(tmp_path / "d" / "test", per_class=3, seed=1)
     raw = load_raw("imagefolder", {"path": str(tmp_path / "d"), "store_size": 16})
     assert len(raw.splits["test"][1]) == 9 and len(raw.splits["train"][1]) + len(raw.splits["val"][1]) == 24
 
@@ -104,3 +105,155 @@ pretraining: {epochs: 1, batch_size: 32}
     assert bb.weights_id.startswith("source:")
     with pytest.raises(ConfigError, match="no pretrained source checkpoint"):
         create_backbone("tf_efficientnet_lite0", "pretrain:faces:0000", num_classes=10, seed=0)
+
+
+# --- ImageFolder trees that must be refused: (case, how to spoil a good tree, what the error must name) ---
+
+def png_bytes(seed=99):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def flat(spoil):
+    """A good flat tree (cat, dog, fox; 10 images each), then `spoil(root)`."""
+    def build(root):
+        write_image_folder(root)
+        spoil(root)
+    return build
+
+
+def split(spoil=lambda root: None, train=("cat", "dog", "fox"), test=("cat", "dog", "fox")):
+    """A tree with train/ (4 images a class) and test/ (2 a class), then `spoil(root)`."""
+    def build(root):
+        write_image_folder(root / "train", classes=train, per_class=4, seed=1)
+        write_image_folder(root / "test", classes=test, per_class=2, seed=2)
+        spoil(root)
+    return build
+
+
+def copy(src, dst):
+    dst.write_bytes(src.read_bytes())
+
+
+def keep_one(folder):
+    for p in sorted(folder.iterdir())[1:]:
+        p.unlink()
+
+
+def mkdir(path):
+    path.mkdir(parents=True)
+    return path
+
+
+def only_images_at_root(root):
+    mkdir(root)
+    (root / "a.png").write_bytes(png_bytes())
+
+
+HOSTILE = [
+    ("symlink loop to a parent dir", flat(lambda r: os.symlink(r, r / "cat" / "loop")),
+     "'cat/loop' is a symbolic link"),
+    ("symlinked file", flat(lambda r: os.symlink(r / "dog" / "0.png", r / "cat" / "link.png")),
+     "'cat/link.png' is a symbolic link"),
+    ("symlinked class folder", flat(lambda r: os.symlink(r / "cat", r / "lynx")), "'lynx' is a symbolic link"),
+    ("zero-byte png", flat(lambda r: (r / "cat" / "empty.png").write_bytes(b"")), "'cat/empty.png' is empty"),
+    ("text named .png", flat(lambda r: (r / "cat" / "notes.png").write_text("not an image\n")),
+     "'cat/notes.png' is not an image"),
+    ("truncated png", flat(lambda r: (r / "cat" / "cut.png").write_bytes(png_bytes()[:700])),
+     "'cat/cut.png' cannot be decoded"),
+    ("fifo named .png", flat(lambda r: os.mkfifo(r / "cat" / "pipe.png")), "'cat/pipe.png' is not a regular file"),
+    ("newline in a bad file's name", flat(lambda r: (r / "cat" / "a\nb.png").write_text("x")), r"'cat/a\nb.png'"),
+    ("empty class folder", flat(lambda r: mkdir(r / "emu")), "class folder 'emu' holds no images"),
+    ("class folder without image files", flat(lambda r: (mkdir(r / "emu") / "notes.txt").write_text("x")),
+     "class folder 'emu' holds no images"),
+    ("class with one image", flat(lambda r: (mkdir(r / "emu") / "0.png").write_bytes(png_bytes())),
+     "class 'emu' has 1 image(s); the 60/15/25 split of a folder without train/ and test/ needs at least 3"),
+    ("duplicate content across two classes", flat(lambda r: copy(r / "cat" / "0.png", r / "dog" / "copy.png")),
+     "'dog/copy.png' has the same content as 'cat/0.png'"),
+    ("hard link across two classes", flat(lambda r: os.link(r / "cat" / "0.png", r / "dog" / "hard.png")),
+     "'dog/hard.png' has the same content as 'cat/0.png'"),
+    ("duplicate across train/ and test/",
+     split(lambda r: copy(r / "train" / "cat" / "0.png", r / "test" / "cat" / "x.png")),
+     "'test/cat/x.png' has the same content as 'train/cat/0.png'"),
+    ("class missing from test/", split(test=("cat", "dog")), "class(es) 'fox' in train/ but not in test/"),
+    ("extra class in test/", split(test=("cat", "dog", "emu", "fox")),
+     "class(es) 'emu' in test/ but not in train/"),
+    ("train class too small to carve val", split(lambda r: keep_one(r / "train" / "dog")),
+     "class 'dog' has 1 image(s); carving val/ out of train/ needs at least 2"),
+    ("no class folders", only_images_at_root, "holds no class folders"),
+    ("no folder at all", lambda r: None, "is not a folder"),
+]
+
+
+@pytest.mark.parametrize("case,build,expected", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_image_folder_is_refused(tmp_path, case, build, expected):
+    root = tmp_path / "tree"
+    build(root)
+    with pytest.raises(ConfigError) as err:
+        load_raw("imagefolder", {"path": str(root), "store_size": 16})
+    message = str(err.value)
+    assert message.startswith("targets.options.path: ") and expected in message and " -- fix: " in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("limit", [300, 100])  # 20x24 = 480 pixels: over the warning limit, then over 2x (error)
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch, limit):
+    write_image_folder(tmp_path / "tree", per_class=3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(ConfigError, match="'cat/0.png' is too large to decode safely.*fix: shrink it"):
+        load_raw("imagefolder", {"path": str(tmp_path / "tree"), "store_size": 16})
+
+
+def test_image_folder_skips_hidden_and_other_files_and_reads_subfolders(tmp_path):
+    root = tmp_path / "tree"
+    write_image_folder(root, per_class=3)
+    (root / "cat" / "notes.txt").write_text("skipped")
+    (root / "cat" / ".hidden.png").write_text("skipped, though it is no image")
+    mkdir(root / ".cache")  # a hidden folder is no class
+    (mkdir(root / "dog" / "more") / "extra.PNG").write_bytes(png_bytes())  # subfolders and upper-case extensions
+    raw = load_raw("imagefolder", {"path": str(root), "store_size": 16})
+    assert raw.classes == ["cat", "dog", "fox"]
+    assert sum(len(raw.splits[s][1]) for s in ("train", "val", "test")) == 10
+
+
+def test_hostile_image_folder_is_refused_by_the_cli_before_anything_is_written(tmp_path, capsys):
+    from transferbench.cli import main
+    from test_bad_input import GOOD, snapshot
+
+    tree = tmp_path / "tree"
+    write_image_folder(tree, per_class=4)
+    os.symlink(tree, tree / "cat" / "loop")
+    study = tmp_path / "study.yaml"
+    study.write_text(GOOD.replace("{dataset: textures}", f"{{dataset: imagefolder, options: {{path: '{tree}'}}}}"))
+    results = tmp_path / "results"
+    results.mkdir()
+    assert main(["study", str(study), "--results", str(results), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("error: targets.options.path: 'cat/loop' is a symbolic link -- fix: ")
+    assert snapshot(results) == {}
+
+
+def test_folder_fingerprint_follows_what_the_reader_reads(tmp_path):
+    from transferbench.data.external import folder_fingerprint
+
+    root = tmp_path / "tree"
+    write_image_folder(root, per_class=3)
+    first = folder_fingerprint(root)
+    assert folder_fingerprint(root) == first  # an untouched re-walk
+    os.symlink(root, tmp_path / "alias")
+    assert folder_fingerprint(tmp_path / "alias") == first  # the root itself may be a link; nothing below it
+    (root / "cat" / "notes.txt").write_text("not an image: not read, not in the key")
+    assert folder_fingerprint(root) == first
+    (root / "cat" / "new.png").write_bytes(png_bytes())
+    added = folder_fingerprint(root)
+    assert added != first
+    (root / "cat" / "new.png").unlink()
+    assert folder_fingerprint(root) == first
+    (root / "dog" / "0.png").unlink()
+    assert folder_fingerprint(root) not in (first, added)
+    removed = folder_fingerprint(root)
+    (root / "fox" / "0.png").write_bytes(png_bytes(seed=7) + b"\0")  # rewritten, another size
+    assert folder_fingerprint(root) != removed
