@@ -184,13 +184,29 @@ def load_raw(name: str, options: dict | None = None) -> RawDataset:
 
 
 def _folder_fingerprints(options: dict) -> dict:
-    """Fingerprints of the folders a dataset reads (its `path` or `root` option), so edits invalidate caches."""
-    folders = {k: options[k] for k in ("path", "root") if isinstance(options.get(k), str) and os.path.isdir(options[k])}
-    if not folders:
-        return {}
+    """Fingerprints of the folders a dataset reads (an ImageFolder's `path`, a torchvision dataset's `root`),
+    so that adding, removing or editing files invalidates the cached arrays."""
     from .external import folder_fingerprint
 
-    return {k: folder_fingerprint(v) for k, v in folders.items()}
+    out = {}
+    if isinstance(options.get("path"), str) and os.path.isdir(options["path"]):
+        out["path"] = folder_fingerprint(options["path"])  # refuses links and bad layouts, as the reader does
+    if isinstance(options.get("root"), str) and os.path.isdir(options["root"]):
+        out["root"] = _tree_fingerprint(options["root"])
+    return out
+
+
+def _tree_fingerprint(root: str) -> str:
+    """SHA-256 of (relative path, size, mtime) of every file under root: cheap, reads no content."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(folder, name), follow_symlinks=False)
+            h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _read_cache(path) -> RawDataset | None:
