@@ -23,7 +23,7 @@ def test_one_cell_trains_and_reports(torch_single_thread):
     assert r["n_train"] == 20 and r["frozen_groups"] == 5 and 0 < r["frozen_fraction"] < 1
     assert 0 <= r["test_acc"] <= 1 and math.isfinite(r["test_loss"])
     assert [p["epoch"] for p in r["curves"] if p["metric"] == "acc"] == [1, 2, 3]
-    assert r["images_seen"] == 3 * 20 and r["device"] == "cpu"
+    assert r["images_seen"] == 3 * 20 and r["device_used"] == "cpu"
 
 
 def test_scratch_is_the_same_loop_with_no_weights_and_nothing_frozen(torch_single_thread):

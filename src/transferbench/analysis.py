@@ -2,7 +2,10 @@
 
 Pairing is by seed (same k-shot subset, same data order): the gain of one seed is transfer
 test accuracy minus scratch test accuracy; the grid point's gain is the mean over seeds with a
-percentile bootstrap CI over seeds. Negative transfer is called only when the whole CI is below 0.
+Student-t interval over seeds (a percentile bootstrap over 3 seeds is the seed range, ~75% coverage;
+the t-interval's coverage is checked by simulation in the tests). A verdict is positive or negative
+only when the point's paired t-test survives Benjamini-Hochberg across every grid point of the study
+(q <= analysis.fdr) and the gain is at least analysis.min_effect in size; else inconclusive.
 Model selection follows DomainBed: the schedule is chosen on the validation split.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 # A transfer grid point, without the seed.
 POINT = ["backbone", "weights", "target", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class", "schedule"]
@@ -23,23 +27,41 @@ def depth_label(frozen_depth, arm: str = "transfer") -> str:
     return "probe (all)" if str(frozen_depth) == "all" else f"frozen {frozen_depth}"
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int, confidence: float, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean; (nan, nan) with fewer than 2 values."""
+def t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """(low, high, two-sided p of mean = 0) of the Student-t interval of the mean; nan with fewer than 2 values.
+    Identical values give a zero-width interval and p = 0 (or 1 when they are all 0)."""
     values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    n = len(values)
+    if n < 2:
+        return float("nan"), float("nan"), float("nan")
+    mean, se = values.mean(), values.std(ddof=1) / np.sqrt(n)
+    if se == 0:
+        return float(mean), float(mean), float(mean == 0)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * se
+    return float(mean - half), float(mean + half), float(2 * stats.t.sf(abs(mean) / se, n - 1))
 
 
-def verdict(lo: float, hi: float) -> str:
-    if lo > 0:
-        return "positive"
-    if hi < 0:
-        return "negative"
-    return "inconclusive"
+def bh_q(p: pd.Series) -> pd.Series:
+    """Benjamini-Hochberg adjusted p-values (q); nan p-values stay nan and do not count as tests."""
+    q = pd.Series(np.nan, index=p.index)
+    ok = p.notna()
+    if ok.any():
+        q[ok] = stats.false_discovery_control(p[ok].to_numpy(), method="bh")
+    return q
+
+
+def verdict(gain: float, q: float, fdr: float, min_effect: float) -> str:
+    """Positive / negative only for a discovery (q <= fdr) whose gain is at least min_effect in size."""
+    if not q <= fdr or abs(gain) < min_effect:
+        return "inconclusive"
+    return "positive" if gain > 0 else "negative"
+
+
+def verdict_rule(fdr: float, min_effect: float, confidence: float) -> str:
+    return (f"A gain is the mean over seeds of paired (same seed, same k-shot subset) transfer-minus-scratch test "
+            f"accuracy, with a {confidence:.0%} Student-t interval over seeds; it is called positive or negative only "
+            f"when its paired t-test survives Benjamini-Hochberg across all grid points of the study (q <= {fdr:g}) and "
+            f"its size is at least {100 * min_effect:g} pp; otherwise inconclusive.")
 
 
 def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -58,17 +80,28 @@ def paired(runs: pd.DataFrame) -> pd.DataFrame:
     return m
 
 
-def gains(runs: pd.DataFrame, n_boot: int = 2000, confidence: float = 0.95) -> pd.DataFrame:
+GAIN_COLUMNS = POINT + ["transfer_mean", "scratch_mean", "transfer_val_mean", "scratch_val_mean", "gain", "gain_sd",
+                        "ci_low", "ci_high", "test_se", "p", "q", "n_seeds", "verdict"]
+
+
+def gains(runs: pd.DataFrame, confidence: float = 0.95, fdr: float = 0.05, min_effect: float = 0.01) -> pd.DataFrame:
+    """One row per transfer grid point: mean paired gain, t-interval, p and BH q over the points, verdict.
+    `test_se` is the binomial standard error of one seed's gain from the finite test set (where n_test is
+    recorded), to set beside the spread over seeds (`gain_sd`)."""
     m = paired(runs)
     rows = []
     for key, g in m.groupby(POINT, sort=True, dropna=False):
-        lo, hi = bootstrap_ci(g["gain"].to_numpy(), n_boot, confidence)
-        rows.append(dict(zip(POINT, key), transfer_mean=g["test_acc"].mean(), scratch_mean=g["scratch_test_acc"].mean(),
-                         transfer_val_mean=g["val_acc"].mean(), scratch_val_mean=g["scratch_val_acc"].mean(),
-                         gain=g["gain"].mean(), ci_low=lo, ci_high=hi, n_seeds=len(g), verdict=verdict(lo, hi)))
-    cols = POINT + ["transfer_mean", "scratch_mean", "transfer_val_mean", "scratch_val_mean", "gain", "ci_low",
-                    "ci_high", "n_seeds", "verdict"]
-    return pd.DataFrame(rows, columns=cols)
+        lo, hi, p = t_interval(g["gain"].to_numpy(), confidence)
+        a, b = g["test_acc"].mean(), g["scratch_test_acc"].mean()
+        n_test = g["n_test"].mean() if "n_test" in g else np.nan
+        rows.append(dict(zip(POINT, key), transfer_mean=a, scratch_mean=b, transfer_val_mean=g["val_acc"].mean(),
+                         scratch_val_mean=g["scratch_val_acc"].mean(), gain=g["gain"].mean(),
+                         gain_sd=g["gain"].std(ddof=1) if len(g) > 1 else np.nan, ci_low=lo, ci_high=hi,
+                         test_se=np.sqrt((a * (1 - a) + b * (1 - b)) / n_test), p=p, n_seeds=len(g)))
+    out = pd.DataFrame(rows, columns=[c for c in GAIN_COLUMNS if c not in ("q", "verdict")])
+    out["q"] = bh_q(out["p"])
+    out["verdict"] = [verdict(g, q, fdr, min_effect) for g, q in zip(out["gain"], out["q"])]
+    return out[GAIN_COLUMNS]
 
 
 def select_on_val(gains_df: pd.DataFrame) -> pd.DataFrame:
@@ -100,10 +133,10 @@ MEASURES = {"fd": -1, "mmd": -1, "pad": -1, "bn_kl_mean": -1, "logme": 1, "leep"
 
 def negative_transfer(gains_df: pd.DataFrame) -> pd.DataFrame:
     """Negative transfer gap (Wang et al. 2019): error with transfer minus error from scratch, i.e.
-    -gain, with its paired CI; `negative` only when the whole CI lies on the harmful side (> 0)."""
+    -gain, with its paired CI; `negative` where the verdict is (a discovery after FDR control, large enough)."""
     out = gains_df.copy()
     out["ntg"], out["ntg_ci_low"], out["ntg_ci_high"] = -out["gain"], -out["ci_high"], -out["ci_low"]
-    out["negative"] = out["ntg_ci_low"] > 0
+    out["negative"] = out["verdict"] == "negative"
     return out
 
 

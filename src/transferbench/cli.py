@@ -31,8 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="compare two result folders; exit 1 on a regression")
     c.add_argument("base", type=Path, help="e.g. results/baselines/smoke")
     c.add_argument("new", type=Path, help="e.g. results/smoke")
-    c.add_argument("--tolerance", type=float, default=0.02, help="accuracy below the base CI counted as noise")
-    c.add_argument("--speed-fraction", type=float, default=0.5, help="fail when images/s falls below this share")
+    c.add_argument("--margin", type=float, default=0.02, help="a point's gain may fall this much (accuracy) before "
+                   "a drop counts; aggregates use half of it")
+    c.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level across the gate's tests")
+    c.add_argument("--speed-fraction", type=float, default=0.5, help="fail when an arm's median images/s falls "
+                   "below this share of the base's")
     return p
 
 
@@ -132,7 +135,7 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare, render
 
-    result = compare(args.base, args.new, args.tolerance, args.speed_fraction)
+    result = compare(args.base, args.new, args.margin, args.fdr, args.speed_fraction, args.margin / 2)
     print(render(result, args.base, args.new))
     return 0 if result.ok else 1
 

@@ -30,7 +30,8 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     runs.to_csv(out / "runs.csv", index=False)
     curves = curves_table(records)
     curves.to_csv(out / "curves.csv", index=False)
-    gains = analysis.negative_transfer(analysis.gains(runs, study.analysis.n_bootstrap, study.analysis.confidence))
+    a = study.analysis
+    gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
     gains.to_csv(out / "gains.csv", index=False)
     selected = analysis.select_on_val(gains)
     domains = read_domains(out)
@@ -61,8 +62,9 @@ def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
                 if parts:
                     lines.append(f"**{bb}**, {tg}, {n} per class -- " + "; ".join(parts))
     negatives = selected[selected["verdict"] == "negative"]
-    lines.append(f"Negative transfer (whole {int(study.analysis.confidence * 100)}% CI below zero): "
-                 f"{len(negatives)} of {len(selected)} grid points (schedule chosen on val).")
+    lines.append(f"Negative transfer (q <= {study.analysis.fdr:g} after Benjamini-Hochberg, gain <= "
+                 f"-{100 * study.analysis.min_effect:g} pp): {len(negatives)} of {len(selected)} grid points "
+                 "(schedule chosen on val).")
     return lines
 
 
@@ -71,7 +73,6 @@ def findings(study: Study, t: dict) -> list[str]:
     sel, corr = t["selected"], t["correlations"]
     if sel.empty:
         return ["no transfer cell has a matched scratch cell yet"]
-    conf = int(study.analysis.confidence * 100)
     sizes = sorted(sel["n_per_class"].unique())
     by_size = sel.groupby("n_per_class")["gain"].mean()
     out = [f"Mean gain of transfer over scratch: {pp(by_size[sizes[0]])} pp at {sizes[0]} examples per class, "
@@ -85,7 +86,8 @@ def findings(study: Study, t: dict) -> list[str]:
     neg = sel[sel["negative"]]
     where = ", ".join(f"{r.backbone} {r.target} frozen {r.frozen_depth} n={r.n_per_class} ({pp(r.gain)} pp)"
                       for r in neg.head(3).itertuples())
-    out.append(f"Negative transfer (whole {conf}% CI below zero) at {len(neg)} of {len(sel)} grid points"
+    out.append(f"Negative transfer (BH q <= {study.analysis.fdr:g}, |gain| >= {100 * study.analysis.min_effect:g} pp) "
+               f"at {len(neg)} of {len(sel)} grid points"
                + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
     best = analysis.best_depth(sel)
     if len(best) and sel["frozen_depth"].nunique() > 1:
@@ -109,18 +111,20 @@ def markdown_table(df: pd.DataFrame) -> str:
 def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(
         gain_pp=lambda d: d["gain"].map(pp), ci_pp=lambda d: [f"[{pp(a)}, {pp(b)}]" for a, b in zip(d.ci_low, d.ci_high)],
+        seed_sd_pp=lambda d: (100 * d["gain_sd"]).round(1), test_se_pp=lambda d: (100 * d["test_se"]).round(1),
+        q=lambda d: d["q"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}"),
         transfer=lambda d: (100 * d["transfer_mean"]).round(1))
 
 
 def failure_section(study: Study, t: dict) -> list[str]:
     """'When transfer fails': negative points, where gains stop, best depth, estimator ranking."""
     selected, gains, domains, corr = t["selected"], t["gains"], t["domains"], t["correlations"]
-    conf = int(study.analysis.confidence * 100)
     lines = ["## When transfer fails", ""]
     neg = selected[selected["negative"]]
     lines.append(f"Negative transfer gap (Wang et al. 2019: transfer error minus scratch error), schedule chosen on "
-                 f"validation: **{len(neg)} of {len(selected)}** grid points have the whole {conf}% CI on the harmful "
-                 f"side ({int(gains['negative'].sum())} of {len(gains)} over every schedule).")
+                 f"validation: **{len(neg)} of {len(selected)}** grid points are called negative "
+                 f"({int(gains['negative'].sum())} of {len(gains)} over every schedule). "
+                 + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence))
     if len(neg):
         lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class", "schedule",
                                                        "transfer", "gain_pp", "ci_pp"]])]
@@ -177,9 +181,9 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
                      plots.estimators_vs_accuracy(selected, domains, t["correlations"], figures)[0]]
     status = runs["status"].value_counts().to_dict() if len(runs) else {}
     text = [f"# transferbench study: {study.name}", "", study.description.strip(), "",
-            "## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline, mean over "
-            f"seeds with a {int(study.analysis.confidence * 100)}% paired bootstrap CI; the LR schedule of each point "
-            "is chosen on the validation split.", ""]
+            "## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline; the LR "
+            "schedule of each point is chosen on the validation split. "
+            + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence), ""]
     text += [f"- {line}" for line in headlines(study, selected)]
     text += ["", "## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(findings(study, t), 1)]
     if not selected.empty:
@@ -190,7 +194,7 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
         shown = shown.assign(scratch=(100 * shown["scratch_mean"]).round(1))
         text += ["", "## Gains (schedule chosen on validation)", "", markdown_table(shown[
             ["backbone", "target", "frozen_depth", "n_per_class", "schedule", "transfer", "scratch", "gain_pp", "ci_pp",
-             "n_seeds", "verdict"]])]
+             "seed_sd_pp", "test_se_pp", "q", "n_seeds", "verdict"]])]
     text += ["", "## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})",
              f"- targets, near to far: {', '.join(conditions)}",
              f"- backbones: {', '.join(f'{b.model} ({b.weights})' for b in study.backbones)}"]

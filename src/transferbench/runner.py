@@ -110,7 +110,9 @@ def run_one(cell: Cell, study_name: str, records_dir: str, threads: int, context
     record = dict(study=study_name, cell_id=cell.cell_id, **cell.model_dump(), **context,
                   threads=threads, worker_pid=os.getpid(), started=_now())
     try:
-        record |= train_cell(cell, _WORKER_CACHE) | dict(status="ok", error=None)
+        measured = train_cell(cell, _WORKER_CACHE)
+        assert not set(measured) & set(Cell.model_fields), "a measurement must not overwrite the cell's config"
+        record |= measured | dict(status="ok", error=None)
     except Exception as e:  # kept, not raised: the study goes on and reports it
         record |= dict(status="failed", error=f"{type(e).__name__}: {e}",
                        traceback=traceback.format_exc(limit=5))

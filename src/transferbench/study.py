@@ -158,8 +158,10 @@ class Run(Strict):
 
 
 class Analysis(Strict):
-    n_bootstrap: PositiveInt = 2000
-    confidence: float = Field(0.95, gt=0, lt=1)
+    n_bootstrap: PositiveInt = Field(2000, description="bootstrap resamples for the estimators' rank correlations")
+    confidence: float = Field(0.95, gt=0, lt=1, description="of the t-intervals of gains over seeds")
+    fdr: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg level across the study's grid points")
+    min_effect: NonNegativeFloat = Field(0.01, description="smallest |gain| (accuracy) a verdict may call positive or negative")
 
 
 class Study(Strict):

@@ -172,11 +172,12 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     test_acc, test_loss = evaluate(suffix, feats["test"], ys["test"], device, cell.amp, cell.channels_last)
     return suffix, dict(
         frozen_groups=k, n_groups=bb.n_groups, frozen_fraction=round(frozen_fraction(bb, k), 6),
-        n_train=n, num_classes=target.num_classes, target=target.name, weights_id=bb.weights_id,
+        n_train=n, n_test=len(ys["test"]), num_classes=target.num_classes, target=target.name, weights_id=bb.weights_id,
+        trainable_params=sum(p.numel() for p in suffix.parameters() if p.requires_grad),
         val_acc=val_acc, val_loss=val_loss, test_acc=test_acc, test_loss=test_loss,
         train_seconds=train_seconds, prefix_seconds=prefix_seconds,
         cell_seconds=time.perf_counter() - t_start, images_per_second=seen / max(train_seconds, 1e-9),
-        images_seen=seen, cache=cache_state if cacheable else "off", device=str(device), curves=curves)
+        images_seen=seen, cache=cache_state if cacheable else "off", device_used=str(device), curves=curves)
 
 
 def train_cell(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True) -> dict:
