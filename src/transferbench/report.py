@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from . import analysis, plots
+from . import analysis, atomic, plots
 from .store import curves_table, read_records, runs_table
 from .source import cells_of
 from .study import Study
@@ -22,19 +22,24 @@ def gain_text(row) -> str:
     return f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}] ({row.verdict})"
 
 
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic.replacing(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
 def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     wanted = {c.cell_id for c in cells_of(study)}  # records of other configurations in the folder stay out
     records = [r for cid, r in read_records(out / "records").items() if cid in wanted]
     runs = runs_table(records)
-    runs.to_csv(out / "runs.csv", index=False)
+    write_csv(runs, out / "runs.csv")
     curves = curves_table(records)
-    curves.to_csv(out / "curves.csv", index=False)
+    write_csv(curves, out / "curves.csv")
     gains = analysis.negative_transfer(analysis.gains(runs, study.analysis.n_bootstrap, study.analysis.confidence))
-    gains.to_csv(out / "gains.csv", index=False)
+    write_csv(gains, out / "gains.csv")
     selected = analysis.select_on_val(gains)
     domains = pd.read_csv(out / "domains.csv") if (out / "domains.csv").exists() else pd.DataFrame()
     corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence)
-    corr.to_csv(out / "correlations.csv", index=False)
+    write_csv(corr, out / "correlations.csv")
     return dict(runs=runs, curves=curves, gains=gains, selected=selected, domains=domains, correlations=corr)
 
 
@@ -152,9 +157,9 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     t = write_tables(study, out)
     runs, selected, domains = t["runs"], t["selected"], t["domains"]
     if timing:
-        (out / "timing.txt").write_text(timing + "\n")
+        atomic.write_text(out / "timing.txt", timing + "\n")
     elif (out / "timing.txt").exists():
-        timing = (out / "timing.txt").read_text().strip()
+        timing = (out / "timing.txt").read_text(encoding="utf-8").strip()
     conditions = [c.condition for c in study.targets]
     figures = out / "figures"
     figs = []
@@ -191,9 +196,9 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     if timing:
         text += ["", "```", timing, "```"]
     path = out / "report.md"
-    path.write_text("\n".join(text) + "\n")
+    atomic.write_text(path, "\n".join(text) + "\n")
     write_html(path, study.name)
-    (out / "findings.txt").write_text("\n".join(findings(study, t)) + "\n")
+    atomic.write_text(out / "findings.txt", "\n".join(findings(study, t)) + "\n")
     return path
 
 
@@ -209,7 +214,7 @@ def write_html(md_path: Path, title: str) -> Path:
 
     import markdown
 
-    body = markdown.markdown(md_path.read_text(), extensions=["tables", "fenced_code"])
+    body = markdown.markdown(md_path.read_text(encoding="utf-8"), extensions=["tables", "fenced_code"])
 
     def inline(match):
         data = base64.b64encode((md_path.parent / match.group(1)).read_bytes()).decode()
@@ -218,14 +223,12 @@ def write_html(md_path: Path, title: str) -> Path:
     body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>transferbench: {title}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>")
-    path = md_path.with_suffix(".html")
-    path.write_text(html)
-    return path
+    return atomic.write_text(md_path.with_suffix(".html"), html)
 
 
 def save_study(study: Study, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.resolved.yaml").write_text(yaml.safe_dump(json.loads(study.model_dump_json()), sort_keys=False))
+    atomic.write_text(out / "study.resolved.yaml", yaml.safe_dump(json.loads(study.model_dump_json()), sort_keys=False))
 
 
 def load_saved_study(out: Path) -> Study:
