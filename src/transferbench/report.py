@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+from html import escape
 from pathlib import Path
 
 import pandas as pd
@@ -207,21 +210,46 @@ table{border-collapse:collapse;font-size:.85em;margin:1em 0}td,th{border:1px sol
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code,pre{background:#f6f6f6}"""
 
 
+# Links user text may keep in report.html; anything else (javascript:, data:, vbscript:, file:, relative, an
+# obfuscated scheme) loses its link and stays as plain text. A prefix allowlist, not a blocklist of schemes.
+SAFE_HREF = re.compile(r"(?:https?://|mailto:|#)", re.IGNORECASE)
+FIGURE_SRC = re.compile(r"figures/[A-Za-z0-9_.-]+\.png")
+
+
 def write_html(md_path: Path, title: str) -> Path:
-    """report.html: the same content as report.md, one self-contained file (figures inlined)."""
-    import base64
-    import re
+    """report.html: the same content as report.md, one self-contained file (figures inlined).
 
+    Every string in report.md may come from the user (study name and description, target and backbone names,
+    error text from records); none of it may become live markup. The escaping is done here, once, on the way to
+    HTML, rather than by escaping Markdown at each place a string enters report.md: that keeps report.md readable,
+    lets a description's own Markdown (emphasis, lists) render, and covers strings added later without anyone
+    having to remember. Three rules: raw HTML in the Markdown is rendered as literal text (Python-Markdown passes
+    it through by default); a link survives only with an http(s)/mailto/# target; an image survives only as one of
+    this report's own PNG figures, inlined, and every other image becomes its alt text."""
     import markdown
+    from markdown.treeprocessors import Treeprocessor
 
-    body = markdown.markdown(md_path.read_text(encoding="utf-8"), extensions=["tables", "fenced_code"])
+    class Sanitize(Treeprocessor):
+        def run(self, root):
+            for el in root.iter():
+                if el.tag == "a" and not SAFE_HREF.match(el.get("href", "")):
+                    el.tag = "span"
+                    el.attrib.clear()
+                elif el.tag == "img":
+                    src = el.get("src", "")
+                    figure = md_path.parent / src
+                    if FIGURE_SRC.fullmatch(src) and figure.is_file():
+                        el.set("src", "data:image/png;base64," + base64.b64encode(figure.read_bytes()).decode())
+                    else:
+                        el.tag, el.text = "span", el.get("alt", "")
+                        el.attrib.clear()
 
-    def inline(match):
-        data = base64.b64encode((md_path.parent / match.group(1)).read_bytes()).decode()
-        return f'src="data:image/png;base64,{data}"'
-
-    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>transferbench: {title}</title>"
+    md = markdown.Markdown(extensions=["tables", "fenced_code"])
+    md.preprocessors.deregister("html_block")  # <div>...</div> blocks
+    md.inlinePatterns.deregister("html")  # <tag ...> inside a paragraph
+    md.treeprocessors.register(Sanitize(md), "sanitize", -10)  # after 'unescape' (0): sees the final attributes
+    body = md.convert(md_path.read_text(encoding="utf-8"))
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>transferbench: {escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>")
     return atomic.write_text(md_path.with_suffix(".html"), html)
 
