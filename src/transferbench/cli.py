@@ -74,7 +74,7 @@ def cmd_study(args) -> int:
     _check_writable(out)
     read_records(out / "records")  # a corrupted record is refused before anything is written
     with results_lock(out):
-        removed = remove_orphans(out / "records")
+        removed = remove_orphans(out)
         print(f"{study.name}: {len(cells)} cells -> {out}/" + (f" ({removed} orphan temporary file(s) removed)"
                                                               if removed else ""), flush=True)
         from .report import save_study

@@ -12,17 +12,23 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from . import atomic  # noqa: E402
 from .analysis import depth_label, ok_runs  # noqa: E402
 
 PALETTE = "colorblind"
 
 
 def _save(fig, directory: Path, name: str) -> list[Path]:
+    """PNG and SVG, each written under a temporary name and renamed into place: a failed write (full disk)
+    leaves no truncated figure behind, and the error propagates."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{name}.{ext}" for ext in ("png", "svg")]
-    for p in paths:
-        fig.savefig(p, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        for p in paths:
+            with atomic.replacing(p) as tmp:
+                fig.savefig(tmp, format=p.suffix[1:], dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return paths
 
 

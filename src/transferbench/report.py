@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+from html import escape
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from . import analysis, plots
+from . import analysis, atomic, plots
 from .errors import ConfigError
 from .store import curves_table, read_domains, read_records, runs_table
 from .source import cells_of
@@ -23,16 +26,21 @@ def gain_text(row) -> str:
     return f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}] ({row.verdict})"
 
 
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic.replacing(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
 def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     wanted = {c.cell_id for c in cells_of(study)}  # records of other configurations in the folder stay out
     records = [r for cid, r in read_records(out / "records").items() if cid in wanted]
     runs = runs_table(records)
-    runs.to_csv(out / "runs.csv", index=False)
+    write_csv(runs, out / "runs.csv")
     curves = curves_table(records)
-    curves.to_csv(out / "curves.csv", index=False)
+    write_csv(curves, out / "curves.csv")
     a = study.analysis
     gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
-    gains.to_csv(out / "gains.csv", index=False)
+    write_csv(gains, out / "gains.csv")
     selected = analysis.select_on_val(gains)
     domains = read_domains(out)
     if domains is None:
@@ -41,7 +49,7 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
                               "rerun `transferbench study` on this study to rebuild it")
         domains = pd.DataFrame()
     corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence)
-    corr.to_csv(out / "correlations.csv", index=False)
+    write_csv(corr, out / "correlations.csv")
     return dict(runs=runs, curves=curves, gains=gains, selected=selected, domains=domains, correlations=corr)
 
 
@@ -162,9 +170,9 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     t = write_tables(study, out)
     runs, selected, domains = t["runs"], t["selected"], t["domains"]
     if timing:
-        (out / "timing.txt").write_text(timing + "\n")
+        atomic.write_text(out / "timing.txt", timing + "\n")
     elif (out / "timing.txt").exists():
-        timing = (out / "timing.txt").read_text().strip()
+        timing = (out / "timing.txt").read_text(encoding="utf-8").strip()
     conditions = [c.condition for c in study.targets]
     figures = out / "figures"
     figs = []
@@ -201,9 +209,9 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     if timing:
         text += ["", "```", timing, "```"]
     path = out / "report.md"
-    path.write_text("\n".join(text) + "\n")
+    atomic.write_text(path, "\n".join(text) + "\n")
     write_html(path, study.name)
-    (out / "findings.txt").write_text("\n".join(findings(study, t)) + "\n")
+    atomic.write_text(out / "findings.txt", "\n".join(findings(study, t)) + "\n")
     return path
 
 
@@ -212,30 +220,53 @@ table{border-collapse:collapse;font-size:.85em;margin:1em 0}td,th{border:1px sol
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code,pre{background:#f6f6f6}"""
 
 
+# Links user text may keep in report.html; anything else (javascript:, data:, vbscript:, file:, relative, an
+# obfuscated scheme) loses its link and stays as plain text. A prefix allowlist, not a blocklist of schemes.
+SAFE_HREF = re.compile(r"(?:https?://|mailto:|#)", re.IGNORECASE)
+FIGURE_SRC = re.compile(r"figures/[A-Za-z0-9_.-]+\.png")
+
+
 def write_html(md_path: Path, title: str) -> Path:
-    """report.html: the same content as report.md, one self-contained file (figures inlined)."""
-    import base64
-    import re
+    """report.html: the same content as report.md, one self-contained file (figures inlined).
 
+    Every string in report.md may come from the user (study name and description, target and backbone names,
+    error text from records); none of it may become live markup. The escaping is done here, once, on the way to
+    HTML, rather than by escaping Markdown at each place a string enters report.md: that keeps report.md readable,
+    lets a description's own Markdown (emphasis, lists) render, and covers strings added later without anyone
+    having to remember. Three rules: raw HTML in the Markdown is rendered as literal text (Python-Markdown passes
+    it through by default); a link survives only with an http(s)/mailto/# target; an image survives only as one of
+    this report's own PNG figures, inlined, and every other image becomes its alt text."""
     import markdown
+    from markdown.treeprocessors import Treeprocessor
 
-    body = markdown.markdown(md_path.read_text(), extensions=["tables", "fenced_code"])
+    class Sanitize(Treeprocessor):
+        def run(self, root):
+            for el in root.iter():
+                if el.tag == "a" and not SAFE_HREF.match(el.get("href", "")):
+                    el.tag = "span"
+                    el.attrib.clear()
+                elif el.tag == "img":
+                    src = el.get("src", "")
+                    figure = md_path.parent / src
+                    if FIGURE_SRC.fullmatch(src) and figure.is_file():
+                        el.set("src", "data:image/png;base64," + base64.b64encode(figure.read_bytes()).decode())
+                    else:
+                        el.tag, el.text = "span", el.get("alt", "")
+                        el.attrib.clear()
 
-    def inline(match):
-        data = base64.b64encode((md_path.parent / match.group(1)).read_bytes()).decode()
-        return f'src="data:image/png;base64,{data}"'
-
-    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>transferbench: {title}</title>"
+    md = markdown.Markdown(extensions=["tables", "fenced_code"])
+    md.preprocessors.deregister("html_block")  # <div>...</div> blocks
+    md.inlinePatterns.deregister("html")  # <tag ...> inside a paragraph
+    md.treeprocessors.register(Sanitize(md), "sanitize", -10)  # after 'unescape' (0): sees the final attributes
+    body = md.convert(md_path.read_text(encoding="utf-8"))
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>transferbench: {escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>")
-    path = md_path.with_suffix(".html")
-    path.write_text(html)
-    return path
+    return atomic.write_text(md_path.with_suffix(".html"), html)
 
 
 def save_study(study: Study, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.resolved.yaml").write_text(yaml.safe_dump(json.loads(study.model_dump_json()), sort_keys=False))
+    atomic.write_text(out / "study.resolved.yaml", yaml.safe_dump(json.loads(study.model_dump_json()), sort_keys=False))
 
 
 def load_saved_study(out: Path) -> Study:

@@ -47,8 +47,9 @@ def write_record(directory: Path, record: dict) -> Path:
 
 
 def remove_orphans(directory: Path) -> int:
-    """Temporary files left by a kill or a full disk mid-write (call while holding the results lock)."""
-    orphans = list(directory.glob(TMP_PREFIX + "*")) if directory.exists() else []
+    """Temporary files (records, tables, figures) left by a kill or a full disk mid-write, in `directory` and its
+    subfolders; call while holding the results lock."""
+    orphans = list(directory.rglob(TMP_PREFIX + "*")) if directory.exists() else []
     for p in orphans:
         p.unlink(missing_ok=True)
     return len(orphans)
