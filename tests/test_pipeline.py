@@ -21,7 +21,7 @@ def smoke(tmp_path_factory):
 
 def test_runs_csv_has_one_row_per_cell_and_the_column_floor(smoke):
     runs = pd.read_csv(smoke / "runs.csv")
-    assert len(runs) == 96 and runs["cell_id"].is_unique
+    assert len(runs) == 192 and runs["cell_id"].is_unique
     assert set(RUN_COLUMNS) <= set(runs.columns)
     assert (runs["status"] == "ok").all()
     assert set(runs["arm"]) == {"transfer", "scratch"}
@@ -36,7 +36,7 @@ def test_curves_are_long_format_per_epoch(smoke):
     curves = pd.read_csv(smoke / "curves.csv")
     assert list(curves.columns[:5]) == ["cell_id", "epoch", "split", "metric", "value"]
     per_cell = curves[(curves["split"] == "val") & (curves["metric"] == "acc")].groupby("cell_id")["epoch"].apply(list)
-    assert len(per_cell) == 96 and all(e == [1, 2] for e in per_cell)  # smoke trains 2 epochs
+    assert len(per_cell) == 192 and all(e == [1, 2] for e in per_cell)  # smoke trains 2 epochs
     train = curves[(curves["split"] == "train") & (curves["metric"] == "loss")]
     assert (train.groupby("cell_id")["images_seen"].max() > 0).all()
 
@@ -44,7 +44,7 @@ def test_curves_are_long_format_per_epoch(smoke):
 def test_gains_pair_every_transfer_point_with_scratch(smoke):
     gains = pd.read_csv(smoke / "gains.csv")
     assert len(gains) == 2 * 2 * 2 * 2 * 2  # backbones x targets x depths x sizes x schedules
-    assert (gains["n_seeds"] == 2).all()
+    assert (gains["n_seeds"] == 4).all()
     assert (gains["ci_low"] <= gains["gain"]).all() and (gains["gain"] <= gains["ci_high"]).all()
     assert set(gains["verdict"]) <= {"positive", "negative", "inconclusive"}
     runs = pd.read_csv(smoke / "runs.csv")
@@ -64,8 +64,10 @@ def test_figures_and_report(smoke):
 
 def test_rerun_skips_every_finished_cell(smoke, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in (smoke / "records").glob("*.json")}
+    timing = (smoke / "timing.txt").read_text()
     assert main(["study", str(STUDIES / "smoke.yaml"), "--results", str(smoke.parent), "--no-progress"]) == 0
-    assert "0 cells (96 already done" in capsys.readouterr().out
+    assert (smoke / "timing.txt").read_text() == timing, "a rerun with nothing to do replaced the timing block"
+    assert f"nothing to do: all {len(before)} cells already have records" in capsys.readouterr().out
     assert before == {p.name: p.stat().st_mtime_ns for p in (smoke / "records").glob("*.json")}
 
 

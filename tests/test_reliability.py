@@ -81,7 +81,7 @@ def test_failed_cells_are_kept_counted_and_retried(tiny, tmp_path, capsys):
     assert len(failed) >= 1 and failed["error"].str.contains("Diverged").all()
     assert f"{len(failed)} cell(s) failed" in capsys.readouterr().err
     assert main(["study", str(bad), "--results", str(tmp_path), "--no-progress"]) == 1  # nothing rerun
-    assert f"{len(runs)} already done" in capsys.readouterr().out
+    assert f"nothing to do: all {len(runs)} cells already have records" in capsys.readouterr().out
     assert main(["study", str(bad), "--results", str(tmp_path), "--no-progress", "--retry-failed"]) == 1
     assert f"for {len(failed)} cells ({len(runs) - len(failed)} already done" in capsys.readouterr().out
 

@@ -1,0 +1,111 @@
+"""Calibration of the regression gate with real reruns (slow: CI runs it with `make test-slow`).
+
+A base run of a small study, then reruns that change nothing that matters (other seeds, another thread
+count) must pass; reruns with a planted regression in the code must fail: pretrained weights replaced by
+random init, the frozen prefix left trainable, the LR multiplied by 100, one target's labels shuffled.
+Cells run in this process (backend: sequential) so that a monkeypatched function is the one that trains.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferbench import backbones, runner, train
+from transferbench.data import load_target
+from transferbench.cli import main
+from transferbench.compare import compare, render
+
+pytestmark = pytest.mark.slow
+
+STUDY = """name: gate
+backbones: [{model: tf_efficientnet_lite0, weights: imagenet}]
+targets: [{dataset: textures}, {dataset: digits}]
+grid: {frozen_depth: [0, all], n_per_class: [2, 4], schedule: [constant], seed: [0, 1, 2, 3]}
+train: {epochs: 2, batch_size: 32, image_size: 32, lr: 0.001}
+scratch: {lr: 0.01}
+run: {jobs: 1, threads_per_worker: 1, backend: sequential}
+"""
+OTHER_SEEDS = "grid.seed=[4,5,6,7]"
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state(tmp_path, monkeypatch):
+    """No features, templates or targets carried over from another run: a plant must reach every cell."""
+    monkeypatch.setenv("TRANSFERBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runner, "_WORKER_CACHE", None)
+    backbones._TEMPLATES.clear()
+    load_target.cache_clear()
+    yield
+    backbones._TEMPLATES.clear()
+    load_target.cache_clear()
+    torch.set_num_threads(1)
+
+
+def run(folder: Path, *overrides: str) -> Path:
+    study = folder / "gate.yaml"
+    study.write_text(STUDY)
+    main(["study", str(study), "--results", str(folder / "results"), "--no-progress", *overrides])
+    return folder / "results" / "gate"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRANSFERBENCH_CACHE", str(folder / "cache"))
+    try:
+        return run(folder)
+    finally:
+        mp.undo()
+
+
+def gate(base: Path, new: Path):
+    result = compare(base, new)
+    print(render(result, base, new))
+    return result
+
+
+def test_a_rerun_with_other_seeds_passes(base, tmp_path):
+    assert gate(base, run(tmp_path, OTHER_SEEDS)).ok
+
+
+def test_a_rerun_with_another_thread_count_passes(base, tmp_path):
+    assert gate(base, run(tmp_path, OTHER_SEEDS, "run.threads_per_worker=2")).ok
+
+
+def test_random_weights_instead_of_pretrained_fail(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(backbones, "_load", lambda model, state_dict, weights: None)
+    result = gate(base, run(tmp_path, OTHER_SEEDS))
+    assert any("lost gain" in p for p in result.problems), result.problems
+
+
+def test_a_frozen_prefix_left_trainable_fails(base, tmp_path, monkeypatch):
+    split = train.split_at_depth
+    monkeypatch.setattr(train, "split_at_depth", lambda bb, k, allow=True: split(bb, 0, allow))
+    result = gate(base, run(tmp_path, OTHER_SEEDS))
+    assert any("trainable_params changed" in p for p in result.problems), result.problems
+
+
+def test_the_lr_multiplied_by_100_fails(base, tmp_path, monkeypatch):
+    make = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda params, name, lr, wd: make(params, name, 100 * lr, wd))
+    result = gate(base, run(tmp_path, OTHER_SEEDS))
+    assert not result.ok, result.problems
+
+
+def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
+    load = train.load_target
+
+    def shuffled(dataset, *args, **kwargs):
+        t = load(dataset, *args, **kwargs)
+        if dataset != "digits":
+            return t
+        g = torch.Generator().manual_seed(0)
+        y = dict(t.y, train=t.y["train"][torch.randperm(len(t.y["train"]), generator=g)])
+        return dataclasses.replace(t, y=y)
+
+    monkeypatch.setattr(train, "load_target", shuffled)
+    result = gate(base, run(tmp_path, OTHER_SEEDS))
+    assert any("lost gain" in p and "digits" in p for p in result.problems), result.problems
