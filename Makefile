@@ -7,7 +7,7 @@ STUDY ?= smoke
 OVERRIDES ?=
 PROFILE ?=
 
-.PHONY: install study report test test-all bench regress baseline clean
+.PHONY: install study report test test-slow test-all bench regress baseline clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ report: $(STAMP)
 ## the test suite (fast; slow tests are marked and left out)
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## the slow end-to-end tests (the regression gate's calibration with real reruns); CI runs them too
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

@@ -97,11 +97,31 @@ def test_schedule_is_selected_on_val_and_the_oracle_on_test():
 def test_kendall_tau_b_matches_scipy_with_ties():
     from scipy.stats import kendalltau
 
-    from transferbench.analysis import kendall_tau_b, kendall_tau_ci
+    from transferbench.analysis import kendall_tau_b
 
     r = np.random.default_rng(0)
     for _ in range(20):
         x, y = r.integers(0, 5, 12).astype(float), r.integers(0, 5, 12).astype(float)
         assert kendall_tau_b(x, y) == pytest.approx(kendalltau(x, y).statistic)
-    tau, lo, hi = kendall_tau_ci(np.arange(10.0), np.arange(10.0) ** 2)
-    assert tau == 1.0 and lo <= tau <= hi
+    assert kendall_tau_b(np.arange(10.0), np.arange(10.0) ** 2) == 1.0
+
+
+def test_estimators_are_judged_with_targets_as_units():
+    from transferbench.analysis import correlations, measure_ranking, top_two
+
+    targets = [f"t{i}" for i in range(6)]
+    gain = np.array([0.30, 0.25, 0.20, 0.12, 0.05, 0.01])
+    selected = pd.DataFrame([dict(backbone=b, weights="imagenet", target=t, n_per_class=n, frozen_depth="all",
+                                  gain=g + 0.01 * (b == "m2"), transfer_mean=0.5 + g)
+                             for b in ("m1", "m2") for t, g in zip(targets, gain) for n in (1, 8)])
+    rng = np.random.default_rng(0)
+    domains = pd.DataFrame([dict(backbone=b, weights="imagenet", target=t, fd=10 - 30 * g + rng.normal(0, 0.1),
+                                 knn_acc=rng.uniform()) for b in ("m1", "m2") for t, g in zip(targets, gain)])
+    corr = correlations(domains, selected, n_boot=500)
+    fd = corr[(corr["measure"] == "fd") & (corr["outcome"] == "gain")]
+    assert (fd["n_targets"] == 6).all() and (fd["tau"] == -1).all()  # 6 targets, not 12 (backbone, target) points
+    assert (fd["loo_min"] == -1).all() and (fd["ci_low"] <= -0.6).all()
+    ranking = measure_ranking(corr)
+    assert ranking["measure"].iloc[0] == "fd"
+    verdict = top_two(domains, selected, ranking, n_boot=500)
+    assert verdict["first"] == "fd" and verdict["second"] == "knn_acc" and verdict["ci_low"] <= verdict["difference"]

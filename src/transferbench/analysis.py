@@ -159,44 +159,82 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def kendall_tau_ci(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, confidence: float = 0.95,
-                   seed: int = 0) -> tuple[float, float, float]:
-    """Kendall tau-b with a percentile bootstrap CI over the paired points."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 3:
-        return float("nan"), float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
-    boots = kendall_tau_b(x[idx], y[idx])
-    alpha = (1 - confidence) / 2
-    lo, hi = np.nanquantile(boots, [alpha, 1 - alpha]) if np.isfinite(boots).any() else (np.nan, np.nan)
-    return float(kendall_tau_b(x, y)), float(lo), float(hi)
+def target_table(domains: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:
+    """One row per (target, size): the realized gain and transfer accuracy (mean over backbones and depths, schedule
+    chosen on val) beside each measure (mean over backbones). Targets are the units: backbones that rank the same
+    targets are not independent evidence about a measure."""
+    measures = [m for m in MEASURES if m in domains and domains[m].notna().any()]
+    m = selected.merge(domains[["backbone", "weights", "target"] + measures], on=["backbone", "weights", "target"])
+    return m.groupby(["target", "n_per_class"])[["gain", "transfer_mean"] + measures].mean().reset_index()
 
 
-def correlations(domains: pd.DataFrame, selected: pd.DataFrame, n_boot: int = 1000,
-                 confidence: float = 0.95) -> pd.DataFrame:
-    """Kendall tau between each measure and the realized gain / transfer accuracy, across
-    (backbone, target) points, per frozen depth and size."""
+def correlations(domains: pd.DataFrame, selected: pd.DataFrame, n_boot: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> pd.DataFrame:
+    """Kendall tau between each measure and the realized gain / transfer accuracy across targets, per size, with a
+    bootstrap over targets and the range of leave-one-target-out taus."""
     if domains.empty or selected.empty:
         return pd.DataFrame()
-    m = selected.merge(domains, on=["backbone", "weights", "target"])
-    rows = []
-    for (depth, n), g in m.groupby(["frozen_depth", "n_per_class"]):
+    table, rows = target_table(domains, selected), []
+    for n, g in table.groupby("n_per_class"):
+        k = len(g)
+        if k < 3:  # two targets always rank perfectly or perfectly wrong: no evidence
+            continue
+        boot = np.random.default_rng(seed).integers(0, k, (n_boot, k))
+        loo = np.array([np.delete(np.arange(k), i) for i in range(k)])
         for measure, sign in MEASURES.items():
-            if measure not in g or g[measure].isna().all():
+            if measure not in g or g[measure].isna().any():
                 continue
+            x = g[measure].to_numpy(float)
             for outcome, column in (("gain", "gain"), ("transfer_acc", "transfer_mean")):
-                tau, lo, hi = kendall_tau_ci(g[measure], g[column], n_boot, confidence)
-                rows.append(dict(measure=measure, expected_sign=sign, outcome=outcome, frozen_depth=depth,
-                                 n_per_class=n, n_points=len(g), tau=tau, ci_low=lo, ci_high=hi, agreement=sign * tau))
+                y = g[column].to_numpy(float)
+                lo, hi = _quantiles(kendall_tau_b(x[boot], y[boot]), confidence)
+                loo_taus = kendall_tau_b(x[loo], y[loo]) if k > 3 else np.array([np.nan])
+                tau = float(kendall_tau_b(x, y))
+                rows.append(dict(measure=measure, expected_sign=sign, outcome=outcome, n_per_class=n, n_targets=k,
+                                 tau=tau, ci_low=lo, ci_high=hi, loo_min=np.nanmin(loo_taus) if np.isfinite(loo_taus).any()
+                                 else np.nan, loo_max=np.nanmax(loo_taus) if np.isfinite(loo_taus).any() else np.nan,
+                                 agreement=sign * tau))
     return pd.DataFrame(rows)
 
 
+def _quantiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    ok = values[np.isfinite(values)]
+    if not len(ok):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(ok, [0.5 - confidence / 2, 0.5 + confidence / 2])
+    return float(lo), float(hi)
+
+
 def measure_ranking(corr: pd.DataFrame) -> pd.DataFrame:
-    """Measures ordered by mean sign-adjusted tau with the realized gain (1 = ranks targets perfectly)."""
+    """Measures ordered by mean sign-adjusted tau with the realized gain over sizes (1 = ranks targets perfectly)."""
     if corr.empty:
         return corr
     g = corr[corr["outcome"] == "gain"].groupby("measure")
-    return g.agg(mean_agreement=("agreement", "mean"), mean_tau=("tau", "mean"), cells=("tau", "size")).sort_values(
-        "mean_agreement", ascending=False).reset_index()
+    return g.agg(mean_agreement=("agreement", "mean"), mean_tau=("tau", "mean"), sizes=("tau", "size"),
+                 targets=("n_targets", "max")).sort_values("mean_agreement", ascending=False).reset_index()
+
+
+def top_two(domains: pd.DataFrame, selected: pd.DataFrame, ranking: pd.DataFrame, n_boot: int = 1000,
+            confidence: float = 0.95, seed: int = 0) -> dict | None:
+    """The best two measures compared on the same bootstrap resamples of targets: the CI of the difference of their
+    mean sign-adjusted tau over sizes. `distinguishable` only when it excludes 0."""
+    if len(ranking) < 2:
+        return None
+    a, b = ranking["measure"].iloc[:2]
+    table = target_table(domains, selected)
+    diffs = []
+    for _, g in table.groupby("n_per_class"):
+        k = len(g)
+        if k < 3:
+            continue
+        boot = np.random.default_rng(seed).integers(0, k, (n_boot, k))  # the same resamples for both measures
+        y = g["gain"].to_numpy(float)
+        ta = MEASURES[a] * kendall_tau_b(g[a].to_numpy(float)[boot], y[boot])
+        tb = MEASURES[b] * kendall_tau_b(g[b].to_numpy(float)[boot], y[boot])
+        diffs.append(ta - tb)
+    if not diffs:
+        return None
+    with np.errstate(all="ignore"):
+        lo, hi = _quantiles(np.nanmean(np.vstack(diffs), axis=0), confidence)
+    return dict(first=a, second=b, difference=float(ranking["mean_agreement"].iloc[0] - ranking["mean_agreement"].iloc[1]),
+                ci_low=lo, ci_high=hi, distinguishable=bool(lo > 0 or hi < 0))

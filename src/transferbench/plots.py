@@ -172,10 +172,9 @@ def estimators_vs_accuracy(selected: pd.DataFrame, domains: pd.DataFrame, corr: 
     for ax, m in zip(axes[0], measures):
         sns.scatterplot(df, x=m, y=100 * df["transfer_mean"], hue="target", style="backbone", ax=ax,
                         palette=PALETTE, legend=ax is axes[0, -1], s=40)
-        row = corr[(corr["measure"] == m) & (corr["outcome"] == "transfer_acc") & (corr["n_per_class"] == n)
-                   & (corr["frozen_depth"].astype(str) == depth)]
+        row = corr[(corr["measure"] == m) & (corr["outcome"] == "transfer_acc") & (corr["n_per_class"] == n)]
         tau = row["tau"].iloc[0] if len(row) else float("nan")
-        ax.set_title(f"{m}: tau = {tau:.2f}", fontsize=8)
+        ax.set_title(f"{m}: tau = {tau:.2f} (targets)", fontsize=8)
         ax.set_ylabel("transfer test accuracy (%)" if ax is axes[0, 0] else "")
     axes[0, -1].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.suptitle(f"transferability estimates vs realized accuracy (frozen {depth}, {n} per class)", fontsize=9)

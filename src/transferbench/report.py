@@ -104,9 +104,21 @@ def findings(study: Study, t: dict) -> list[str]:
                    ", ".join(f"{tg}: {d}" for tg, d in counts.items()) + ".")
     ranking = analysis.measure_ranking(corr)
     if len(ranking):
-        r = ranking.iloc[0]
-        out.append(f"Best predictor of the realized gain: {r.measure} (mean sign-adjusted Kendall tau {r.mean_agreement:+.2f}).")
+        out.append(estimator_sentence(study, t, ranking))
     return out[:5]
+
+
+def estimator_sentence(study: Study, t: dict, ranking: pd.DataFrame) -> str:
+    """Which measure ranked the targets best, and whether it is distinguishable from the runner-up."""
+    top = ranking.iloc[0]
+    text = (f"Best predictor of the realized gain: {top.measure} (mean sign-adjusted Kendall tau {top.mean_agreement:+.2f} "
+            f"across {int(top.targets)} targets, over {int(top.sizes)} size(s))")
+    duel = analysis.top_two(t["domains"], t["selected"], ranking, study.analysis.n_bootstrap // 2, study.analysis.confidence)
+    if duel is None:
+        return text + "."
+    word = "distinguishable" if duel["distinguishable"] else "not distinguishable"
+    return (text + f"; {word} from {duel['second']} (difference {duel['difference']:+.2f}, "
+            f"{study.analysis.confidence:.0%} CI [{duel['ci_low']:+.2f}, {duel['ci_high']:+.2f}] over targets).")
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -154,10 +166,10 @@ def failure_section(study: Study, t: dict) -> list[str]:
         lines.append(markdown_table(pivot.sort_values(["backbone", "target"]).astype(str)))
     ranking = analysis.measure_ranking(corr)
     if len(ranking):
-        top = ranking.iloc[0]
-        lines += ["", f"Which measure ranked the targets best: **{top.measure}** (mean sign-adjusted Kendall tau with the "
-                  f"realized gain {top.mean_agreement:+.2f} over {int(top.cells)} depth x size cells). All measures:", "",
-                  markdown_table(ranking.round(3))]
+        lines += ["", estimator_sentence(study, t, ranking) + " Per size, with a bootstrap over targets and the range "
+                  "of leave-one-target-out taus:", "",
+                  markdown_table(corr[corr["outcome"] == "gain"].drop(columns=["outcome", "expected_sign"]).round(3)),
+                  "", "Mean over sizes:", "", markdown_table(ranking.round(3))]
     oracle = analysis.select_oracle(gains)
     if len(oracle):
         lines += ["", f"Model selection: with the schedule chosen on validation the mean gain is {pp(selected['gain'].mean())} pp; "
