@@ -19,12 +19,13 @@ from transferbench.compare import compare, render
 
 pytestmark = pytest.mark.slow
 
+# Long enough to learn (40-60 steps a cell): a gate cannot find a regression in a study that measures noise.
 STUDY = """name: gate
 backbones: [{model: tf_efficientnet_lite0, weights: imagenet}]
 targets: [{dataset: textures}, {dataset: digits}]
-grid: {frozen_depth: [0, all], n_per_class: [2, 4], schedule: [constant], seed: [0, 1, 2, 3]}
-train: {epochs: 2, batch_size: 32, image_size: 32, lr: 0.001}
-scratch: {lr: 0.01}
+grid: {frozen_depth: [all], n_per_class: [2, 4], schedule: [constant], seed: [0, 1, 2, 3]}
+train: {epochs: 20, batch_size: 16, image_size: 32, lr: 0.003}
+scratch: {lr: 0.003}
 run: {jobs: 1, threads_per_worker: 1, backend: sequential}
 """
 OTHER_SEEDS = "grid.seed=[4,5,6,7]"
@@ -78,12 +79,14 @@ def test_a_rerun_with_another_thread_count_passes(base, tmp_path):
 def test_random_weights_instead_of_pretrained_fail(base, tmp_path, monkeypatch):
     monkeypatch.setattr(backbones, "_load", lambda model, state_dict, weights: None)
     result = gate(base, run(tmp_path, OTHER_SEEDS))
-    assert any("lost gain" in p for p in result.problems), result.problems
+    assert any("weights_digest changed" in p for p in result.problems), result.problems
+    assert any("lost gain" in p for p in result.problems), result.problems  # and the numbers show it too
 
 
 def test_a_frozen_prefix_left_trainable_fails(base, tmp_path, monkeypatch):
     split = train.split_at_depth
-    monkeypatch.setattr(train, "split_at_depth", lambda bb, k, allow=True: split(bb, 0, allow))
+    # The frozen groups are handed to the optimizer with the rest (and the prefix cache is bypassed, as it must be).
+    monkeypatch.setattr(train, "split_at_depth", lambda bb, k, allow=True: (*split(bb, 0, allow)[:2], False))
     result = gate(base, run(tmp_path, OTHER_SEEDS))
     assert any("trainable_params changed" in p for p in result.problems), result.problems
 

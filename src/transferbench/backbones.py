@@ -154,6 +154,7 @@ class Backbone:
     data_config: dict  # timm data config: mean, std, interpolation, crop_pct, input_size
     weights_id: str
     source_head: nn.Module | None  # the source classifier (e.g. ImageNet's), kept for LEEP
+    weights_digest: str | None = None  # SHA-256 of the loaded pretrained tensors: the same on every host
 
     @property
     def n_groups(self) -> int:
@@ -168,13 +169,15 @@ def create_backbone(model_name: str, weights: str, num_classes: int, seed: int) 
         torch.manual_seed(seed)
         model, source_head = _build(model_name, loaded, weights), None
     else:  # pretrained: built and loaded once per process, then copied (a copy costs ~10x less)
-        model = copy.deepcopy(_pretrained(model_name, weights, loaded))
+        template = _pretrained(model_name, weights, loaded)
+        model, digest = copy.deepcopy(template), _DIGESTS[id(template)]
         source_head = copy.deepcopy(model.get_classifier())  # some timm heads reset in place
     torch.manual_seed(seed)  # the new head is a function of the seed
     model.reset_classifier(num_classes)
     data_config = timm.data.resolve_data_config({}, model=model) | loaded.data_config
     weights_id = loaded.weights_id if weights != "none" else f"none:seed{seed}"  # random weights differ by seed
-    return Backbone(model, depth_groups(model), data_config, weights_id, source_head)
+    return Backbone(model, depth_groups(model), data_config, weights_id, source_head,
+                    digest if source_head is not None else None)
 
 
 def _build(model_name: str, loaded: Loaded, weights: str) -> nn.Module:
@@ -188,6 +191,19 @@ def _build(model_name: str, loaded: Loaded, weights: str) -> nn.Module:
 
 
 _TEMPLATES: dict[tuple[str, str], nn.Module] = {}
+_DIGESTS: dict[int, str] = {}  # id(template) -> digest of its tensors as loaded
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, by name: which weights a cell really started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def _pretrained(model_name: str, weights: str, loaded: Loaded) -> nn.Module:
@@ -197,6 +213,7 @@ def _pretrained(model_name: str, weights: str, loaded: Loaded) -> nn.Module:
         if len(_TEMPLATES) >= 4:
             _TEMPLATES.pop(next(iter(_TEMPLATES)))
         _TEMPLATES[key] = _build(model_name, loaded, weights)
+        _DIGESTS[id(_TEMPLATES[key])] = state_digest(_TEMPLATES[key])
     return _TEMPLATES[key]
 
 

@@ -10,7 +10,8 @@ take each seed's mean gain over the group's points as one value, so that points 
 subset and scratch cell are not counted as independent evidence.
 
 What must not move at all, on any host, is checked exactly: which grid points exist, that no cell
-failed, and the structure of every point (training examples, frozen fraction, trainable parameters).
+failed, and the structure of every point (training examples, frozen fraction, trainable parameters,
+and the digest of the pretrained weights a transfer cell started from).
 Speed fails when an arm's median images/s falls below a fraction of the base's: across two hosts
 of one kind the median moved by a factor of up to 1.6 (README), so the default fraction is 0.5.
 """
@@ -28,7 +29,8 @@ from .analysis import bh_q, paired
 from .errors import ConfigError
 
 POINT = ["backbone", "weights", "target", "frozen_depth", "n_per_class", "schedule"]
-STRUCTURE = ["n_train", "frozen_fraction", "trainable_params"]  # identical on every host for one code version
+# Identical on every host for one code version: what a cell trains on, what it trains, what it starts from.
+STRUCTURE = ["n_train", "frozen_fraction", "trainable_params", "weights_digest"]
 AGGREGATES = {"target": ["target"], "frozen depth": ["frozen_depth"], "all points": []}
 
 
@@ -121,7 +123,9 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
     for col in STRUCTURE:
         if col in b_points and col in n_points:
             bv, nv = b_points.loc[shared, col], n_points.loc[shared, col]
-            moved = ~np.isclose(bv.astype(float), nv.astype(float), rtol=1e-6, atol=0) & bv.notna()
+            numeric = pd.api.types.is_numeric_dtype(bv) and pd.api.types.is_numeric_dtype(nv)
+            same = np.isclose(bv.astype(float), nv.astype(float), rtol=1e-6, atol=0) if numeric else bv == nv
+            moved = ~same & bv.notna()
             if moved.any():
                 i = moved.to_numpy().argmax()
                 problems.append(f"{col} changed at {int(moved.sum())} grid point(s) (e.g. {list(shared[i])}: "

@@ -91,8 +91,10 @@ def gain_heatmap(selected: pd.DataFrame, targets: list[str], directory: Path):
     return _save(fig, directory, "gain_heatmap")
 
 
-def gain_by_condition(selected: pd.DataFrame, targets: list[str], directory: Path):
-    """Gain with its bootstrap CI across target conditions (near -> far), per size and depth."""
+def gain_by_condition(selected: pd.DataFrame, targets: list[str], directory: Path, ordered_by: str = "the study file"):
+    """Forest plot: each gain with its t-interval over seeds, target conditions in the given order (by measured
+    distance where there is one), per size and depth. Filled markers are verdicts (BH discoveries of at least the
+    minimum effect); open markers are inconclusive."""
     df = _by_source(selected)
     df["label"] = [depth_label(d) for d in df["frozen_depth"]]
     order = _depth_order(df)
@@ -112,13 +114,18 @@ def gain_by_condition(selected: pd.DataFrame, targets: list[str], directory: Pat
                 sub = sub.set_index("target").reindex(cols)
                 off = (j - (len(order) - 1) / 2) * 0.12
                 yerr = np.vstack([sub["gain"] - sub["ci_low"], sub["ci_high"] - sub["gain"]]) * 100
-                ax_.errorbar(x + off, 100 * sub["gain"], yerr=np.nan_to_num(yerr), fmt="o", ms=4, capsize=2,
-                             color=colors[lbl], label=lbl if (r, c) == (0, 0) else None)
+                ax_.errorbar(x + off, 100 * sub["gain"], yerr=np.nan_to_num(yerr), fmt="none", capsize=2,
+                             color=colors[lbl])
+                called = (sub["verdict"] != "inconclusive").to_numpy()
+                ax_.scatter((x + off)[called], 100 * sub["gain"][called], s=16, color=colors[lbl],
+                            label=lbl if (r, c) == (0, 0) else None)
+                ax_.scatter((x + off)[~called], 100 * sub["gain"][~called], s=16, facecolors="white",
+                            edgecolors=colors[lbl])
             ax.set_xticks(x, cols, rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{bb}, {n} per class", fontsize=8)
             ax.set_ylabel("gain over scratch (pp)" if c == 0 else "")
     axes[0, 0].legend(fontsize=7, title="frozen depth", title_fontsize=7)
-    fig.supxlabel("target condition (near the source -> far)", fontsize=9)
+    fig.supxlabel(f"target condition, ordered by {ordered_by} (filled: a verdict; open: inconclusive)", fontsize=9)
     fig.tight_layout()
     return _save(fig, directory, "gain_by_condition")
 
@@ -172,7 +179,8 @@ def estimators_vs_accuracy(selected: pd.DataFrame, domains: pd.DataFrame, corr: 
     for ax, m in zip(axes[0], measures):
         sns.scatterplot(df, x=m, y=100 * df["transfer_mean"], hue="target", style="backbone", ax=ax,
                         palette=PALETTE, legend=ax is axes[0, -1], s=40)
-        row = corr[(corr["measure"] == m) & (corr["outcome"] == "transfer_acc") & (corr["n_per_class"] == n)]
+        row = corr[(corr["measure"] == m) & (corr["outcome"] == "transfer_acc") & (corr["n_per_class"] == n)] \
+            if len(corr) else corr  # fewer than 3 targets: no tau
         tau = row["tau"].iloc[0] if len(row) else float("nan")
         ax.set_title(f"{m}: tau = {tau:.2f} (targets)", fontsize=8)
         ax.set_ylabel("transfer test accuracy (%)" if ax is axes[0, 0] else "")

@@ -8,6 +8,7 @@ import re
 from html import escape
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -108,6 +109,14 @@ def findings(study: Study, t: dict) -> list[str]:
     return out[:5]
 
 
+def distance_order(conditions: list[str], domains: pd.DataFrame) -> tuple[list[str], str]:
+    """Target conditions from near to far as measured (Frechet distance, mean over backbones), else as listed."""
+    if domains.empty or "fd" not in domains:
+        return conditions, "the study file"
+    fd = domains.groupby("target")["fd"].mean()
+    return sorted(conditions, key=lambda c: fd.get(c, np.inf)), "measured distance to the source (FD)"
+
+
 def estimator_sentence(study: Study, t: dict, ranking: pd.DataFrame) -> str:
     """Which measure ranked the targets best, and whether it is distinguishable from the runner-up."""
     top = ranking.iloc[0]
@@ -188,10 +197,11 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     conditions = [c.condition for c in study.targets]
     figures = out / "figures"
     figs = []
+    order, ordered_by = distance_order(conditions, domains)
     if not selected.empty:
         figs = [plots.accuracy_vs_size(runs, selected, conditions, figures)[0],
                 plots.gain_heatmap(selected, conditions, figures)[0],
-                plots.gain_by_condition(selected, conditions, figures)[0],
+                plots.gain_by_condition(selected, order, figures, ordered_by)[0],
                 plots.accuracy_vs_compute(runs, t["curves"], conditions, figures)[0]]
         if selected["weights"].nunique() > 1:
             figs.append(plots.transfer_matrix(selected, conditions, figures)[0])

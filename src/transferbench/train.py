@@ -174,6 +174,7 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
         frozen_groups=k, n_groups=bb.n_groups, frozen_fraction=round(frozen_fraction(bb, k), 6),
         n_train=n, n_test=len(ys["test"]), num_classes=target.num_classes, target=target.name, weights_id=bb.weights_id,
         trainable_params=sum(p.numel() for p in suffix.parameters() if p.requires_grad),
+        weights_digest=bb.weights_digest,
         val_acc=val_acc, val_loss=val_loss, test_acc=test_acc, test_loss=test_loss,
         train_seconds=train_seconds, prefix_seconds=prefix_seconds,
         cell_seconds=time.perf_counter() - t_start, images_per_second=seen / max(train_seconds, 1e-9),
