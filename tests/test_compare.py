@@ -44,7 +44,7 @@ def edit_runs(folder: Path, edit) -> None:
 def test_gate_fails_when_transfer_accuracy_drops_everywhere(degraded, capsys):
     edit_runs(degraded, lambda r: r.__setitem__("test_acc", r["test_acc"] - 0.30 * (r["arm"] == "transfer")))
     assert main(["compare", str(BASELINE), str(degraded)]) == 1
-    assert "lost gain beyond the margin" in capsys.readouterr().out
+    assert "test(s) of gain dropped beyond the margin" in capsys.readouterr().out
 
 
 def test_gate_fails_when_one_target_loses_its_gain(degraded):
@@ -54,7 +54,7 @@ def test_gate_fails_when_one_target_loses_its_gain(degraded):
 
     edit_runs(degraded, drop)
     problems = compare(BASELINE, degraded).problems
-    assert any("target test(s) lost gain" in p and "digits" in p for p in problems), problems
+    assert any("target test(s) of gain dropped" in p and "digits" in p for p in problems), problems
 
 
 def test_gate_fails_on_missing_points_or_failed_cells(degraded):
@@ -65,6 +65,13 @@ def test_gate_fails_on_missing_points_or_failed_cells(degraded):
     shutil.copy(BASELINE / "runs.csv", degraded / "runs.csv")
     edit_runs(degraded, lambda r: r.__setitem__("status", np.where(r.index == 0, "failed", r["status"])))
     assert any("failed" in p for p in compare(BASELINE, degraded).problems)
+
+
+def test_gate_fails_when_scratch_breaks_although_the_gain_grows(degraded):
+    edit_runs(degraded, lambda r: r.__setitem__("test_acc", r["test_acc"] - 0.2 * (r["arm"] == "scratch")))
+    problems = compare(BASELINE, degraded).problems
+    assert any("of scratch accuracy dropped" in p for p in problems), problems
+    assert not any("of gain dropped" in p for p in problems)
 
 
 def test_gate_fails_when_the_structure_changes(degraded):

@@ -80,7 +80,7 @@ def test_random_weights_instead_of_pretrained_fail(base, tmp_path, monkeypatch):
     monkeypatch.setattr(backbones, "_load", lambda model, state_dict, weights: None)
     result = gate(base, run(tmp_path, OTHER_SEEDS))
     assert any("weights_digest changed" in p for p in result.problems), result.problems
-    assert any("lost gain" in p for p in result.problems), result.problems  # and the numbers show it too
+    assert any("of gain dropped" in p for p in result.problems), result.problems  # and the numbers show it too
 
 
 def test_a_frozen_prefix_left_trainable_fails(base, tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_the_lr_multiplied_by_100_fails(base, tmp_path, monkeypatch):
     make = train.make_optimizer
     monkeypatch.setattr(train, "make_optimizer", lambda params, name, lr, wd: make(params, name, 100 * lr, wd))
     result = gate(base, run(tmp_path, OTHER_SEEDS))
-    assert not result.ok, result.problems
+    assert any("scratch accuracy dropped" in p or "failed" in p for p in result.problems), result.problems
 
 
 def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
@@ -111,4 +111,4 @@ def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "load_target", shuffled)
     result = gate(base, run(tmp_path, OTHER_SEEDS))
-    assert any("lost gain" in p and "digits" in p for p in result.problems), result.problems
+    assert any("of gain dropped" in p and "digits" in p for p in result.problems), result.problems

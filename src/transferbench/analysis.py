@@ -6,7 +6,10 @@ Student-t interval over seeds (a percentile bootstrap over 3 seeds is the seed r
 the t-interval's coverage is checked by simulation in the tests). A verdict is positive or negative
 only when the point's paired t-test survives Benjamini-Hochberg across every grid point of the study
 (q <= analysis.fdr) and the gain is at least analysis.min_effect in size; else inconclusive.
-Model selection follows DomainBed: the schedule is chosen on the validation split.
+
+Model selection follows DomainBed, one pure function (`choose`): each arm's configuration (schedule and LR) is
+chosen on its own validation accuracy, mean over seeds; the oracle (test) choice is computed the same way and
+shown beside it, never instead. Every point also carries its arms' convergence shares and the best pixel baseline.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-# A transfer grid point, without the seed.
-POINT = ["backbone", "weights", "target", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class", "schedule"]
-# What a scratch cell shares with the transfer cells it is matched to.
-MATCH = ["backbone", "target", "n_per_class", "schedule", "seed"]
+# A transfer grid point, without the seed and the configuration chosen for it.
+POINT = ["backbone", "weights", "target", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class"]
+# What a scratch cell shares with the transfer cells it is matched to (then paired by seed).
+SCRATCH_POINT = ["backbone", "target", "n_per_class"]
+CONFIG = ["schedule", "lr"]  # chosen per arm on validation
 
 
 def depth_label(frozen_depth, arm: str = "transfer") -> str:
@@ -70,57 +74,108 @@ def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def paired(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per transfer cell with its matched scratch cell's accuracy (same seed)."""
+def choose(runs: pd.DataFrame, keys: list[str], on: str = "val_acc") -> pd.DataFrame:
+    """Model selection: per `keys`, the cells of the configuration (schedule, LR) with the best mean `on` over seeds
+    (ties: the first in sorted order). Pure: the same records give the same choice."""
+    if runs.empty:
+        return runs
+    config = [c for c in CONFIG if c not in keys]
+    means = runs.groupby(keys + config, dropna=False)[on].mean().reset_index()
+    best = means.loc[means.groupby(keys, dropna=False)[on].idxmax()]
+    return runs.merge(best[keys + config], on=keys + config)
+
+
+def paired(runs: pd.DataFrame, on: str = "val_acc") -> pd.DataFrame:
+    """One row per transfer cell of its point's chosen configuration, with the matched scratch cell of scratch's own
+    chosen configuration (same backbone, target, size and seed: the same k-shot subset)."""
     runs = ok_runs(runs)
-    scratch = runs[runs["arm"] == "scratch"][MATCH + ["test_acc", "val_acc"]].rename(
-        columns={"test_acc": "scratch_test_acc", "val_acc": "scratch_val_acc"})
-    m = runs[runs["arm"] == "transfer"].merge(scratch, on=MATCH, how="inner")
+    keep = SCRATCH_POINT + ["seed", "test_acc", "val_acc"] + CONFIG + [c for c in ("converged",) if c in runs]
+    scratch = choose(runs[runs["arm"] == "scratch"], SCRATCH_POINT, on)[keep].rename(
+        columns={c: f"scratch_{c}" for c in keep if c not in SCRATCH_POINT + ["seed"]})
+    m = choose(runs[runs["arm"] == "transfer"], POINT, on).merge(scratch, on=SCRATCH_POINT + ["seed"], how="inner")
     m["gain"] = m["test_acc"] - m["scratch_test_acc"]
     return m
 
 
-GAIN_COLUMNS = POINT + ["transfer_mean", "scratch_mean", "transfer_val_mean", "scratch_val_mean", "gain", "gain_sd",
-                        "ci_low", "ci_high", "test_se", "p", "q", "n_seeds", "verdict"]
+def pixel_baselines(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean test accuracy of each pixel baseline per (target, size)."""
+    px = ok_runs(runs)
+    px = px[px["arm"] == "pixels"]
+    return px.groupby(["target", "n_per_class", "backbone"])["test_acc"].mean().unstack("backbone") if len(px) else \
+        pd.DataFrame()
 
 
-def gains(runs: pd.DataFrame, confidence: float = 0.95, fdr: float = 0.05, min_effect: float = 0.01) -> pd.DataFrame:
+GAIN_COLUMNS = POINT + ["transfer_schedule", "transfer_lr", "scratch_schedule", "scratch_lr", "transfer_mean",
+                        "scratch_mean", "transfer_val_mean", "scratch_val_mean", "gain", "gain_sd", "ci_low", "ci_high",
+                        "test_se", "p", "q", "n_seeds", "verdict", "transfer_converged", "scratch_converged",
+                        "pixels_best", "below_pixels", "flags"]
+
+
+def gains(runs: pd.DataFrame, confidence: float = 0.95, fdr: float = 0.05, min_effect: float = 0.01,
+          on: str = "val_acc") -> pd.DataFrame:
     """One row per transfer grid point: mean paired gain, t-interval, p and BH q over the points, verdict.
     `test_se` is the binomial standard error of one seed's gain from the finite test set (where n_test is
-    recorded), to set beside the spread over seeds (`gain_sd`)."""
-    m = paired(runs)
+    recorded), to set beside the spread over seeds (`gain_sd`). `flags` names what weakens the point: an arm
+    whose cells did not all converge, or transfer below the best pixel baseline."""
+    m = paired(runs, on)
+    pixels = pixel_baselines(runs)
     rows = []
     for key, g in m.groupby(POINT, sort=True, dropna=False):
         lo, hi, p = t_interval(g["gain"].to_numpy(), confidence)
         a, b = g["test_acc"].mean(), g["scratch_test_acc"].mean()
         n_test = g["n_test"].mean() if "n_test" in g else np.nan
-        rows.append(dict(zip(POINT, key), transfer_mean=a, scratch_mean=b, transfer_val_mean=g["val_acc"].mean(),
-                         scratch_val_mean=g["scratch_val_acc"].mean(), gain=g["gain"].mean(),
-                         gain_sd=g["gain"].std(ddof=1) if len(g) > 1 else np.nan, ci_low=lo, ci_high=hi,
-                         test_se=np.sqrt((a * (1 - a) + b * (1 - b)) / n_test), p=p, n_seeds=len(g)))
-    out = pd.DataFrame(rows, columns=[c for c in GAIN_COLUMNS if c not in ("q", "verdict")])
+        point = dict(zip(POINT, key))
+        best_pixels = pixels.loc[(point["target"], point["n_per_class"])].max() if \
+            (point["target"], point["n_per_class"]) in pixels.index else np.nan
+        conv = {arm: g[col].astype(float).mean() if col in g else np.nan
+                for arm, col in (("transfer", "converged"), ("scratch", "scratch_converged"))}
+        rows.append(point | dict(
+            transfer_schedule=g["schedule"].iloc[0], transfer_lr=g["lr"].iloc[0],
+            scratch_schedule=g["scratch_schedule"].iloc[0], scratch_lr=g["scratch_lr"].iloc[0],
+            transfer_mean=a, scratch_mean=b, transfer_val_mean=g["val_acc"].mean(),
+            scratch_val_mean=g["scratch_val_acc"].mean(), gain=g["gain"].mean(),
+            gain_sd=g["gain"].std(ddof=1) if len(g) > 1 else np.nan, ci_low=lo, ci_high=hi,
+            test_se=np.sqrt((a * (1 - a) + b * (1 - b)) / n_test), p=p, n_seeds=len(g),
+            transfer_converged=conv["transfer"], scratch_converged=conv["scratch"], pixels_best=best_pixels,
+            below_pixels=bool(a < best_pixels)))
+    out = pd.DataFrame(rows, columns=[c for c in GAIN_COLUMNS if c not in ("q", "verdict", "flags")])
     out["q"] = bh_q(out["p"])
     out["verdict"] = [verdict(g, q, fdr, min_effect) for g, q in zip(out["gain"], out["q"])]
+    out["flags"] = [point_flags(r) for r in out.itertuples()]
     return out[GAIN_COLUMNS]
 
 
-def select_on_val(gains_df: pd.DataFrame) -> pd.DataFrame:
-    """Per (backbone, target, depth, size): the schedule with the best mean transfer validation
-    accuracy; the scratch cells it is compared with ran the same schedule."""
-    if gains_df.empty:
-        return gains_df
-    keys = ["backbone", "weights", "target", "frozen_depth", "n_per_class"]
-    best = gains_df.loc[gains_df.groupby(keys, dropna=False)["transfer_val_mean"].idxmax()].copy()
-    best["selected_on"] = "val"
-    return best.reset_index(drop=True)
+def point_flags(r) -> str:
+    """What weakens a point's comparison, in words ('' when nothing does)."""
+    flags = [f"{arm} not converged ({share:.0%})" for arm, share in
+             (("transfer", r.transfer_converged), ("scratch", r.scratch_converged)) if share < 1]
+    if r.below_pixels:
+        flags.append(f"transfer below pixels ({100 * r.pixels_best:.1f}%)")
+    return "; ".join(flags)
 
 
-def select_oracle(gains_df: pd.DataFrame) -> pd.DataFrame:
-    """The same choice made on test accuracy: reported beside the val choice, never instead."""
-    keys = ["backbone", "weights", "target", "frozen_depth", "n_per_class"]
-    best = gains_df.loc[gains_df.groupby(keys, dropna=False)["transfer_mean"].idxmax()].copy()
-    best["selected_on"] = "test (oracle)"
-    return best.reset_index(drop=True)
+def schedule_effect(runs: pd.DataFrame) -> pd.DataFrame:
+    """The schedule as a studied factor: mean test accuracy per arm (and depth) and schedule, each schedule at its
+    own LR chosen on validation."""
+    runs = ok_runs(runs)
+    runs = runs[runs["arm"].isin(["transfer", "scratch"]) & (runs["schedule"] != "lbfgs")]
+    if runs.empty:
+        return pd.DataFrame()
+    chosen = choose(runs, ["arm", "backbone", "weights", "target", "frozen_depth", "n_per_class", "schedule"])
+    chosen = chosen.assign(arm_depth=[depth_label(d, a) for d, a in zip(chosen["frozen_depth"], chosen["arm"])])
+    return chosen.pivot_table(index="arm_depth", columns="schedule", values="test_acc", aggfunc="mean")
+
+
+def fairness(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: cells, the share that converged, that collapsed to one class, that stopped early, and median steps."""
+    runs = ok_runs(runs)
+    if "converged" not in runs:
+        return pd.DataFrame()
+    runs = runs.assign(arm_depth=[depth_label(d, a) if a != "pixels" else f"pixels: {m}"
+                                  for d, a, m in zip(runs["frozen_depth"], runs["arm"], runs["backbone"])])
+    return runs.groupby("arm_depth").agg(cells=("cell_id", "size"), converged=("converged", "mean"),
+                                         collapsed=("collapsed", "mean"), early_stopped=("early_stopped", "mean"),
+                                         median_steps=("steps_taken", "median")).reset_index()
 
 
 # ---------------------------------------------------------------- when transfer fails ---------------------
@@ -144,7 +199,7 @@ def best_depth(selected: pd.DataFrame) -> pd.DataFrame:
     """Per (backbone, target, size): the frozen depth with the best validation accuracy."""
     keys = ["backbone", "weights", "target", "n_per_class"]
     best = selected.loc[selected.groupby(keys, dropna=False)["transfer_val_mean"].idxmax()]
-    return best[keys + ["frozen_depth", "frozen_groups", "frozen_fraction", "schedule", "transfer_mean", "gain",
+    return best[keys + ["frozen_depth", "frozen_groups", "frozen_fraction", "transfer_schedule", "transfer_mean", "gain",
                         "ci_low", "ci_high"]].reset_index(drop=True)
 
 

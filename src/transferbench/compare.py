@@ -3,11 +3,12 @@
 Float results of training differ between machines of one kind (CPU kernels differ) and between
 seeds, so the gate never compares numbers for equality. It reads the seed-level cells of both
 runs (runs.csv) and asks, for every grid point and for aggregates of them, whether the new gain
-is lower than the base gain by more than a practical margin, with a one-sided Welch t-test over
-seeds. The point tests form one family under Benjamini-Hochberg, the aggregate tests another
-(q <= fdr); a point or aggregate regresses when its test is a discovery. Aggregates (per target, per frozen depth, and overall)
-take each seed's mean gain over the group's points as one value, so that points sharing a seed's
-subset and scratch cell are not counted as independent evidence.
+(and each arm's accuracy: a broken scratch arm inflates the gain) is lower than the base's by more
+than a practical margin, with a one-sided Welch t-test over seeds. The point tests form one family
+under Benjamini-Hochberg, the aggregate tests another (q <= fdr); a test regresses when it is a
+discovery. Aggregates (per target, per frozen depth, and overall) take each seed's mean over the
+group's points as one value, so that points sharing a seed's subset and scratch cell are not
+counted as independent evidence.
 
 What must not move at all, on any host, is checked exactly: which grid points exist, that no cell
 failed, and the structure of every point (training examples, frozen fraction, trainable parameters,
@@ -25,10 +26,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .analysis import bh_q, paired
+from .analysis import SCRATCH_POINT, bh_q, paired
 from .errors import ConfigError
 
-POINT = ["backbone", "weights", "target", "frozen_depth", "n_per_class", "schedule"]
+POINT = ["backbone", "weights", "target", "frozen_depth", "n_per_class"]  # each arm's configuration chosen on val
 # Identical on every host for one code version: what a cell trains on, what it trains, what it starts from.
 STRUCTURE = ["n_train", "frozen_fraction", "trainable_params", "weights_digest"]
 AGGREGATES = {"target": ["target"], "frozen depth": ["frozen_depth"], "all points": []}
@@ -73,18 +74,22 @@ def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
     return float(stats.t.cdf(delta / np.sqrt(a + b), df))
 
 
-def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, margin: float) -> list[dict]:
+def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, value: str, margin: float) -> list[dict]:
     rows = []
     for key, gb in b.groupby(keys, sort=True) if keys else [((), b)]:
         key = key if isinstance(key, tuple) else (key,)
         gn = n.merge(pd.DataFrame([key], columns=keys), on=keys) if keys else n
-        vb, vn = gb.groupby("seed")["gain"].mean().to_numpy(), gn.groupby("seed")["gain"].mean().to_numpy()
+        vb, vn = gb.groupby("seed")[value].mean().to_numpy(), gn.groupby("seed")[value].mean().to_numpy()
         if not len(vn):
             continue  # a missing point is reported once, as structure
-        rows.append(dict(kind=kind, what=" ".join(map(str, key)) or "all", gain_base=vb.mean(), gain_new=vn.mean(),
-                         delta=vn.mean() - vb.mean(), seeds_base=len(vb), seeds_new=len(vn),
+        rows.append(dict(kind=kind, value=value, what=" ".join(map(str, key)) or "all", base=vb.mean(),
+                         new=vn.mean(), delta=vn.mean() - vb.mean(), seeds_base=len(vb), seeds_new=len(vn),
                          p=welch_drop(vb, vn, margin)))
     return rows
+
+
+# What may not drop: the gain, and each arm on its own (a broken scratch arm inflates the gain).
+VALUES = {"gain": "gain", "transfer accuracy": "test_acc", "scratch accuracy": "scratch_test_acc"}
 
 
 def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, speed_fraction: float = 0.5,
@@ -92,16 +97,21 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
     b_runs, n_runs = read_runs(base), read_runs(new)
     problems = structure_problems(b_runs, n_runs)
     b, n = paired(b_runs), paired(n_runs)
-    rows = _test_rows(b, n, POINT, "point", margin)
-    for kind, keys in AGGREGATES.items():
-        rows += _test_rows(b, n, keys, kind, aggregate_margin)
-    tests = pd.DataFrame(rows, columns=["kind", "what", "gain_base", "gain_new", "delta", "seeds_base", "seeds_new", "p"])
+    rows = []
+    for name, col in VALUES.items():
+        keys = SCRATCH_POINT if name == "scratch accuracy" else POINT
+        rows += _test_rows(b, n, keys, "point", name, margin)
+        for kind, group in AGGREGATES.items():
+            if not (name == "scratch accuracy" and kind == "frozen depth"):  # scratch freezes nothing
+                rows += _test_rows(b, n, group, kind, name, aggregate_margin)
+    tests = pd.DataFrame(rows, columns=["kind", "value", "what", "base", "new", "delta", "seeds_base", "seeds_new", "p"])
+    tests = tests.rename(columns={"value": "measure"})
     # Two families, each under BH: the points, and the few aggregates (which a sea of point tests would drown).
     tests["q"] = pd.concat([bh_q(g["p"]) for _, g in tests.groupby(tests["kind"] == "point")]).reindex(tests.index)
     tests["regressed"] = tests["q"] <= fdr
-    for kind, g in tests[tests["regressed"]].groupby("kind", sort=False):
-        problems.append(f"{len(g)} {kind} test(s) lost gain beyond the margin (one-sided Welch over seeds, "
-                        f"BH q <= {fdr:g}), e.g. {g['what'].iloc[0]}: {100 * g['delta'].iloc[0]:+.1f} pp")
+    for (kind, measure), g in tests[tests["regressed"]].groupby(["kind", "measure"], sort=False):
+        problems.append(f"{len(g)} {kind} test(s) of {measure} dropped beyond the margin (one-sided Welch over "
+                        f"seeds, BH q <= {fdr:g}), e.g. {g['what'].iloc[0]}: {100 * g['delta'].iloc[0]:+.1f} pp")
     problems += speed_problems(b_runs, n_runs, speed_fraction)
     return Comparison(tests.sort_values(["regressed", "q", "delta"], ascending=[False, True, True],
                                         ignore_index=True), problems)
@@ -113,7 +123,7 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
     failed = n_runs[n_runs["status"] != "ok"]
     if len(failed):
         problems.append(f"{len(failed)} cell(s) failed in the new results (e.g. {failed['error'].iloc[0]})")
-    keys = POINT + ["arm"]
+    keys = POINT + ["arm", "schedule", "lr"]
     b_points, n_points = b_runs.groupby(keys).first(), n_runs.groupby(keys).first()
     missing = b_points.index.difference(n_points.index)
     if len(missing):
@@ -146,14 +156,14 @@ def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float) 
 
 def render(c: Comparison, base: Path, new: Path) -> str:
     t = c.tests
-    points = t[t["kind"] == "point"]
-    lines = [f"compare {base} -> {new}: {len(points)} grid point(s) tested, {int(t['regressed'].sum())} test(s) "
-             f"regressed; largest drop {100 * points['delta'].min():+.1f} pp" if len(points) else
+    points = t[(t["kind"] == "point") & (t["measure"] == "gain")]
+    lines = [f"compare {base} -> {new}: {len(points)} grid point(s) tested, {int(t['regressed'].sum())} of {len(t)} "
+             f"test(s) regressed; largest drop of a gain {100 * points['delta'].min():+.1f} pp" if len(points) else
              f"compare {base} -> {new}: no grid point in common"]
     if len(t):
-        shown = t.head(15).assign(**{k: (100 * t[k]).round(1) for k in ("gain_base", "gain_new", "delta")})
+        shown = t.head(15).assign(**{k: (100 * t[k]).round(1) for k in ("base", "new", "delta")})
         shown = shown.assign(p=shown["p"].map("{:.3g}".format), q=shown["q"].map("{:.3g}".format))
-        lines += [shown.to_string(index=False), "(gains in percentage points; p: one-sided Welch t-test of a drop "
-                  "beyond the margin, q: Benjamini-Hochberg over all tests)"]
+        lines += [shown.to_string(index=False), "(percentage points; p: one-sided Welch t-test over seeds of a drop "
+                  "beyond the margin; q: Benjamini-Hochberg within points and within aggregates)"]
     lines += [f"REGRESSION: {p}" for p in c.problems] or ["no regression"]
     return "\n".join(lines)

@@ -43,18 +43,23 @@ def _by_source(df: pd.DataFrame) -> pd.DataFrame:
 
 def _depth_order(df: pd.DataFrame) -> list[str]:
     order = df.sort_values("frozen_groups")["label"].drop_duplicates().tolist()
-    return [lbl for lbl in order if lbl != "scratch"] + (["scratch"] if "scratch" in order else [])
+    last = ["scratch"] + sorted(lbl for lbl in order if lbl.startswith("pixels"))
+    return [lbl for lbl in order if lbl not in last] + [lbl for lbl in last if lbl in order]
 
 
 def accuracy_vs_size(runs: pd.DataFrame, selected: pd.DataFrame, targets: list[str], directory: Path):
-    """Test accuracy against examples per class, per target: each frozen depth and scratch (schedule chosen on val)."""
+    """Test accuracy against examples per class, per target: each frozen depth and scratch (each arm's configuration
+    chosen on val), beside the pixel baselines of the same k-shot subsets."""
+    from .analysis import POINT, SCRATCH_POINT, choose
+
     runs = ok_runs(runs)
-    keep = selected[["backbone", "target", "frozen_depth", "n_per_class", "schedule"]]
-    tr = runs[runs["arm"] == "transfer"].merge(keep, on=list(keep.columns))
-    sc = runs[runs["arm"] == "scratch"].merge(keep.drop(columns="frozen_depth").drop_duplicates(),
-                                              on=["backbone", "target", "n_per_class", "schedule"])
-    df = pd.concat([_by_source(tr), sc.drop_duplicates("cell_id")], ignore_index=True)
-    df["label"] = [depth_label(d, a) for d, a in zip(df["frozen_depth"], df["arm"])]
+    tr = choose(runs[runs["arm"] == "transfer"], POINT)
+    sc = choose(runs[runs["arm"] == "scratch"], SCRATCH_POINT)
+    px = runs[runs["arm"] == "pixels"]
+    px = pd.concat([px.assign(method=px["backbone"], backbone=b) for b in sorted(set(tr["backbone"]))], ignore_index=True)
+    df = pd.concat([_by_source(tr), sc.drop_duplicates("cell_id"), px], ignore_index=True)
+    df["label"] = [f"pixels: {m}" if a == "pixels" else depth_label(d, a)
+                   for d, a, m in zip(df["frozen_depth"], df["arm"], df.get("method", df["arm"]))]
     df["test accuracy (%)"] = 100 * df["test_acc"]
     g = sns.relplot(df, x="n_per_class", y="test accuracy (%)", hue="label", hue_order=_depth_order(df),
                     col="target", col_order=[t for t in targets if t in set(df["target"])], row="backbone",

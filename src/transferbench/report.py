@@ -42,7 +42,8 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     a = study.analysis
     gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
     write_csv(gains, out / "gains.csv")
-    selected = analysis.select_on_val(gains)
+    selected = gains  # each arm's configuration already chosen on validation
+    oracle = analysis.gains(runs, a.confidence, a.fdr, a.min_effect, on="test_acc")
     domains = read_domains(out)
     if domains is None:
         if (out / "domains.csv").exists():
@@ -51,7 +52,8 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
         domains = pd.DataFrame()
     corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence)
     write_csv(corr, out / "correlations.csv")
-    return dict(runs=runs, curves=curves, gains=gains, selected=selected, domains=domains, correlations=corr)
+    return dict(runs=runs, curves=curves, gains=gains, selected=selected, oracle=oracle, domains=domains,
+                correlations=corr, fairness=analysis.fairness(runs), schedules=analysis.schedule_effect(runs))
 
 
 def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
@@ -73,12 +75,12 @@ def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
     negatives = selected[selected["verdict"] == "negative"]
     lines.append(f"Negative transfer (q <= {study.analysis.fdr:g} after Benjamini-Hochberg, gain <= "
                  f"-{100 * study.analysis.min_effect:g} pp): {len(negatives)} of {len(selected)} grid points "
-                 "(schedule chosen on val).")
+                 "(configurations chosen on val).")
     return lines
 
 
 def findings(study: Study, t: dict) -> list[str]:
-    """3-5 findings written from the numbers (schedule chosen on validation), for the report and the terminal."""
+    """3-5 findings written from the numbers (configurations chosen on validation), for the report and the terminal."""
     sel, corr = t["selected"], t["correlations"]
     if sel.empty:
         return ["no transfer cell has a matched scratch cell yet"]
@@ -145,17 +147,44 @@ def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
         transfer=lambda d: (100 * d["transfer_mean"]).round(1))
 
 
+def fairness_section(study: Study, t: dict) -> list[str]:
+    """'Is the comparison fair?': what every later number rests on, before any of them."""
+    fair, sel = t["fairness"], t["selected"]
+    lines = ["## Is the comparison fair?", ""]
+    if fair.empty:
+        return lines + ["These records carry no convergence check (written by an older transferbench): the gains "
+                        "below may measure how far each arm got in its budget, not what it can reach.", ""]
+    tr = study.train
+    budget = f"{tr.steps} optimizer steps" if tr.steps else f"{tr.epochs} epochs"
+    lines += [f"Budget: {budget} per cell (scratch x{study.scratch.budget_factor:g}), validation every "
+              f"{tr.eval_every or (max(1, tr.steps // 20) if tr.steps else 'epoch (log-spaced)')} "
+              f"{'steps' if tr.steps else ''}, early stopping after {tr.patience} validations without improvement, "
+              "the best-validation weights tested; the linear probe is solved to convergence (L-BFGS, L2 chosen on "
+              "validation). A cell converged when validation stopped improving before its budget ran out and it "
+              "does not predict one class for more than 90% of the test set.", "",
+              markdown_table(fair.assign(**{c: (100 * fair[c]).round(1) for c in ("converged", "collapsed",
+                                                                                  "early_stopped")})
+                             .rename(columns={"converged": "converged %", "collapsed": "collapsed %",
+                                              "early_stopped": "early stopped %"})), ""]
+    if len(sel):
+        flagged = sel[sel["flags"] != ""]
+        below = sel[sel["below_pixels"]]
+        lines += [f"{len(flagged)} of {len(sel)} grid points are flagged (an arm not converged in every seed, or "
+                  f"transfer below the best pixel baseline); {len(below)} have transfer below the pixels. Flags are "
+                  "shown in the gains table.", ""]
+    return lines
+
+
 def failure_section(study: Study, t: dict) -> list[str]:
     """'When transfer fails': negative points, where gains stop, best depth, estimator ranking."""
     selected, gains, domains, corr = t["selected"], t["gains"], t["domains"], t["correlations"]
     lines = ["## When transfer fails", ""]
     neg = selected[selected["negative"]]
-    lines.append(f"Negative transfer gap (Wang et al. 2019: transfer error minus scratch error), schedule chosen on "
-                 f"validation: **{len(neg)} of {len(selected)}** grid points are called negative "
-                 f"({int(gains['negative'].sum())} of {len(gains)} over every schedule). "
-                 + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence))
+    lines.append(f"Negative transfer gap (Wang et al. 2019: transfer error minus scratch error), each arm's "
+                 f"configuration chosen on validation: **{len(neg)} of {len(selected)}** grid points are called "
+                 "negative. " + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence))
     if len(neg):
-        lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class", "schedule",
+        lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class",
                                                        "transfer", "gain_pp", "ci_pp"]])]
     conditions = [c.condition for c in study.targets]
     by_target = selected.groupby("target").agg(mean_gain=("gain", "mean"), positive=("verdict", lambda v: (v == "positive").mean()))
@@ -179,10 +208,14 @@ def failure_section(study: Study, t: dict) -> list[str]:
                   "of leave-one-target-out taus:", "",
                   markdown_table(corr[corr["outcome"] == "gain"].drop(columns=["outcome", "expected_sign"]).round(3)),
                   "", "Mean over sizes:", "", markdown_table(ranking.round(3))]
-    oracle = analysis.select_oracle(gains)
+    oracle = t["oracle"]
     if len(oracle):
-        lines += ["", f"Model selection: with the schedule chosen on validation the mean gain is {pp(selected['gain'].mean())} pp; "
-                  f"choosing on test (oracle, optimistic) would report {pp(oracle['gain'].mean())} pp."]
+        lines += ["", f"Model selection: with each arm's schedule and LR chosen on validation the mean gain is "
+                  f"{pp(selected['gain'].mean())} pp; choosing on test (oracle, optimistic) would report "
+                  f"{pp(oracle['gain'].mean())} pp."]
+    if len(t["schedules"]):
+        lines += ["", "The schedule as a factor: mean test accuracy (%) per arm and schedule, each at its own LR chosen "
+                  "on validation:", "", markdown_table((100 * t["schedules"]).round(1).reset_index())]
     return lines
 
 
@@ -210,10 +243,11 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
                      plots.bn_divergence_profile(domains, conditions, figures)[0],
                      plots.estimators_vs_accuracy(selected, domains, t["correlations"], figures)[0]]
     status = runs["status"].value_counts().to_dict() if len(runs) else {}
-    text = [f"# transferbench study: {study.name}", "", study.description.strip(), "",
-            "## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline; the LR "
-            "schedule of each point is chosen on the validation split. "
-            + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence), ""]
+    text = [f"# transferbench study: {study.name}", "", study.description.strip(), ""]
+    text += fairness_section(study, t)
+    text += ["## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline; each arm's "
+             "schedule and LR are chosen on its own validation accuracy. "
+             + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence), ""]
     text += [f"- {line}" for line in headlines(study, selected)]
     text += ["", "## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(findings(study, t), 1)]
     if not selected.empty:
@@ -222,9 +256,11 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     if not selected.empty:
         shown = _fmt_gains(selected.sort_values(["backbone", "target", "frozen_groups", "n_per_class"]))
         shown = shown.assign(scratch=(100 * shown["scratch_mean"]).round(1))
-        text += ["", "## Gains (schedule chosen on validation)", "", markdown_table(shown[
-            ["backbone", "target", "frozen_depth", "n_per_class", "schedule", "transfer", "scratch", "gain_pp", "ci_pp",
-             "seed_sd_pp", "test_se_pp", "q", "n_seeds", "verdict"]])]
+        shown = shown.assign(pixels=(100 * shown["pixels_best"]).round(1))
+        text += ["", "## Gains (each arm's schedule and LR chosen on validation)", "", markdown_table(shown[
+            ["backbone", "target", "frozen_depth", "n_per_class", "transfer_schedule", "transfer_lr", "scratch_lr",
+             "transfer", "scratch", "pixels", "gain_pp", "ci_pp", "seed_sd_pp", "test_se_pp", "q", "n_seeds",
+             "verdict", "flags"]])]
     text += ["", "## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})",
              f"- targets, near to far: {', '.join(conditions)}",
              f"- backbones: {', '.join(f'{b.model} ({b.weights})' for b in study.backbones)}"]

@@ -99,7 +99,7 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
 
 def curves_table(records: list[dict]) -> pd.DataFrame:
     rows = [{"cell_id": r["cell_id"], **point} for r in records for point in r.get("curves") or []]
-    return pd.DataFrame(rows, columns=["cell_id", "epoch", "split", "metric", "value", "images_seen"])
+    return pd.DataFrame(rows, columns=["cell_id", "epoch", "step", "split", "metric", "value", "images_seen"])
 
 
 DOMAIN_COLUMNS = ["backbone", "weights", "target", "fd", "mmd", "pad", "logme"]

@@ -120,7 +120,19 @@ class Grid(Strict):
 
 
 class Train(Strict):
-    epochs: PositiveInt = 10
+    epochs: PositiveInt = Field(10, description="the budget in epochs, where `steps` is not given")
+    steps: PositiveInt | None = Field(None, description="the budget in optimizer steps, the same for every transfer "
+                                      "cell whatever its size (VTAB-1k: 2,500); overrides epochs")
+    min_steps: NonNegativeInt = Field(0, description="early stopping never fires before this step")
+    eval_every: PositiveInt | None = Field(None, description="steps between validations (default: a 20th of `steps`)")
+    patience: NonNegativeInt = Field(5, description="validations without a better val accuracy before stopping "
+                                     "early (0 = never); the best-validation weights are the ones tested")
+    precise_bn: bool = Field(True, description="recompute BatchNorm statistics on the training subset before each "
+                             "evaluation (running averages of a short run are mostly their initial values)")
+    probe: Literal["lbfgs", "sgd"] = Field("lbfgs", description="linear probe: logistic regression fitted to "
+                                           "convergence with its L2 strength chosen on val, or the SGD loop")
+    lrs: list[PositiveFloat] | None = Field(None, description="LR candidates for every arm, each arm's chosen on "
+                                            "validation; default: the schedule's lr (or train.lr)")
     batch_size: PositiveInt = 32
     image_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
@@ -147,6 +159,15 @@ class Pretraining(Strict):
 class Scratch(Strict):
     enabled: bool = True
     lr: PositiveFloat | None = Field(None, description="base LR for scratch cells; defaults to each schedule's")
+    lrs: list[PositiveFloat] | None = Field(None, description="scratch's own LR candidates (chosen on validation)")
+    budget_factor: PositiveFloat = Field(1.0, description="scratch's budget relative to transfer's (He, Girshick "
+                                         "& Dollar 2019: scratch catches up with longer schedules)")
+
+
+class Baselines(Strict):
+    """Trivial baselines on raw pixels of the same k-shot subsets: every comparison shows them beside its arms."""
+
+    methods: list[Literal["nearest_centroid", "logistic_pixels"]] = ["nearest_centroid", "logistic_pixels"]
 
 
 class Run(Strict):
@@ -172,6 +193,7 @@ class Study(Strict):
     grid: Grid
     train: Train = Train()
     scratch: Scratch = Scratch()
+    baselines: Baselines = Baselines()
     pretraining: Pretraining = Pretraining()
     run: Run = Run()
     analysis: Analysis = Analysis()
@@ -207,16 +229,32 @@ class Study(Strict):
 
 def n_cells(study: "Study") -> int:
     """The number of cells `expand` will make, counted without making them."""
-    g = study.grid
-    per_point = len(g.frozen_depth) + study.scratch.enabled
-    sizes = sum(len(t.n_per_class or g.n_per_class) for t in study.targets)
-    return math.prod([len(study.backbones), sizes, len(g.schedule), len(g.seed), per_point])
+    g, t = study.grid, study.train
+    lbfgs_probe = "all" in g.frozen_depth and probe_by_lbfgs(study)
+    sgd_depths = len(g.frozen_depth) - lbfgs_probe
+    transfer = sum(len(t.lrs or [s.lr or t.lr]) for s in g.schedule) * sgd_depths + lbfgs_probe
+    scratch = sum(len(scratch_lrs(study, s)) for s in g.schedule) if study.scratch.enabled else 0
+    per_target_seed = len(study.backbones) * transfer + len({b.model for b in study.backbones}) * scratch \
+        + len(study.baselines.methods)
+    sizes = sum(len(tg.n_per_class or g.n_per_class) for tg in study.targets)
+    return sizes * len(g.seed) * per_target_seed
+
+
+def probe_by_lbfgs(study: "Study") -> bool:
+    """A linear probe on fixed features is convex: solved to convergence, not by the SGD loop (not with augmentation,
+    whose features change every step)."""
+    return study.train.probe == "lbfgs" and not study.train.augment
+
+
+def scratch_lrs(study: "Study", schedule: "ScheduleSpec") -> list[float]:
+    s, t = study.scratch, study.train
+    return s.lrs or t.lrs or [s.lr or schedule.lr or t.lr]
 
 
 class Cell(Strict):
     """One point of the grid and one seed: everything that decides its numbers."""
 
-    arm: Literal["transfer", "scratch"]
+    arm: Literal["transfer", "scratch", "pixels"]
     model: str
     weights: str
     dataset: str
@@ -240,6 +278,15 @@ class Cell(Strict):
     eval_at: Literal["epoch", "log"] = "log"
     data_options: dict[str, Any] = Field(default_factory=dict)
     target_name: str | None = None  # set only where the target's label is not its dataset's name
+    # The training protocol. Defaults are the first protocol's (epochs, final weights, running BN statistics), so
+    # the ids of cells run under it stay what they were; studies set the current protocol explicitly.
+    steps: int | None = None
+    min_steps: int = 0
+    eval_every: int | None = None
+    patience: int = 0
+    precise_bn: bool = False
+    keep_best: bool = False
+    solver: Literal["sgd", "lbfgs"] = "sgd"
 
     @property
     def cell_id(self) -> str:
@@ -256,29 +303,47 @@ def cell_hash(config: dict) -> str:
 
 
 def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) -> list[Cell]:
-    """The grid as cells: every transfer cell, plus its matched scratch cell (same budget, no weights).
-    `weights_map` renames weight sources (e.g. `pretrain:glyphs` -> `pretrain:glyphs:<config hash>`)."""
-    t = study.train
+    """The grid as cells: every transfer cell at each of its LR candidates, the matched scratch cells (same
+    architecture, nothing frozen, no weights, their own LR candidates and budget), and the pixel baselines of
+    each k-shot subset. `weights_map` renames weight sources (`pretrain:glyphs` -> `pretrain:glyphs:<hash>`)."""
+    t, g = study.train, study.grid
     weights_map = weights_map or {}
-    common = dict(epochs=t.epochs, batch_size=t.batch_size, image_size=t.image_size, optimizer=t.optimizer,
-                  weight_decay=t.weight_decay, augment=t.augment, device=t.device, amp=t.amp,
-                  channels_last=t.channels_last, eval_at=t.eval_at)
-    g = study.grid
+    protocol = dict(epochs=t.epochs, batch_size=t.batch_size, image_size=t.image_size, optimizer=t.optimizer,
+                    weight_decay=t.weight_decay, augment=t.augment, device=t.device, amp=t.amp,
+                    channels_last=t.channels_last, eval_at=t.eval_at, steps=t.steps, min_steps=t.min_steps,
+                    eval_every=t.eval_every or (max(1, t.steps // 20) if t.steps else None), patience=t.patience,
+                    precise_bn=t.precise_bn, keep_best=t.patience > 0 or t.steps is not None)
+    factor = study.scratch.budget_factor
+    scratch_budget = dict(steps=math.ceil(t.steps * factor) if t.steps else None,
+                          epochs=t.epochs if t.steps else math.ceil(t.epochs * factor))
+    lbfgs = probe_by_lbfgs(study)
     cells: dict[str, Cell] = {}
-    points = ((bb, tg, n, sch, seed) for bb, tg in itertools.product(study.backbones, study.targets)
-              for n, sch, seed in itertools.product(tg.n_per_class or g.n_per_class, g.schedule, g.seed))
-    for bb, tg, n, sch, seed in points:
-        label = tg.label if tg.label != tg.dataset else None
-        point = dict(model=bb.model, dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n,
-                     schedule=sch.name, seed=seed, data_options=tg.options, target_name=label, **common)
-        base_lr = sch.lr or t.lr
-        for depth in g.frozen_depth:
-            c = Cell(arm="transfer", weights=weights_map.get((bb.model, bb.weights), bb.weights), frozen_depth=depth, lr=base_lr,
-                     **point)
-            cells[c.cell_id] = c
-        if study.scratch.enabled:  # scratch = no weights, nothing frozen; shared by backbones of one model
-            c = Cell(arm="scratch", weights="none", frozen_depth=0, lr=study.scratch.lr or base_lr, **point)
-            cells[c.cell_id] = c
+
+    def add(**fields):
+        c = Cell(**fields)
+        cells[c.cell_id] = c
+
+    for bb, tg in itertools.product(study.backbones, study.targets):
+        weights = weights_map.get((bb.model, bb.weights), bb.weights)
+        for n, seed in itertools.product(tg.n_per_class or g.n_per_class, g.seed):
+            data = dict(dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n, seed=seed,
+                        data_options=tg.options, target_name=tg.label if tg.label != tg.dataset else None)
+            for sch in g.schedule:
+                for depth in g.frozen_depth:
+                    if depth == "all" and lbfgs:
+                        continue
+                    for lr in t.lrs or [sch.lr or t.lr]:
+                        add(arm="transfer", model=bb.model, weights=weights, frozen_depth=depth, schedule=sch.name,
+                            lr=lr, **data, **protocol)
+                for lr in scratch_lrs(study, sch) if study.scratch.enabled else []:  # shared by a model's backbones
+                    add(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name, lr=lr,
+                        **data, **(protocol | scratch_budget))
+            if "all" in g.frozen_depth and lbfgs:  # one convex fit; schedule and LR do not apply
+                add(arm="transfer", model=bb.model, weights=weights, frozen_depth="all", schedule="lbfgs", lr=0.0,
+                    solver="lbfgs", **data, **protocol)
+            for method in study.baselines.methods:  # shared by every backbone
+                add(arm="pixels", model=method, weights="none", frozen_depth=0, schedule="none", lr=0.0, **data,
+                    **protocol)
     return list(cells.values())
 
 
