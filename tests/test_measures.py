@@ -72,3 +72,27 @@ def test_estimators_prefer_informative_features():
     assert logme(good, y) > logme(bad, y)
     assert h_score(good, y) > h_score(bad, y)
     assert knn_accuracy(good, y) > 0.9 > knn_accuracy(bad, y)
+
+
+def test_h_score_shrinkage_form_stays_within_its_bound():
+    """Ibrahim et al. 2022's form: the (1 - a) factor on the between-class covariance. Without it, pure noise in
+    512 dimensions scored 69.2 and one example per class exceeded the C - 1 bound."""
+    noise, y = rng.normal(size=(50, 512)), rng.integers(0, 5, 50)
+    assert 0 <= h_score(noise, y) < 4
+    one_shot = rng.normal(size=(10, 64))
+    assert h_score(one_shot, np.arange(10)) <= 9
+
+
+@pytest.mark.parametrize("fn,args,reason", [
+    (h_score, (np.ones((10, 3)), np.arange(10) % 2), "constant features"),
+    (knn_accuracy, (rng.normal(size=(10, 4)), np.arange(10)), "a class has one example"),
+    (mmd2_unbiased, (A[:1], B), "2 samples a side"),
+    (frechet_distance, (A[:1], B), "2 samples a side"),
+    (proxy_a_distance, (A[:4], B), "5 samples a side"),
+    (logme, (A[:1], np.zeros(1, int)), "fewer than 2 examples"),
+])
+def test_degenerate_inputs_give_nan_with_a_reason(fn, args, reason):
+    from transferbench.measures import safely
+
+    value, why = safely(fn, *args)
+    assert np.isnan(value) and reason in why

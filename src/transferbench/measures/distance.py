@@ -8,11 +8,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
+from .degenerate import require
+
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to a and b (Heusel et al. 2017, "FID"):
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    require(min(len(a), len(b)) >= 2, "a covariance needs 2 samples a side")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(s_a @ s_b)
@@ -27,6 +30,7 @@ def mmd2_unbiased(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None) 
     """Unbiased squared MMD with a Gaussian kernel (Gretton et al. 2012, eq. 3); bandwidth by the
     median heuristic on the pooled sample unless given. Near 0 (can dip below) for one distribution."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    require(min(len(a), len(b)) >= 2, "the unbiased MMD needs 2 samples a side")
     pooled = np.concatenate([a, b])
     sq = (pooled ** 2).sum(1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * pooled @ pooled.T, 0)
@@ -49,6 +53,7 @@ def proxy_a_distance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
 
     rng = np.random.default_rng(seed)
     n = min(len(a), len(b))
+    require(n >= 5, "5-fold cross-validation needs 5 samples a side")
     x = np.concatenate([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]])
     y = np.r_[np.zeros(n), np.ones(n)]
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))

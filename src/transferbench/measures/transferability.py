@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .degenerate import require
+
 
 def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11) -> float:
     """LogME (You et al. 2021): log maximum evidence of a Bayesian linear model on the features,
     per one-hot class target, averaged over classes and divided by n."""
     f = np.asarray(features, np.float64)
     n, d = f.shape
+    require(n >= 2, "fewer than 2 examples")
     v, s, _ = np.linalg.svd(f.T @ f, full_matrices=True)  # s: eigenvalues of F^T F
     evidences = []
     for c in np.unique(labels):
@@ -63,21 +66,28 @@ def nce(source_labels: np.ndarray, labels: np.ndarray) -> float:
 
 
 def h_score(features: np.ndarray, labels: np.ndarray) -> float:
-    """H-score (Bao et al. 2019) with a Ledoit-Wolf shrinkage covariance (Ibrahim et al. 2022):
-    tr(cov(f)^-1 cov(E[f | y])). Invariant to invertible affine maps of the features."""
+    """H-score (Bao et al. 2019) in the shrinkage form of Ibrahim et al. 2022:
+    tr(((1 - a) S_f + a (tr(S_f)/d) I)^-1 (1 - a) S_g), a the Ledoit-Wolf shrinkage, S_g the covariance of the class
+    means. The (1 - a) on S_g keeps it within its C - 1 bound, and near 0 on noise in high dimension. Invariant to
+    rotations and translations of the features, not to general affine maps (the shrinkage target is isotropic)."""
     from sklearn.covariance import LedoitWolf
 
     f = np.asarray(features, np.float64)
     f = f - f.mean(0)
-    cov_f = LedoitWolf(assume_centered=True).fit(f).covariance_
+    require(len(np.unique(labels)) >= 2, "fewer than 2 classes")
+    require(float((f ** 2).sum()) > 0, "constant features")
+    lw = LedoitWolf(assume_centered=True).fit(f)
     class_means = np.stack([f[labels == c].mean(0) for c in np.unique(labels)])
     g = class_means[np.unique(labels, return_inverse=True)[1]]  # E[f | y] for every sample
-    cov_g = g.T @ g / len(f)
-    return float(np.trace(np.linalg.solve(cov_f, cov_g)))
+    cov_g = (1 - lw.shrinkage_) * (g.T @ g / len(f))
+    return float(np.trace(np.linalg.solve(lw.covariance_, cov_g)))
 
 
 def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
-    """Leave-one-out k-nearest-neighbour accuracy with cosine similarity."""
+    """Leave-one-out k-nearest-neighbour accuracy with cosine similarity (k at most n - 1)."""
+    require(len(labels) > 0 and np.unique(labels, return_counts=True)[1].min() >= 2,
+            "a class has one example: no leave-one-out neighbour can share its label")
+    k = min(k, len(labels) - 1)
     f = np.asarray(features, np.float64)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     sim = f @ f.T
