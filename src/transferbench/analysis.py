@@ -214,22 +214,34 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def target_table(domains: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:
-    """One row per (target, size): the realized gain and transfer accuracy (mean over backbones and depths, schedule
-    chosen on val) beside each measure (mean over backbones). Targets are the units: backbones that rank the same
-    targets are not independent evidence about a measure."""
-    measures = [m for m in MEASURES if m in domains and domains[m].notna().any()]
-    m = selected.merge(domains[["backbone", "weights", "target"] + measures], on=["backbone", "weights", "target"])
-    return m.groupby(["target", "n_per_class"])[["gain", "transfer_mean"] + measures].mean().reset_index()
+DISTANCES = ("fd", "mmd", "pad", "bn_kl_mean")  # label-free: measured on the target's unlabelled images
+
+
+def target_table(domains: pd.DataFrame, selected: pd.DataFrame, estimators: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (target, size): the realized gain and transfer accuracy (mean over backbones and depths, each arm's
+    configuration chosen on val) beside each measure (mean over backbones). Targets are the units: backbones that
+    rank the same targets are not independent evidence. Estimators come from the k-shot subsets the cells trained on
+    (mean over seeds) when `estimators` is given -- the labels a practitioner has -- else from the whole pool."""
+    keys = ["backbone", "weights", "target"]
+    dist = [m for m in MEASURES if m in DISTANCES and m in domains and domains[m].notna().any()]
+    m = selected.merge(domains[keys + dist], on=keys)
+    if estimators is not None and len(estimators):
+        est = [c for c in MEASURES if c in estimators and c not in DISTANCES]
+        kshot = estimators.groupby(keys + ["n_per_class"])[est].mean().reset_index()
+        m = m.merge(kshot, on=keys + ["n_per_class"])
+    else:
+        est = [c for c in MEASURES if c in domains and c not in DISTANCES and domains[c].notna().any()]
+        m = m.merge(domains[keys + est], on=keys)
+    return m.groupby(["target", "n_per_class"])[["gain", "transfer_mean"] + dist + est].mean().reset_index()
 
 
 def correlations(domains: pd.DataFrame, selected: pd.DataFrame, n_boot: int = 1000, confidence: float = 0.95,
-                 seed: int = 0) -> pd.DataFrame:
+                 seed: int = 0, estimators: pd.DataFrame | None = None) -> pd.DataFrame:
     """Kendall tau between each measure and the realized gain / transfer accuracy across targets, per size, with a
     bootstrap over targets and the range of leave-one-target-out taus."""
     if domains.empty or selected.empty:
         return pd.DataFrame()
-    table, rows = target_table(domains, selected), []
+    table, rows = target_table(domains, selected, estimators), []
     for n, g in table.groupby("n_per_class"):
         k = len(g)
         if k < 3:  # two targets always rank perfectly or perfectly wrong: no evidence
@@ -270,13 +282,13 @@ def measure_ranking(corr: pd.DataFrame) -> pd.DataFrame:
 
 
 def top_two(domains: pd.DataFrame, selected: pd.DataFrame, ranking: pd.DataFrame, n_boot: int = 1000,
-            confidence: float = 0.95, seed: int = 0) -> dict | None:
+            confidence: float = 0.95, seed: int = 0, estimators: pd.DataFrame | None = None) -> dict | None:
     """The best two measures compared on the same bootstrap resamples of targets: the CI of the difference of their
     mean sign-adjusted tau over sizes. `distinguishable` only when it excludes 0."""
     if len(ranking) < 2:
         return None
     a, b = ranking["measure"].iloc[:2]
-    table = target_table(domains, selected)
+    table = target_table(domains, selected, estimators)
     diffs = []
     for _, g in table.groupby("n_per_class"):
         k = len(g)

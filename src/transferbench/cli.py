@@ -108,13 +108,15 @@ def cmd_study(args) -> int:
 def _measure_domains(study, out: Path, summary) -> str | None:
     """domains.csv (rebuilt when cells ran or it is missing or unreadable); the timing block, None if nothing ran."""
     from .atomic import write_text
-    from .domains import domain_table
+    from .domains import domain_tables
     from .runner import timing_table
     from .store import read_domains
 
     t1 = time.perf_counter()
-    if summary.ran or read_domains(out) is None:
-        write_text(out / "domains.csv", domain_table(study).to_csv(index=False))
+    if summary.ran or read_domains(out) is None or not (out / "estimators.csv").exists():
+        domains, estimators = domain_tables(study)
+        write_text(out / "estimators.csv", estimators.to_csv(index=False))
+        write_text(out / "domains.csv", domains.to_csv(index=False))  # last: its presence says both are whole
     if not summary.ran:
         return None
     return timing_table(summary) + f"\ndomain measures: {time.perf_counter() - t1:.1f} s"

@@ -5,17 +5,19 @@ transferability estimates. The arithmetic lives in `measures/`; this module only
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from .backbones import create_backbone, split_at_depth
-from .data import load_target
+from .data import load_target, nested_kshot
 from .data.embedded import SOURCE_REFERENCE_IMAGES
 from .features import FeatureCache
 from .measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme, mmd2_unbiased, nce,
-                       proxy_a_distance)
+                       proxy_a_distance, safely)
 from .source import weights_map
 from .store import DOMAIN_COLUMNS
 from .study import Study
@@ -68,14 +70,30 @@ def bn_profile(model: nn.Module, groups: list[list[str]], x: torch.Tensor, devic
     return profile
 
 
-def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: int = 500) -> pd.DataFrame:
-    """One row per (backbone, target condition). Backbones without source weights get no row."""
+ESTIMATORS = ("logme", "h_score", "knn_acc", "leep", "nce")
+
+
+def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None) -> tuple[dict, list[str]]:
+    """The transferability estimators on features f with labels y (and the source head's probabilities): values,
+    and for each undefined one the reason."""
+    found = {"logme": safely(logme, f, y), "h_score": safely(h_score, f, y), "knn_acc": safely(knn_accuracy, f, y),
+             "leep": safely(leep, probs, y) if probs is not None else (np.nan, "no source head"),
+             "nce": safely(nce, probs.argmax(1), y) if probs is not None else (np.nan, "no source head")}
+    return {k: v for k, (v, _) in found.items()}, [f"{k}: {why}" for k, (_, why) in found.items() if why]
+
+
+def domain_tables(study: Study, cache: FeatureCache | None = None,
+                  max_samples: int = 500) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """domains.csv: one row per (backbone, target condition) -- distances to the source reference (no labels), the
+    BatchNorm profile, and the estimators on the whole training pool (more labels than any cell sees, kept for
+    reference); estimators.csv: the estimators on each k-shot subset a cell trains on, the labels a practitioner
+    has. Backbones without source weights get no row."""
     cache = cache or FeatureCache.default()
     device = torch.device("cuda" if torch.cuda.is_available() and study.train.device != "cpu" else "cpu")
     size = study.train.image_size
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
     reference = load_target(REFERENCE, None, 0, size)
-    rows = []
+    rows, kshot = [], []
     resolved = weights_map(study)
     for spec in study.backbones:
         if spec.weights == "none":
@@ -100,14 +118,22 @@ def domain_table(study: Study, cache: FeatureCache | None = None, max_samples: i
             x = target.x["train"]
             profile = bn_profile(bb.model, bb.groups, x[torch.randperm(len(x), generator=g)[:max_samples]], device,
                                  bb.data_config)
-            row = dict(backbone=spec.model, weights=weights, target=t.condition, dataset=t.dataset,
-                       shift=t.shift, severity=t.severity, reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})",
-                       n_target=len(sub), n_reference=len(ref), fd=frechet_distance(pa, pb), mmd=mmd2_unbiased(pa, pb),
-                       pad=proxy_a_distance(pa, pb), logme=logme(f, y), h_score=h_score(f, y), knn_acc=knn_accuracy(f, y),
-                       leep=leep(probs, y) if probs is not None else np.nan,
-                       nce=nce(probs.argmax(1), y) if probs is not None else np.nan,
-                       bn_kl_mean=float(np.nanmean(profile)))
+            where = dict(backbone=spec.model, weights=weights, target=t.condition)
+            distances = {k: safely(fn, pa, pb) for k, fn in (("fd", frechet_distance), ("mmd", mmd2_unbiased),
+                                                                ("pad", proxy_a_distance))}
+            pool, notes = estimates(f, y, probs)
+            row = where | dict(dataset=t.dataset, shift=t.shift, severity=t.severity,
+                               reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})", n_target=len(sub),
+                               n_reference=len(ref), **{k: v for k, (v, _) in distances.items()}, **pool,
+                               bn_kl_mean=float(np.nanmean(profile)),
+                               notes="; ".join(notes + [f"{k}: {why}" for k, (_, why) in distances.items() if why]))
             row |= {f"bn_kl_group{g}": v for g, v in enumerate(profile)}
             row |= {f"bn_kl_ref_group{g}": v for g, v in enumerate(ref_profile)}
             rows.append(row)
-    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=DOMAIN_COLUMNS)
+            for n, seed in itertools.product(t.n_per_class or study.grid.n_per_class, study.grid.seed):
+                idx = nested_kshot(y, n, seed)
+                values, notes = estimates(f[idx], y[idx], probs[idx] if probs is not None else None)
+                kshot.append(where | dict(n_per_class=n, seed=seed, n_labels=len(idx), **values, notes="; ".join(notes)))
+    domains = pd.DataFrame(rows) if rows else pd.DataFrame(columns=DOMAIN_COLUMNS)
+    return domains, pd.DataFrame(kshot, columns=["backbone", "weights", "target", "n_per_class", "seed", "n_labels",
+                                                 *ESTIMATORS, "notes"])

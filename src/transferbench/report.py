@@ -50,10 +50,13 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
             raise ConfigError(str(out / "domains.csv"), "damaged (truncated or edited)",
                               "rerun `transferbench study` on this study to rebuild it")
         domains = pd.DataFrame()
-    corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence)
+    estimators = pd.read_csv(out / "estimators.csv") if (out / "estimators.csv").exists() else None
+    corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence,
+                                 estimators=estimators)
     write_csv(corr, out / "correlations.csv")
     return dict(runs=runs, curves=curves, gains=gains, selected=selected, oracle=oracle, domains=domains,
-                correlations=corr, fairness=analysis.fairness(runs), schedules=analysis.schedule_effect(runs))
+                correlations=corr, estimators=estimators, fairness=analysis.fairness(runs),
+                schedules=analysis.schedule_effect(runs))
 
 
 def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
@@ -124,7 +127,8 @@ def estimator_sentence(study: Study, t: dict, ranking: pd.DataFrame) -> str:
     top = ranking.iloc[0]
     text = (f"Best predictor of the realized gain: {top.measure} (mean sign-adjusted Kendall tau {top.mean_agreement:+.2f} "
             f"across {int(top.targets)} targets, over {int(top.sizes)} size(s))")
-    duel = analysis.top_two(t["domains"], t["selected"], ranking, study.analysis.n_bootstrap // 2, study.analysis.confidence)
+    duel = analysis.top_two(t["domains"], t["selected"], ranking, study.analysis.n_bootstrap // 2,
+                            study.analysis.confidence, estimators=t["estimators"])
     if duel is None:
         return text + "."
     word = "distinguishable" if duel["distinguishable"] else "not distinguishable"

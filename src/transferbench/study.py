@@ -131,8 +131,11 @@ class Train(Strict):
                              "evaluation (running averages of a short run are mostly their initial values)")
     probe: Literal["lbfgs", "sgd"] = Field("lbfgs", description="linear probe: logistic regression fitted to "
                                            "convergence with its L2 strength chosen on val, or the SGD loop")
-    lrs: list[PositiveFloat] | None = Field(None, description="LR candidates for every arm, each arm's chosen on "
-                                            "validation; default: the schedule's lr (or train.lr)")
+    lrs: list[PositiveFloat] | None = Field(None, description="LR candidates for the transfer arm (and scratch, "
+                                            "unless scratch.lrs); default: the schedule's lr (or train.lr)")
+    lr_search: Literal["halving", "grid"] = Field("halving", description="halving: inside each cell, the candidates "
+                                                  "race for the first fifth of the budget and the best on validation "
+                                                  "goes on; grid: one cell per LR, chosen on mean validation over seeds")
     batch_size: PositiveInt = 32
     image_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
@@ -232,8 +235,8 @@ def n_cells(study: "Study") -> int:
     g, t = study.grid, study.train
     lbfgs_probe = "all" in g.frozen_depth and probe_by_lbfgs(study)
     sgd_depths = len(g.frozen_depth) - lbfgs_probe
-    transfer = sum(len(t.lrs or [s.lr or t.lr]) for s in g.schedule) * sgd_depths + lbfgs_probe
-    scratch = sum(len(scratch_lrs(study, s)) for s in g.schedule) if study.scratch.enabled else 0
+    transfer = sum(len(lr_settings(study, t.lrs or [s.lr or t.lr])) for s in g.schedule) * sgd_depths + lbfgs_probe
+    scratch = sum(len(lr_settings(study, scratch_lrs(study, s))) for s in g.schedule) if study.scratch.enabled else 0
     per_target_seed = len(study.backbones) * transfer + len({b.model for b in study.backbones}) * scratch \
         + len(study.baselines.methods)
     sizes = sum(len(tg.n_per_class or g.n_per_class) for tg in study.targets)
@@ -244,6 +247,13 @@ def probe_by_lbfgs(study: "Study") -> bool:
     """A linear probe on fixed features is convex: solved to convergence, not by the SGD loop (not with augmentation,
     whose features change every step)."""
     return study.train.probe == "lbfgs" and not study.train.augment
+
+
+def lr_settings(study: "Study", candidates: list[float]) -> list[dict]:
+    """The LR fields of the cells for these candidates: one cell racing them all (halving), or one cell each."""
+    if len(candidates) > 1 and study.train.lr_search == "halving":
+        return [dict(lr=0.0, lrs=list(candidates))]
+    return [dict(lr=lr) for lr in candidates]
 
 
 def scratch_lrs(study: "Study", schedule: "ScheduleSpec") -> list[float]:
@@ -287,6 +297,7 @@ class Cell(Strict):
     precise_bn: bool = False
     keep_best: bool = False
     solver: Literal["sgd", "lbfgs"] = "sgd"
+    lrs: list[float] | None = None  # LR candidates raced inside the cell (successive halving); `lr` is then 0
 
     @property
     def cell_id(self) -> str:
@@ -332,12 +343,12 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
                 for depth in g.frozen_depth:
                     if depth == "all" and lbfgs:
                         continue
-                    for lr in t.lrs or [sch.lr or t.lr]:
+                    for lr in lr_settings(study, t.lrs or [sch.lr or t.lr]):
                         add(arm="transfer", model=bb.model, weights=weights, frozen_depth=depth, schedule=sch.name,
-                            lr=lr, **data, **protocol)
-                for lr in scratch_lrs(study, sch) if study.scratch.enabled else []:  # shared by a model's backbones
-                    add(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name, lr=lr,
-                        **data, **(protocol | scratch_budget))
+                            **lr, **data, **protocol)
+                for lr in lr_settings(study, scratch_lrs(study, sch)) if study.scratch.enabled else []:
+                    add(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name,  # shared by
+                        **lr, **data, **(protocol | scratch_budget))  # the backbones of one model
             if "all" in g.frozen_depth and lbfgs:  # one convex fit; schedule and LR do not apply
                 add(arm="transfer", model=bb.model, weights=weights, frozen_depth="all", schedule="lbfgs", lr=0.0,
                     solver="lbfgs", **data, **protocol)
