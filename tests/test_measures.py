@@ -96,3 +96,12 @@ def test_degenerate_inputs_give_nan_with_a_reason(fn, args, reason):
 
     value, why = safely(fn, *args)
     assert np.isnan(value) and reason in why
+
+
+def test_logme_golden_value_with_more_dimensions_than_examples():
+    """The thin-SVD LogME equals the full d x d eigendecomposition it replaced (value computed with that code)."""
+    r = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10)
+    r.normal(size=(40, 8))  # the draw the golden value was computed after
+    f = r.normal(size=(40, 300)) + np.eye(300)[y % 300] * 2
+    assert logme(f, y) == pytest.approx(-0.6805433296493075, rel=1e-9)

@@ -18,7 +18,10 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11) -> float
     f = np.asarray(features, np.float64)
     n, d = f.shape
     require(n >= 2, "fewer than 2 examples")
-    v, s, _ = np.linalg.svd(f.T @ f, full_matrices=True)  # s: eigenvalues of F^T F
+    # Thin SVD of F: the r = min(n, d) non-zero eigenvalues of F^T F and their vectors. The d - r zero eigenvalues
+    # add nothing to gamma or m and (d - r) log(alpha) to the log-determinant: exact, and cheap when n << d.
+    _, sv, vt = np.linalg.svd(f, full_matrices=False)
+    v, s, zeros = vt.T, sv ** 2, d - len(sv)
     evidences = []
     for c in np.unique(labels):
         y = (labels == c).astype(np.float64)
@@ -34,7 +37,8 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11) -> float
             alpha, beta = new_alpha, new_beta
             if converged:
                 break
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
+        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta)
+                    - 0.5 * (np.log(alpha + beta * s).sum() + zeros * np.log(alpha))
                     - beta / 2 * beta_de - alpha / 2 * alpha_de - n / 2 * np.log(2 * np.pi))
         evidences.append(evidence / n)
     return float(np.mean(evidences))
