@@ -2,17 +2,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from transferbench.analysis import bh_q, gains, select_on_val, select_oracle, t_interval
+from transferbench.analysis import bh_q, gains, t_interval
 
 
-def runs(transfer_acc, scratch_acc, target="t", depth="0", schedule="cosine", val_shift=0.0):
+def runs(transfer_acc, scratch_acc, target="t", depth="0", schedule="cosine", val_shift=0.0, lr=1e-3,
+         scratch_val_shift=0.0, scratch_schedule=None):
     rows = []
     for seed, (a, b) in enumerate(zip(transfer_acc, scratch_acc)):
-        common = dict(backbone="m", target=target, n_per_class=5, schedule=schedule, seed=seed, status="ok")
+        common = dict(backbone="m", target=target, n_per_class=5, seed=seed, status="ok", lr=lr)
         rows.append(common | dict(arm="transfer", weights="imagenet", frozen_depth=depth, frozen_groups=0,
-                                  frozen_fraction=0.0, test_acc=a, val_acc=a + val_shift))
+                                  frozen_fraction=0.0, test_acc=a, val_acc=a + val_shift, schedule=schedule))
         rows.append(common | dict(arm="scratch", weights="none", frozen_depth=0, frozen_groups=0,
-                                  frozen_fraction=0.0, test_acc=b, val_acc=b))
+                                  frozen_fraction=0.0, test_acc=b, val_acc=b + scratch_val_shift,
+                                  schedule=scratch_schedule or schedule))
     return pd.DataFrame(rows)
 
 
@@ -86,12 +88,27 @@ def test_failed_cells_and_unmatched_transfer_cells_do_not_count():
     assert g.loc[0, "n_seeds"] == 1
 
 
-def test_schedule_is_selected_on_val_and_the_oracle_on_test():
-    a = runs([0.6, 0.6, 0.6], [0.5] * 3, schedule="constant", val_shift=0.3)  # best on val
-    b = runs([0.7, 0.7, 0.7], [0.5] * 3, schedule="cosine")  # best on test
-    g = gains(pd.concat([a, b]))
-    assert select_on_val(g).loc[0, "schedule"] == "constant"
-    assert select_oracle(g).loc[0, "schedule"] == "cosine"
+def test_each_arm_chooses_its_own_configuration_on_val_and_the_oracle_on_test():
+    a = runs([0.6] * 3, [0.5] * 3, schedule="constant", val_shift=0.3)  # transfer: best on val
+    b = runs([0.7] * 3, [0.4] * 3, schedule="cosine", scratch_val_shift=0.3)  # transfer: best on test; scratch: on val
+    both = pd.concat([a, b])
+    g = gains(both)
+    assert g.loc[0, "transfer_schedule"] == "constant" and g.loc[0, "scratch_schedule"] == "cosine"
+    assert g.loc[0, "gain"] == pytest.approx(0.6 - 0.4)  # each arm at its own choice, not the other's
+    oracle = gains(both, on="test_acc")
+    assert oracle.loc[0, "transfer_schedule"] == "cosine" and oracle.loc[0, "scratch_schedule"] == "constant"
+
+
+def test_points_are_flagged_below_the_pixels_or_not_converged():
+    df = runs([0.6, 0.62, 0.61], [0.3, 0.32, 0.31])
+    df["converged"] = [True, True, True, False, True, True]  # scratch seed 1 did not converge
+    pixels = [dict(arm="pixels", backbone="nearest_centroid", weights="none", target="t", n_per_class=5, seed=s,
+                   status="ok", test_acc=0.7, val_acc=0.7, frozen_depth=0, schedule="none", lr=0.0, converged=True)
+              for s in range(3)]
+    g = gains(pd.concat([df, pd.DataFrame(pixels)], ignore_index=True))
+    assert g.loc[0, "pixels_best"] == pytest.approx(0.7) and bool(g.loc[0, "below_pixels"])
+    assert g.loc[0, "scratch_converged"] == pytest.approx(2 / 3)
+    assert "scratch not converged (67%)" in g.loc[0, "flags"] and "transfer below pixels (70.0%)" in g.loc[0, "flags"]
 
 
 def test_kendall_tau_b_matches_scipy_with_ties():

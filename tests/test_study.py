@@ -36,23 +36,40 @@ def test_domain_gap_meets_the_grid_floor():
     assert len(s.grid.n_per_class) >= 3 and len(s.grid.schedule) >= 2 and len(s.grid.seed) >= 3
     assert len(s.targets) >= 5 and s.targets[0].dataset == "textures"
     assert {t.dataset for t in s.targets} >= {"digits", "glyphs"}
-    severities = {}
+    graded = {}  # a controlled distance series: one dataset, clean and under a shift of growing severity
     for t in s.targets:
-        if t.shift:
-            severities.setdefault(t.shift, set()).add(t.severity)
-    assert max(len(v) for v in severities.values()) >= 3
+        graded.setdefault((t.dataset, t.shift or next(u.shift for u in s.targets if u.shift)), set()).add(t.severity)
+    assert max(len(v) for v in graded.values()) >= 3
+    # the fair protocol: a step budget, early stopping, best-validation weights, LR chosen per arm on validation
+    assert s.train.steps and s.train.patience and s.train.precise_bn and len(s.train.lrs) >= 2
+    assert s.scratch.lrs and len(s.scratch.lrs) >= 2 and s.train.probe == "lbfgs"
+    assert set(s.baselines.methods) == {"nearest_centroid", "logistic_pixels"}
 
 
 def test_expand_counts_and_matched_scratch(tmp_path):
     cells = expand(load_study(write(tmp_path, MINIMAL)))
     transfer = [c for c in cells if c.arm == "transfer"]
     scratch = [c for c in cells if c.arm == "scratch"]
-    assert len(transfer) == 2 * 2 * 2 * 2 * 2  # targets x depths x sizes x schedules x seeds
+    pixels = [c for c in cells if c.arm == "pixels"]
+    sgd = [c for c in transfer if c.frozen_depth == 0]
+    probes = [c for c in transfer if c.frozen_depth == "all"]
+    assert len(sgd) == 2 * 2 * 2 * 2  # targets x sizes x schedules x seeds
+    assert len(probes) == 2 * 2 * 2 and {c.solver for c in probes} == {"lbfgs"}  # one convex fit, no schedule
     assert len(scratch) == 2 * 2 * 2 * 2  # one per grid point without depth
+    assert len(pixels) == 2 * 2 * 2 * 2  # two methods per k-shot subset
     assert all(c.weights == "none" and c.frozen_depth == 0 for c in scratch)
     assert len({c.cell_id for c in cells}) == len(cells)
-    assert {c.lr for c in transfer if c.schedule == "cosine"} == {0.01}
-    assert {c.lr for c in transfer if c.schedule == "constant"} == {0.001}  # train.lr default
+    assert {c.lr for c in sgd if c.schedule == "cosine"} == {0.01}
+    assert {c.lr for c in sgd if c.schedule == "constant"} == {0.001}  # train.lr default
+
+
+def test_lr_candidates_race_in_a_cell_or_make_a_grid(tmp_path):
+    racing = expand(load_study(write(tmp_path, MINIMAL), ["train.lrs=[0.001,0.003]", "scratch.lrs=[0.003,0.01]"]))
+    assert {tuple(c.lrs) for c in racing if c.arm == "transfer" and c.solver == "sgd"} == {(0.001, 0.003)}
+    assert {tuple(c.lrs) for c in racing if c.arm == "scratch"} == {(0.003, 0.01)}
+    grid = expand(load_study(write(tmp_path, MINIMAL), ["train.lrs=[0.001,0.003]", "train.lr_search=grid"]))
+    assert len([c for c in grid if c.arm == "scratch"]) == 2 * len([c for c in racing if c.arm == "scratch"])
+    assert {c.lr for c in grid if c.arm == "transfer" and c.solver == "sgd"} == {0.001, 0.003}
 
 
 def test_cell_id_is_a_function_of_the_config(tmp_path):

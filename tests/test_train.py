@@ -1,5 +1,8 @@
 import math
 
+import numpy as np
+import torch
+
 import pytest
 
 from transferbench.features import FeatureCache
@@ -65,3 +68,90 @@ def test_eval_epochs_every_or_log_spaced():
     assert eval_epochs(10, "log") == {1, 2, 4, 8, 10}
     assert eval_epochs(8, "log") == {1, 2, 4, 8}
     assert eval_epochs(3, "epoch") == {1, 2, 3}
+
+
+# ------------------------------------------------------------------- the fair protocol -----------------
+
+def synthetic(n_train=60, d=16, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g) * 1.5
+    def split(n):
+        y = torch.arange(n) % classes
+        return centers[y] + torch.randn(n, d, generator=g), y
+    (xt, yt), (xv, yv), (xs, ys) = split(n_train), split(90), split(90)
+    return {"train": xt, "val": xv, "test": xs}, {"train": yt, "val": yv, "test": ys}
+
+
+PROTOCOL = dict(steps=200, eval_every=10, patience=3, min_steps=20, precise_bn=True, keep_best=True)
+
+
+def test_early_stopping_fires_and_the_best_validation_weights_are_tested():
+    from torch import nn
+
+    from transferbench.train import train_loop
+
+    feats, ys = synthetic()
+    c = cell(frozen_depth=0, lr=0.3, optimizer="sgd", batch_size=8, **PROTOCOL)
+    torch.manual_seed(0)
+    r = train_loop(c, nn.Sequential(nn.Linear(16, 3)), feats, ys, torch.arange(60), torch.device("cpu"), 3)
+    vals = [p["value"] for p in r["curves"] if p["split"] == "val" and p["metric"] == "acc"]
+    assert r["val_acc"] == pytest.approx(max(vals))  # the best validation weights are the ones evaluated
+    assert r["early_stopped"] and r["steps_taken"] < 200
+    assert r["steps_taken"] - r["best_step"] >= 3 * 10 and r["converged"]
+
+
+def test_precise_bn_gives_the_exact_statistics_of_the_training_set():
+    from torch import nn
+
+    from transferbench.train import precise_bn
+
+    x = torch.randn(50, 4) * 3 + 1
+    bn = nn.BatchNorm1d(4)
+    precise_bn(nn.Sequential(bn), x, batch_size=10, channels_last=False)
+    assert torch.allclose(bn.running_mean, x.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, x.var(0), atol=1e-4)  # BatchNorm keeps the unbiased variance
+    assert bn.momentum == 0.1  # restored
+
+
+def test_lr_candidates_race_and_the_best_on_validation_goes_on():
+    from torch import nn
+
+    from transferbench.train import train_loop
+
+    feats, ys = synthetic()
+
+    def fit(**kw):
+        torch.manual_seed(0)
+        c = cell(frozen_depth=0, optimizer="sgd", batch_size=8, **PROTOCOL, **kw)
+        return train_loop(c, nn.Sequential(nn.Linear(16, 3)), feats, ys, torch.arange(60), torch.device("cpu"), 3)
+
+    race = fit(lr=0.0, lrs=[1e-4, 0.1])
+    assert set(race["lr_rung"]) == {1e-4, 0.1} and race["lr_chosen"] == max(race["lr_rung"], key=race["lr_rung"].get)
+    alone = fit(lr=race["lr_chosen"])  # the winner's trajectory is exactly a single run at its LR
+    assert race["test_acc"] == alone["test_acc"] and race["steps_taken"] == alone["steps_taken"]
+    assert race["images_seen"] == alone["images_seen"] + 5 * 60  # plus the loser's rung: 40 steps, 5 epochs of 60
+
+
+def test_the_lbfgs_probe_is_the_full_logistic_regression_optimum():
+    """Fitted in the span of the training examples (n < d), it matches scikit-learn on all d dimensions."""
+    from sklearn.linear_model import LogisticRegression
+
+    from transferbench.baselines import fit_logistic
+
+    r = np.random.default_rng(0)
+    y = {s: np.arange(n) % 3 for s, n in (("train", 30), ("val", 60), ("test", 60))}
+    x = {s: r.normal(size=(len(v), 100)) + np.eye(100)[v] * 2 for s, v in y.items()}
+    w, b, fields = fit_logistic(x, y, np.arange(30))
+    mean, scale = x["train"].mean(0), x["train"].std(0)
+    full = LogisticRegression(C=fields["l2_C"], max_iter=5000, tol=1e-10).fit((x["train"] - mean) / scale, y["train"])
+    logits = x["test"] @ w.T + b
+    ours = np.exp(logits - logits.max(1, keepdims=True))
+    ours /= ours.sum(1, keepdims=True)
+    assert np.allclose(ours, full.predict_proba((x["test"] - mean) / scale), atol=1e-4)
+    assert fields["converged"] and fields["test_acc"] == pytest.approx((ours.argmax(1) == y["test"]).mean())
+
+
+def test_pixel_nearest_centroid_on_digits_matches_the_known_figure(torch_single_thread):
+    r = train_cell(cell(arm="pixels", model="nearest_centroid", weights="none", frozen_depth=0, dataset="digits",
+                        n_per_class=8), FeatureCache())
+    assert 0.84 <= r["test_acc"] <= 0.92 and r["converged"]  # design notes: 88% at 8 per class

@@ -164,8 +164,9 @@ def fairness_section(study: Study, t: dict) -> list[str]:
               f"{tr.eval_every or (max(1, tr.steps // 20) if tr.steps else 'epoch (log-spaced)')} "
               f"{'steps' if tr.steps else ''}, early stopping after {tr.patience} validations without improvement, "
               "the best-validation weights tested; the linear probe is solved to convergence (L-BFGS, L2 chosen on "
-              "validation). A cell converged when validation stopped improving before its budget ran out and it "
-              "does not predict one class for more than 90% of the test set.", "",
+              "validation). A network cell converged when validation stopped improving before its budget ran out or it "
+              "fits its training subset (train accuracy >= 99%), and it does not predict one class for more than 90% "
+              "of the test set; a convex fit (probe, pixel logistic regression) when its solver converged.", "",
               markdown_table(fair.assign(**{c: (100 * fair[c]).round(1) for c in ("converged", "collapsed",
                                                                                   "early_stopped")})
                              .rename(columns={"converged": "converged %", "collapsed": "collapsed %",

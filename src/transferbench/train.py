@@ -89,9 +89,10 @@ def collapsed(pred: torch.Tensor, share: float = 0.9) -> bool:
 
 
 @torch.no_grad()
-def precise_bn(module: nn.Module, x: torch.Tensor, batch_size: int, channels_last: bool) -> None:
-    """BatchNorm statistics recomputed as exact averages over the training subset (Wu & Johnson 2021, "precise BN").
-    With momentum 0.1, 6 steps leave 53% of the initial statistics in timm's running averages."""
+def precise_bn(module: nn.Module, x: torch.Tensor, batch_size: int, channels_last: bool, chunk: int = 512) -> None:
+    """BatchNorm statistics recomputed over the training subset (Wu & Johnson 2021, "precise BN"): exact in one pass
+    when the subset fits `chunk` examples (k-shot subsets do), else the average of chunk statistics. With momentum
+    0.1, 6 steps leave 53% of the initial statistics in timm's running averages."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -101,7 +102,7 @@ def precise_bn(module: nn.Module, x: torch.Tensor, batch_size: int, channels_las
         m.momentum = None  # cumulative average over the batches below
     was_training = module.training
     module.train()
-    for i, j in batch_bounds(len(x), batch_size):
+    for i, j in batch_bounds(len(x), chunk):
         module(_layout(x[i:j], channels_last))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
@@ -252,7 +253,7 @@ class Run:
     def _validate(self, epoch: int) -> None:
         c = self.cell
         if c.precise_bn:
-            precise_bn(self.suffix, self.data["x_train"], min(c.batch_size, len(self.data["y_train"])), c.channels_last)
+            precise_bn(self.suffix, self.data["x_train"], c.batch_size, c.channels_last)
         acc, loss, _ = self.evaluate("val")
         self.curves += [dict(epoch=epoch, step=self.steps, split="val", metric=m, value=v, images_seen=self.seen)
                         for m, v in (("acc", acc), ("loss", loss))]
@@ -306,11 +307,14 @@ def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.
 
 
 def convergence(**facts) -> dict:
-    """The record's convergence check. A cell converged when validation stopped improving before the budget ran
-    out (early stopping fired, or the best validation came in the first 75% of the steps taken) and it does not
-    predict one class for more than 90% of the test set."""
+    """The record's convergence check for the SGD loop. A cell converged when more steps would not have helped:
+    validation stopped improving before the budget ran out (early stopping fired, or the best validation came in
+    the first 75% of the steps taken), or the network fits its training subset (train accuracy >= 99%); and it
+    does not predict one class for more than 90% of the test set. (A decaying schedule often peaks at its last
+    step: fitting the training set is then the sign of a finished optimisation.)"""
     plateau = facts["early_stopped"] or facts["best_step"] <= 0.75 * facts["steps_taken"]
-    return facts | dict(converged=bool(plateau and not facts["collapsed"]))
+    fitted = facts["train_acc"] >= 0.99
+    return facts | dict(converged=bool((plateau or fitted) and not facts["collapsed"]))
 
 
 def train_cell(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True) -> dict:
