@@ -24,7 +24,9 @@ def pp(x: float) -> str:
 
 
 def gain_text(row) -> str:
-    return f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}] ({row.verdict})"
+    flags = getattr(row, "flags", "")
+    return (f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}] ({row.verdict})"
+            + (f" [flagged: {flags}]" if isinstance(flags, str) and flags else ""))
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -59,11 +61,12 @@ def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
                 schedules=analysis.schedule_effect(runs))
 
 
-def headlines(study: Study, selected: pd.DataFrame) -> list[str]:
-    """Gain with CI at the smallest and largest size, for the nearest and the farthest target."""
+def headlines(study: Study, t: dict) -> list[str]:
+    """Gain with CI at the smallest and largest size, for the nearest and the farthest target as measured."""
+    selected = t["selected"]
     if selected.empty:
         return ["No transfer cell has a matched scratch cell yet: no gains to report."]
-    conditions = [t.condition for t in study.targets]
+    conditions, _ = distance_order([c.condition for c in study.targets], t["domains"])
     near, far = conditions[0], conditions[-1]
     sizes = sorted(selected["n_per_class"].unique())
     lines = []
@@ -92,10 +95,10 @@ def findings(study: Study, t: dict) -> list[str]:
     out = [f"Mean gain of transfer over scratch: {pp(by_size[sizes[0]])} pp at {sizes[0]} examples per class, "
            f"{pp(by_size[sizes[-1]])} pp at {sizes[-1]} (over {sel['backbone'].nunique()} backbone(s), "
            f"{sel['target'].nunique()} target condition(s), {sel['frozen_depth'].nunique()} frozen depth(s))."]
-    order = [c.condition for c in study.targets if c.condition in set(sel["target"])]
+    order = [c for c in distance_order([c.condition for c in study.targets], t["domains"])[0] if c in set(sel["target"])]
     by_target = sel.groupby("target")["gain"].mean().reindex(order)
     worst = by_target.idxmin()
-    out.append(f"Nearest target {order[0]}: {pp(by_target[order[0]])} pp; farthest {order[-1]}: "
+    out.append(f"Nearest target as measured {order[0]}: {pp(by_target[order[0]])} pp; farthest {order[-1]}: "
                f"{pp(by_target[order[-1]])} pp; smallest gain on {worst} ({pp(by_target[worst])} pp).")
     neg = sel[sel["negative"]]
     where = ", ".join(f"{r.backbone} {r.target} frozen {r.frozen_depth} n={r.n_per_class} ({pp(r.gain)} pp)"
@@ -149,6 +152,45 @@ def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
         seed_sd_pp=lambda d: (100 * d["gain_sd"]).round(1), test_se_pp=lambda d: (100 * d["test_se"]).round(1),
         q=lambda d: d["q"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}"),
         transfer=lambda d: (100 * d["transfer_mean"]).round(1))
+
+
+def anchors(study: Study, t: dict) -> list[str]:
+    """The findings a correct harness reproduces or refutes (DESIGN.md), each said plainly with its numbers."""
+    sel, corr = t["selected"], t["correlations"]
+    if sel.empty:
+        return []
+    lines = ["## Do the known findings reproduce?", ""]
+    by_size = sel.groupby("n_per_class")["gain"].mean()
+    shrinks = bool((np.diff(by_size.to_numpy()) < 0).all()) if len(by_size) > 1 else False
+    lines.append(f"- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
+                 + ", ".join(f"{pp(g)} pp at {n}" for n, g in by_size.items()) + " per class -- "
+                 + ("**reproduces**." if shrinks else "**does not reproduce** here."))
+    fd = corr[(corr["measure"] == "fd") & (corr["outcome"] == "gain")] if len(corr) else corr
+    if len(fd):
+        taus = ", ".join(f"{r.tau:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] at {r.n_per_class}" for r in fd.itertuples())
+        clear = fd[fd["ci_high"] < 0]
+        lines.append(f"- Gains shrink as the target moves away from the source (Raghu et al. 2019; VTAB structured): "
+                     f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
+                     + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
+                        "**not shown**: no interval lies below 0."))
+    order, _ = distance_order([c.condition for c in study.targets], t["domains"])
+    depths = sel.groupby(["target", "frozen_depth"])["gain"].mean().unstack()
+    if {"0", "all"} <= set(depths.columns) and len(order) > 1:
+        gap = (depths["all"] - depths["0"]).reindex(order).dropna()
+        if len(gap) > 1:
+            lines.append(f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe "
+                         f"minus full fine-tuning {pp(gap.iloc[0])} pp on the nearest target ({gap.index[0]}), "
+                         f"{pp(gap.iloc[-1])} pp on the farthest ({gap.index[-1]}) -- "
+                         + ("**reproduces**." if gap.iloc[-1] < gap.iloc[0] else "**does not reproduce** here."))
+    neg = sel[sel["verdict"] == "negative"]
+    lines.append(f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
+                 + (": " + "; ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} "
+                                     f"n={r.n_per_class} {pp(r.gain)} pp" for r in neg.itertuples()) if len(neg) else "")
+                 + ".")
+    below = sel[sel["below_pixels"]]
+    lines.append(f"- Transfer below the best pixel baseline at {len(below)} of {len(sel)} grid points"
+                 + (" (" + ", ".join(sorted(set(below["target"]))) + ")" if len(below) else "") + ".")
+    return lines + [""]
 
 
 def fairness_section(study: Study, t: dict) -> list[str]:
@@ -253,8 +295,9 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
     text += ["## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline; each arm's "
              "schedule and LR are chosen on its own validation accuracy. "
              + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence), ""]
-    text += [f"- {line}" for line in headlines(study, selected)]
+    text += [f"- {line}" for line in headlines(study, t)]
     text += ["", "## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(findings(study, t), 1)]
+    text += [""] + anchors(study, t)
     if not selected.empty:
         text += [""] + failure_section(study, t)
     text += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs]
