@@ -81,24 +81,31 @@ def snapshot(path: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")} if path.exists() else {}
 
 
-@pytest.mark.parametrize("case,text,extra,setup,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused(tmp_path, capsys, case, text, extra, setup, expected):
+def refuse(tmp_path: Path, capsys, text: str, extra=(), setup=None) -> tuple[str, bool, bool]:
+    """Run a study that must be refused: (stderr, results folder untouched, nothing written beside it). Asserts
+    exit code 2 and one line naming a fix."""
     results = tmp_path / "results"
     results.mkdir()
     if setup:
         setup(tmp_path)
     study = tmp_path / "study.yaml"
     study.write_text(text.replace("{tmp}", str(tmp_path)))
-    before = snapshot(results)
+    before, beside = snapshot(results), set(snapshot(tmp_path))
     try:
         rc = main(["study", str(study), "--results", str(results), "--no-progress", *extra])
     finally:
         results.chmod(0o755)
     err = capsys.readouterr().err
     assert rc == 2, err
+    assert err.startswith("error: ") and "fix:" in err.splitlines()[0], err
+    return err, snapshot(results) == before, set(snapshot(tmp_path)) == beside
+
+
+@pytest.mark.parametrize("case,text,extra,setup,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused(tmp_path, capsys, case, text, extra, setup, expected):
+    err, untouched, _ = refuse(tmp_path, capsys, text, extra, setup)
     assert expected in err
-    assert "fix:" in err
-    assert snapshot(results) == before
+    assert untouched
 
 
 def test_unknown_study_name(capsys):

@@ -421,8 +421,10 @@ def format_validation_error(err: ValidationError, where: str) -> ConfigError:
             known = getattr(parent, "model_fields", {})
             msg = f"unknown key; {did_you_mean(e['loc'][-1], known)}" if known else "unknown key"
         lines.append(f"  {path}: {msg}")
-    return ConfigError(where, f"{len(lines)} invalid field(s):\n" + "\n".join(lines),
-                       "edit the study file or the override")
+    if len(lines) == 1:  # the usual case: one line naming the field and the fix
+        return ConfigError(where, lines[0].strip(), "edit the study file or the override")
+    return ConfigError(where, f"{len(lines)} invalid fields:\n" + "\n".join(lines),
+                       "edit the study file or the override (all are listed)")
 
 
 def study_path(name_or_path: str, studies_dir: Path = Path("studies")) -> Path:
