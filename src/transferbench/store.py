@@ -64,7 +64,9 @@ def check_record(record: dict) -> str | None:
         return "its config is not a valid cell"
     if cell.cell_id != record.get("cell_id"):
         return f"its config hashes to {cell.cell_id}, not to its cell_id {record.get('cell_id')}"
-    if record.get("checksum") != _checksum(record):
+    if "checksum" not in record:
+        return "it has no checksum (written by an older transferbench, whose cells no longer match this protocol)"
+    if record["checksum"] != _checksum(record):
         return "content does not match its checksum (edited or damaged)"
     return None
 
@@ -82,8 +84,9 @@ def read_records(directory: Path) -> dict[str, dict]:
         if problem is None and path.stem != record["cell_id"]:
             problem = f"its file name does not match its cell_id {record['cell_id']}"
         if problem:
-            raise ConfigError(f"record {path}", f"corrupted record file: {problem}",
-                              "delete that file; its cell will be trained again on the next run")
+            fix = (f"delete {directory}; its cells will be trained again on the next run" if "older" in problem
+                   else "delete that file; its cell will be trained again on the next run")
+            raise ConfigError(f"record {path}", f"corrupted record file: {problem}", fix)
         out[record["cell_id"]] = record
     return out
 
