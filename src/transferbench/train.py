@@ -1,7 +1,9 @@
 """One training loop for every arm: scratch is "no pretrained weights, nothing frozen".
 
-A cell = frozen prefix (its output cached) + trainable suffix trained on a k-shot subset, with
-validation after every epoch (curves) and the test split once at the end.
+A cell = frozen prefix (its output cached) + trainable suffix trained on a k-shot subset within a budget of
+optimizer steps, validated every few steps (curves), stopped early on validation, and tested once at the end
+with its best validation weights. A linear probe is solved by L-BFGS and the pixel baselines are closed-form
+(baselines.py); everything else goes through `Run`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_backbone, frozen_fraction, resolve_depth, split_at_depth
+from .baselines import fit_linear_probe, pixel_baseline
 from .data import load_target, nested_kshot
 from .features import FeatureCache, prefix_key
 from .schedules import SCHEDULES, make_optimizer
@@ -165,8 +168,6 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     common = dict(n_train=len(idx), n_test=len(target.y["test"]), num_classes=target.num_classes, target=target.name,
                   device_used=str(device))
     if cell.arm == "pixels":
-        from .baselines import pixel_baseline
-
         return None, common | pixel_baseline(cell.model, target, idx) | dict(cell_seconds=time.perf_counter() - t_start)
     bb = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)
     k = resolve_depth(cell.frozen_depth, bb.n_groups)
@@ -182,8 +183,8 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     if cell.channels_last:
         suffix = suffix.to(memory_format=torch.channels_last)
     if cell.solver == "lbfgs":
-        from .baselines import fit_linear_probe
-
+        if not (cacheable and k == bb.n_groups):
+            raise ValueError(f"{cell.model} cannot be cut before its head: solve its probe with train.probe: sgd")
         measured = fit_linear_probe(suffix, feats, ys, idx.to(device))
     else:
         measured = train_loop(cell, suffix, feats, ys, idx.to(device), device, target.num_classes)
