@@ -108,7 +108,7 @@ def pixel_baselines(runs: pd.DataFrame) -> pd.DataFrame:
 GAIN_COLUMNS = POINT + ["transfer_schedule", "transfer_lr", "scratch_schedule", "scratch_lr", "transfer_mean",
                         "scratch_mean", "transfer_val_mean", "scratch_val_mean", "gain", "gain_sd", "ci_low", "ci_high",
                         "test_se", "p", "q", "n_seeds", "verdict", "transfer_converged", "scratch_converged",
-                        "pixels_best", "below_pixels", "flags"]
+                        "pixels_best", "below_pixels", "scratch_below_pixels", "flags"]
 
 
 def gains(runs: pd.DataFrame, confidence: float = 0.95, fdr: float = 0.05, min_effect: float = 0.01,
@@ -137,7 +137,7 @@ def gains(runs: pd.DataFrame, confidence: float = 0.95, fdr: float = 0.05, min_e
             gain_sd=g["gain"].std(ddof=1) if len(g) > 1 else np.nan, ci_low=lo, ci_high=hi,
             test_se=np.sqrt((a * (1 - a) + b * (1 - b)) / n_test), p=p, n_seeds=len(g),
             transfer_converged=conv["transfer"], scratch_converged=conv["scratch"], pixels_best=best_pixels,
-            below_pixels=bool(a < best_pixels)))
+            below_pixels=bool(a < best_pixels), scratch_below_pixels=bool(b < best_pixels)))
     out = pd.DataFrame(rows, columns=[c for c in GAIN_COLUMNS if c not in ("q", "verdict", "flags")])
     out["q"] = bh_q(out["p"])
     out["verdict"] = [verdict(g, q, fdr, min_effect) for g, q in zip(out["gain"], out["q"])]
@@ -149,8 +149,9 @@ def point_flags(r) -> str:
     """What weakens a point's comparison, in words ('' when nothing does)."""
     flags = [f"{arm} not converged ({share:.0%})" for arm, share in
              (("transfer", r.transfer_converged), ("scratch", r.scratch_converged)) if share < 1]
-    if r.below_pixels:
-        flags.append(f"transfer below pixels ({100 * r.pixels_best:.1f}%)")
+    below = [arm for arm, low in (("transfer", r.below_pixels), ("scratch", r.scratch_below_pixels)) if low]
+    if below:
+        flags.append(f"{' and '.join(below)} below pixels ({100 * r.pixels_best:.1f}%)")
     return "; ".join(flags)
 
 

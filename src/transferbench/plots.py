@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -66,6 +67,10 @@ def accuracy_vs_size(runs: pd.DataFrame, selected: pd.DataFrame, targets: list[s
                     kind="line", marker="o", errorbar=("ci", 95), n_boot=200, seed=0, palette=PALETTE, height=2.6, aspect=1.0,
                     facet_kws=dict(sharey=True, sharex=True))
     g.set(xscale="log", ylim=(0, 100))
+    sizes = sorted(df["n_per_class"].unique())
+    for ax in g.axes.flat:  # the sizes themselves as ticks, not powers of ten
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     g.set_axis_labels("labelled examples per class (log)", "test accuracy (%)")
     g.set_titles("{row_name}\n{col_name}", size=8)
     g.legend.set_title("arm / frozen depth")
@@ -126,11 +131,15 @@ def gain_by_condition(selected: pd.DataFrame, targets: list[str], directory: Pat
                             label=lbl if (r, c) == (0, 0) else None)
                 ax_.scatter((x + off)[~called], 100 * sub["gain"][~called], s=16, facecolors="white",
                             edgecolors=colors[lbl])
+                flagged = (sub["flags"].fillna("") != "").to_numpy() if "flags" in sub else np.zeros(len(x), bool)
+                ax_.scatter((x + off)[flagged], 100 * sub["gain"][flagged], s=40, marker="x", color="0.3", lw=0.8,
+                            label="flagged" if (r, c, j) == (0, 0, 0) and flagged.any() else None)
             ax.set_xticks(x, cols, rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{bb}, {n} per class", fontsize=8)
             ax.set_ylabel("gain over scratch (pp)" if c == 0 else "")
     axes[0, 0].legend(fontsize=7, title="frozen depth", title_fontsize=7)
-    fig.supxlabel(f"target condition, ordered by {ordered_by} (filled: a verdict; open: inconclusive)", fontsize=9)
+    fig.supxlabel(f"target condition, ordered by {ordered_by} (filled: a verdict; open: inconclusive; x: flagged, "
+                  "see the gains table)", fontsize=9)
     fig.tight_layout()
     return _save(fig, directory, "gain_by_condition")
 
