@@ -1,6 +1,5 @@
 """Bad input: refused with exit code 2, a short error naming the field and the fix, results/ untouched."""
 
-import os
 import stat
 from pathlib import Path
 

@@ -6,7 +6,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from transferbench.data import load_target
@@ -30,8 +29,6 @@ def write_cifar10(root, n_train=50, n_test=20):
 
 
 def test_cifar10_from_its_pickle_batches(tmp_path, monkeypatch):
-    import torchvision.datasets as tvd
-
     write_cifar10(tmp_path)
     import torchvision.datasets.cifar as cifar
 

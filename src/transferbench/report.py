@@ -162,7 +162,7 @@ def anchors(study: Study, t: dict) -> list[str]:
     lines = ["## Do the known findings reproduce?", ""]
     by_size = sel.groupby("n_per_class")["gain"].mean()
     shrinks = bool((np.diff(by_size.to_numpy()) < 0).all()) if len(by_size) > 1 else False
-    lines.append(f"- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
+    lines.append("- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
                  + ", ".join(f"{pp(g)} pp at {n}" for n, g in by_size.items()) + " per class -- "
                  + ("**reproduces**." if shrinks else "**does not reproduce** here."))
     fd = corr[(corr["measure"] == "fd") & (corr["outcome"] == "gain")] if len(corr) else corr
@@ -224,7 +224,7 @@ def fairness_section(study: Study, t: dict) -> list[str]:
 
 def failure_section(study: Study, t: dict) -> list[str]:
     """'When transfer fails': negative points, where gains stop, best depth, estimator ranking."""
-    selected, gains, domains, corr = t["selected"], t["gains"], t["domains"], t["correlations"]
+    selected, domains, corr = t["selected"], t["domains"], t["correlations"]
     lines = ["## When transfer fails", ""]
     neg = selected[selected["negative"]]
     lines.append(f"Negative transfer gap (Wang et al. 2019: transfer error minus scratch error), each arm's "
