@@ -86,13 +86,15 @@ def headlines(study: Study, t: dict) -> list[str]:
 
 
 def findings(study: Study, t: dict) -> list[str]:
-    """3-5 findings written from the numbers (configurations chosen on validation), for the report and the terminal."""
+    """4-6 findings written from the numbers (configurations chosen on validation), for the report and the terminal;
+    the first says how far the comparison can be trusted."""
     sel, corr = t["selected"], t["correlations"]
     if sel.empty:
         return ["no transfer cell has a matched scratch cell yet"]
     sizes = sorted(sel["n_per_class"].unique())
     by_size = sel.groupby("n_per_class")["gain"].mean()
-    out = [f"Mean gain of transfer over scratch: {pp(by_size[sizes[0]])} pp at {sizes[0]} examples per class, "
+    out = [fairness_sentence(t["runs"], sel)] if "converged" in t["runs"] else []
+    out += [f"Mean gain of transfer over scratch: {pp(by_size[sizes[0]])} pp at {sizes[0]} examples per class, "
            f"{pp(by_size[sizes[-1]])} pp at {sizes[-1]} (over {sel['backbone'].nunique()} backbone(s), "
            f"{sel['target'].nunique()} target condition(s), {sel['frozen_depth'].nunique()} frozen depth(s))."]
     order = [c for c in distance_order([c.condition for c in study.targets], t["domains"])[0] if c in set(sel["target"])]
@@ -114,7 +116,7 @@ def findings(study: Study, t: dict) -> list[str]:
     ranking = analysis.measure_ranking(corr)
     if len(ranking):
         out.append(estimator_sentence(study, t, ranking))
-    return out[:5]
+    return out[:6]
 
 
 def distance_order(conditions: list[str], domains: pd.DataFrame) -> tuple[list[str], str]:
@@ -152,6 +154,14 @@ def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
         seed_sd_pp=lambda d: (100 * d["gain_sd"]).round(1), test_se_pp=lambda d: (100 * d["test_se"]).round(1),
         q=lambda d: d["q"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}"),
         transfer=lambda d: (100 * d["transfer_mean"]).round(1))
+
+
+def fairness_sentence(runs: pd.DataFrame, sel: pd.DataFrame) -> str:
+    ok = analysis.ok_runs(runs)
+    share = ok.groupby("arm")["converged"].mean()
+    return (f"Converged: {', '.join(f'{arm} {100 * v:.0f}%' for arm, v in share.items())} of cells; "
+            f"{int((sel['flags'] != '').sum())} of {len(sel)} grid points flagged, {int(sel['below_pixels'].sum())} with "
+            "transfer below the best pixel baseline.")
 
 
 def anchors(study: Study, t: dict) -> list[str]:
