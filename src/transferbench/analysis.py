@@ -14,6 +14,8 @@ shown beside it, never instead. Every point also carries its arms' convergence s
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -302,7 +304,8 @@ def top_two(domains: pd.DataFrame, selected: pd.DataFrame, ranking: pd.DataFrame
         diffs.append(ta - tb)
     if not diffs:
         return None
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a resample where both taus are undefined (ties) is dropped, not averaged
+        warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = _quantiles(np.nanmean(np.vstack(diffs), axis=0), confidence)
     return dict(first=a, second=b, difference=float(ranking["mean_agreement"].iloc[0] - ranking["mean_agreement"].iloc[1]),
                 ci_low=lo, ci_high=hi, distinguishable=bool(lo > 0 or hi < 0))
