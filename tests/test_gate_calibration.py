@@ -19,12 +19,13 @@ from transferbench.compare import compare, render
 
 pytestmark = pytest.mark.slow
 
-# Long enough to learn (40-60 steps a cell): a gate cannot find a regression in a study that measures noise.
+# Long enough to learn (40-60 steps a cell): a gate cannot find a regression in a study that measures noise. The
+# probe is trained by the SGD loop here, so that a prefix left trainable has layers to train.
 STUDY = """name: gate
 backbones: [{model: tf_efficientnet_lite0, weights: imagenet}]
 targets: [{dataset: textures}, {dataset: digits}]
 grid: {frozen_depth: [all], n_per_class: [2, 4], schedule: [constant], seed: [0, 1, 2, 3]}
-train: {epochs: 20, batch_size: 16, image_size: 32, lr: 0.003}
+train: {epochs: 20, batch_size: 16, image_size: 32, lr: 0.003, probe: sgd}
 scratch: {lr: 0.003}
 run: {jobs: 1, threads_per_worker: 1, backend: sequential}
 """
