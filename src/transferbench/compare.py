@@ -74,7 +74,8 @@ def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
     return float(stats.t.cdf(delta / np.sqrt(a + b), df))
 
 
-def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, value: str, margin: float) -> list[dict]:
+def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, measure: str, value: str,
+               margin: float) -> list[dict]:
     rows = []
     for key, gb in b.groupby(keys, sort=True) if keys else [((), b)]:
         key = key if isinstance(key, tuple) else (key,)
@@ -82,7 +83,7 @@ def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, val
         vb, vn = gb.groupby("seed")[value].mean().to_numpy(), gn.groupby("seed")[value].mean().to_numpy()
         if not len(vn):
             continue  # a missing point is reported once, as structure
-        rows.append(dict(kind=kind, value=value, what=" ".join(map(str, key)) or "all", base=vb.mean(),
+        rows.append(dict(kind=kind, measure=measure, what=" ".join(map(str, key)) or "all", base=vb.mean(),
                          new=vn.mean(), delta=vn.mean() - vb.mean(), seeds_base=len(vb), seeds_new=len(vn),
                          p=welch_drop(vb, vn, margin)))
     return rows
@@ -100,12 +101,12 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
     rows = []
     for name, col in VALUES.items():
         keys = SCRATCH_POINT if name == "scratch accuracy" else POINT
-        rows += _test_rows(b, n, keys, "point", name, margin)
+        rows += _test_rows(b, n, keys, "point", name, col, margin)
         for kind, group in AGGREGATES.items():
             if not (name == "scratch accuracy" and kind == "frozen depth"):  # scratch freezes nothing
-                rows += _test_rows(b, n, group, kind, name, aggregate_margin)
-    tests = pd.DataFrame(rows, columns=["kind", "value", "what", "base", "new", "delta", "seeds_base", "seeds_new", "p"])
-    tests = tests.rename(columns={"value": "measure"})
+                rows += _test_rows(b, n, group, kind, name, col, aggregate_margin)
+    tests = pd.DataFrame(rows, columns=["kind", "measure", "what", "base", "new", "delta", "seeds_base", "seeds_new",
+                                        "p"])
     # Two families, each under BH: the points, and the few aggregates (which a sea of point tests would drown).
     tests["q"] = pd.concat([bh_q(g["p"]) for _, g in tests.groupby(tests["kind"] == "point")]).reindex(tests.index)
     tests["regressed"] = tests["q"] <= fdr
