@@ -226,9 +226,10 @@ def fairness_section(study: Study, t: dict) -> list[str]:
     if len(sel):
         flagged = sel[sel["flags"] != ""]
         below = sel[sel["below_pixels"]]
-        lines += [f"{len(flagged)} of {len(sel)} grid points are flagged (an arm not converged in every seed, or "
-                  f"transfer below the best pixel baseline); {len(below)} have transfer below the pixels. Flags are "
-                  "shown in the gains table.", ""]
+        lines += [f"{len(flagged)} of {len(sel)} grid points are flagged (an arm not converged in every seed, or an "
+                  f"arm below the best pixel baseline of the same subsets); {len(below)} have transfer below the pixels, "
+                  f"{int(sel['scratch_below_pixels'].sum())} scratch. Flags are shown in the headline and the gains "
+                  "table.", ""]
     return lines
 
 
