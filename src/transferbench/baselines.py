@@ -101,10 +101,10 @@ def pixel_baseline(method: str, target, idx: torch.Tensor) -> dict:
     t0 = time.perf_counter()
     ytr = y["train"][train_idx]
     centroids = np.stack([x["train"][train_idx][ytr == c].mean(0) for c in range(len(target.classes))])
-    fields = {}
+    nearest = lambda v: ((v[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)  # noqa: E731
+    fields = dict(train_acc=float((nearest(x["train"][train_idx]) == ytr).mean()))
     for split in ("val", "test"):
-        d2 = ((x[split][:, None, :] - centroids[None]) ** 2).sum(-1)
-        pred = d2.argmin(1)
+        pred = nearest(x[split])
         fields[f"{split}_acc"] = float((pred == y[split]).mean())
         fields[f"{split}_loss"] = float("nan")  # a nearest-centroid rule gives no probabilities
     collapsed = bool(_one_class_share(pred) > 0.9)
