@@ -107,7 +107,7 @@ def test_precise_bn_gives_the_exact_statistics_of_the_training_set():
 
     x = torch.randn(50, 4) * 3 + 1
     bn = nn.BatchNorm1d(4)
-    precise_bn(nn.Sequential(bn), x, batch_size=10, channels_last=False)
+    precise_bn(nn.Sequential(bn), x, channels_last=False, chunk=50)
     assert torch.allclose(bn.running_mean, x.mean(0), atol=1e-5)
     assert torch.allclose(bn.running_var, x.var(0), atol=1e-4)  # BatchNorm keeps the unbiased variance
     assert bn.momentum == 0.1  # restored

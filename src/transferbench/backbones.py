@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import ConfigError, did_you_mean
 from .fastconv import use_fast_convs
+from .features import tensor_digest
 from .paths import cache_dir
 from .registry import Registry
 
@@ -195,15 +196,8 @@ _DIGESTS: dict[int, str] = {}  # id(template) -> digest of its tensors as loaded
 
 
 def state_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer, by name: which weights a cell really started from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()[:16]
+    """Which weights a cell really started from: the digest of every parameter and buffer, by name."""
+    return tensor_digest(model.state_dict())[:16]
 
 
 def _pretrained(model_name: str, weights: str, loaded: Loaded) -> nn.Module:

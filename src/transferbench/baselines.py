@@ -24,8 +24,10 @@ def _accuracy_and_loss(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float((probs.argmax(1) == y).mean()), float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).mean())
 
 
-def _one_class_share(pred: np.ndarray) -> float:
-    return np.bincount(pred).max() / len(pred)
+def collapsed(pred, share: float = 0.9) -> bool:
+    """One class predicted for more than `share` of the test set: the classifier learned a constant."""
+    pred = np.asarray(pred)
+    return bool(len(pred) and np.bincount(pred).max() > share * len(pred))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -68,10 +70,10 @@ def fit_logistic(x: dict[str, np.ndarray], y: dict[str, np.ndarray],
         acc, loss = _accuracy_and_loss(probs(w, b, split), y[split])
         fields |= {f"{split}_acc": acc, f"{split}_loss": loss}
     train_acc, train_loss = _accuracy_and_loss(_softmax(xtr @ w.T + b), ytr)
-    collapsed = bool(_one_class_share(probs(w, b, "test").argmax(1)) > 0.9)
+    constant = collapsed(probs(w, b, "test").argmax(1))
     fields |= dict(train_acc=train_acc, train_loss_first=math.log(classes), train_loss_last=train_loss,
                    steps_taken=n_iter, budget_steps=MAX_ITER, best_step=n_iter, early_stopped=False,
-                   collapsed=collapsed, converged=bool(n_iter < MAX_ITER and not collapsed), l2_C=c,
+                   collapsed=constant, converged=bool(n_iter < MAX_ITER and not constant), l2_C=c,
                    train_seconds=time.perf_counter() - t0)
     return w, b, fields
 
@@ -107,6 +109,6 @@ def pixel_baseline(method: str, target, idx: torch.Tensor) -> dict:
         pred = nearest(x[split])
         fields[f"{split}_acc"] = float((pred == y[split]).mean())
         fields[f"{split}_loss"] = float("nan")  # a nearest-centroid rule gives no probabilities
-    collapsed = bool(_one_class_share(pred) > 0.9)
-    return fields | dict(steps_taken=0, budget_steps=0, best_step=0, early_stopped=False, collapsed=collapsed,
-                         converged=not collapsed, train_seconds=time.perf_counter() - t0, curves=[])
+    constant = collapsed(pred)
+    return fields | dict(steps_taken=0, budget_steps=0, best_step=0, early_stopped=False, collapsed=constant,
+                         converged=not constant, train_seconds=time.perf_counter() - t0, curves=[])

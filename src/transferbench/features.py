@@ -25,7 +25,8 @@ def feature_key(**parts) -> str:
     return hashlib.sha256(json.dumps({"format": FORMAT, **parts}, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes): cached features, a model's loaded weights."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
@@ -66,7 +67,7 @@ class FeatureCache:
         if path:
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
             try:
-                save_file(feats, str(tmp), metadata={"sha256": _digest(feats)})
+                save_file(feats, str(tmp), metadata={"sha256": tensor_digest(feats)})
                 os.replace(tmp, path)  # atomic: a reader never sees half a file
             finally:
                 tmp.unlink(missing_ok=True)
@@ -100,7 +101,7 @@ def _read_checked(path: Path) -> dict[str, torch.Tensor] | None:
         with safe_open(str(path), "pt") as f:
             stored = (f.metadata() or {}).get("sha256")
         feats = load_file(str(path))
-        problem = None if stored and _digest(feats) == stored else "content does not match its digest"
+        problem = None if stored and tensor_digest(feats) == stored else "content does not match its digest"
     except Exception as e:  # safetensors raises its own error types for a bad header
         feats, problem = None, f"unreadable ({type(e).__name__})"
     if problem:

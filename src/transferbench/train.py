@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_backbone, frozen_fraction, resolve_depth, split_at_depth
-from .baselines import fit_linear_probe, pixel_baseline
+from .baselines import collapsed, fit_linear_probe, pixel_baseline
 from .data import load_target, nested_kshot
 from .features import FeatureCache, prefix_key
 from .schedules import SCHEDULES, make_optimizer
@@ -86,13 +86,8 @@ def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp, c
     return (pred == y).float().mean().item(), F.cross_entropy(logits, y).item(), pred
 
 
-def collapsed(pred: torch.Tensor, share: float = 0.9) -> bool:
-    """One class predicted for more than `share` of the test set: the network learned a constant."""
-    return bool(len(pred) and torch.bincount(pred).max().item() > share * len(pred))
-
-
 @torch.no_grad()
-def precise_bn(module: nn.Module, x: torch.Tensor, batch_size: int, channels_last: bool, chunk: int = 512) -> None:
+def precise_bn(module: nn.Module, x: torch.Tensor, channels_last: bool, chunk: int = 512) -> None:
     """BatchNorm statistics recomputed over the training subset (Wu & Johnson 2021, "precise BN"): exact in one pass
     when the subset fits `chunk` examples (k-shot subsets do), else the average of chunk statistics. With momentum
     0.1, 6 steps leave 53% of the initial statistics in timm's running averages."""
@@ -254,7 +249,7 @@ class Run:
     def _validate(self, epoch: int) -> None:
         c = self.cell
         if c.precise_bn:
-            precise_bn(self.suffix, self.data["x_train"], c.batch_size, c.channels_last)
+            precise_bn(self.suffix, self.data["x_train"], c.channels_last)
         acc, loss, _ = self.evaluate("val")
         self.curves += [dict(epoch=epoch, step=self.steps, split="val", metric=m, value=v, images_seen=self.seen)
                         for m, v in (("acc", acc), ("loss", loss))]
@@ -281,7 +276,7 @@ def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.
     t0 = time.perf_counter()
     candidates = cell.lrs or [cell.lr]
     if len(candidates) == 1:
-        run, rung = Run(cell, suffix, candidates[0], data, device, num_classes, total, evals), {}
+        run, rung, extra_seen = Run(cell, suffix, candidates[0], data, device, num_classes, total, evals), {}, 0
     else:
         first = max(1, total // 5)
         runs = [Run(cell, copy.deepcopy(suffix), lr, data, device, num_classes, total, evals | {first})
@@ -297,11 +292,11 @@ def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.
         suffix.load_state_dict(run.suffix.state_dict())  # the caller's module holds the winner
     val_acc, val_loss, _ = run.evaluate("val")
     test_acc, test_loss, pred = run.evaluate("test")
-    seen = run.seen + (extra_seen if rung else 0)
+    seen = run.seen + extra_seen
     return convergence(steps_taken=run.steps, budget_steps=total, best_step=run.best[2] if run.best else run.steps,
                        early_stopped=run.stopped and run.steps < total, train_loss_first=run.train_losses[0],
                        train_loss_last=run.train_losses[-1], train_acc=run.evaluate("train")[0],
-                       collapsed=collapsed(pred)) | dict(
+                       collapsed=collapsed(pred.numpy())) | dict(
         lr_chosen=run.lr, lr_rung=rung or None, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
         test_loss=test_loss, train_seconds=train_seconds, images_per_second=seen / max(train_seconds, 1e-9),
         images_seen=seen, curves=run.curves)
