@@ -32,7 +32,7 @@ def test_figure_write_failing_midway_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     fig = plt.figure()
     with pytest.raises(OSError) as err:
-        plots._save(fig, tmp_path / "figures", "gain_heatmap")
+        plots.save(fig, tmp_path / "figures", "gain_heatmap")
     assert err.value.errno == errno.ENOSPC
     assert calls and all(p.parent == tmp_path / "figures" for p in calls)  # the temporary file was beside the target
     assert list((tmp_path / "figures").iterdir()) == []  # neither the final name nor the temporary one
@@ -46,14 +46,14 @@ def test_figure_write_failing_on_svg_keeps_the_previous_svg(tmp_path, monkeypatc
     savefig, _ = disk_full_after(1)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     with pytest.raises(OSError):
-        plots._save(plt.figure(), figures, "gain_heatmap")
+        plots.save(plt.figure(), figures, "gain_heatmap")
     assert sorted(p.name for p in figures.iterdir()) == ["gain_heatmap.png", "gain_heatmap.svg"]
     assert (figures / "gain_heatmap.svg").read_text() == "<svg>previous run</svg>"
 
 
 def test_figures_are_written_in_their_own_format(tmp_path):
     fig = plt.figure(figsize=(1, 1))
-    png, svg = plots._save(fig, tmp_path, "f")
+    png, svg = plots.save(fig, tmp_path, "f")
     assert png.read_bytes().startswith(b"\x89PNG") and b"<svg" in svg.read_bytes()[:400]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "f.svg"]
 

@@ -66,11 +66,16 @@ def test_gains_pair_every_transfer_point_with_scratch(smoke):
 
 
 def test_figures_and_report(smoke):
-    for name in ("accuracy_vs_size", "gain_heatmap", "gain_by_condition"):
+    for name in ("accuracy_vs_size", "gain_heatmap", "gain_forest", "fairness", "gain_vs_fd"):
         assert (smoke / "figures" / f"{name}.png").stat().st_size > 10_000
+        assert (smoke / "figures" / f"{name}.svg").exists()
     report = (smoke / "report.md").read_text()
-    assert report.index("## Is the comparison fair?") < report.index("## Headline")
+    sections = ["## The question", "## The study as run", "## Is the comparison fair?", "## Headline", "## Findings"]
+    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
     assert "textures, 2 per class" in report and " pp [" in report and "converged %" in report
+    assert "seeds 0, 1; 96 cells" in report  # the resolved grid (seeds overridden), not the file's prose
+    assert "\n> The quick stand-in for domain_gap" in report  # the study file's description, quoted as the question
+    assert report.index("![fairness]") < report.index("## Headline")
 
 
 def test_rerun_skips_every_finished_cell(smoke, capsys):
@@ -92,3 +97,28 @@ def test_report_is_rebuilt_from_records_alone(smoke):
 def test_every_record_names_device_and_versions(smoke):
     rec = json.loads(next((smoke / "records").glob("*.json")).read_text())
     assert {"device", "torch_version", "timm_version", "transferbench_version", "threads"} <= set(rec)
+
+
+def test_domain_measures_come_from_the_disk_cache(smoke, monkeypatch):
+    from transferbench import domains
+    from transferbench.report import load_saved_study
+
+    study = load_saved_study(smoke)
+    calls, real = [], domains._measure_target
+    monkeypatch.setattr(domains, "_measure_target", lambda *a, **k: calls.append(1) or real(*a, **k))
+    measured, _ = domains.domain_tables(study)
+    assert calls == [], "an unchanged study measured its domains again"
+    written = pd.read_csv(smoke / "domains.csv")
+    assert measured["fd"].to_numpy() == pytest.approx(written["fd"].to_numpy())
+    more_seeds = study.model_copy(update={"grid": study.grid.model_copy(update={"seed": [0, 1, 2]})})
+    domains.domain_tables(more_seeds)
+    assert len(calls) == 4  # 2 backbones x 2 targets: their k-shot estimators depend on the seeds
+
+
+def test_skip_domains_builds_the_report_without_them(smoke):
+    # last in this file: it rebuilds the shared report without domain measures
+    assert main(["study", str(STUDIES / "smoke.yaml"), SEEDS, "--results", str(smoke.parent), "--no-progress",
+                 "--skip-domains"]) == 0
+    report = (smoke / "report.md").read_text()
+    assert "domain measures skipped (--skip-domains)" in report and "near to far by the study file" in report
+    assert not (smoke / "figures" / "gain_vs_fd.png").exists()  # no stale figure from the build before

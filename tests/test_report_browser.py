@@ -59,22 +59,33 @@ def assert_no_live_hostile_markup(html: str) -> None:
     assert 'href="javascript:' not in html.lower() and "<script" not in html.lower() and "<svg" not in html.lower()
 
 
-def open_in_chromium(page: Path) -> dict:
-    """Load `page` in headless Chromium; what the page ended up as, seen from inside the browser."""
+def open_in_chromium(page: Path, width: int = 1400, screenshot: Path | None = None) -> dict:
+    """Load `page` in headless Chromium at `width` CSS pixels; what the page ended up as, seen from inside the
+    browser. With `screenshot`, the whole page (up to 16,000 px tall) is saved there as PNG."""
     webdriver = pytest.importorskip("selenium.webdriver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
     try:
+        metrics = dict(width=width, height=1000, deviceScaleFactor=1, mobile=False)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         driver.get(page.as_uri())
-        return driver.execute_script("""return {
+        seen = driver.execute_script("""return {
             images: Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt]),
             resources: performance.getEntriesByType('resource').map(e => e.name),
             links: Array.from(document.links).map(a => a.href),
             pwned: window.__pwned === undefined ? null : String(window.__pwned),
-            text: document.body.innerText, title: document.title}""")
+            text: document.body.innerText, title: document.title,
+            scroll_width: document.documentElement.scrollWidth,
+            height: document.documentElement.scrollHeight,
+            image_widths: Array.from(document.images).map(i => i.getBoundingClientRect().width)}""")
+        if screenshot:
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics | {"height": min(seen["height"], 16000)})
+            driver.save_screenshot(str(screenshot))
+        return seen
     finally:
         driver.quit()
 
@@ -176,3 +187,21 @@ def test_hostile_markdown_does_not_run_in_chromium(hostile_page):
     assert [(c, w > 0) for c, w, _ in page["images"]] == [(True, True)]
     assert page["title"] == "transferbench: <script>window.__pwned='title'</script>"
     assert "<script>window.__pwned='script'</script>" in page["text"]
+
+
+# The committed reference reports at a desktop width, kept as pictures a person can look at (CI keeps results/).
+SCREENSHOTS = Path(__file__).parents[1] / "results" / "screenshots"
+BASELINES = Path(__file__).parents[1] / "results" / "baselines"
+
+
+@needs_chromium
+@pytest.mark.parametrize("study", ["domain_gap", "smoke"])
+def test_reference_report_at_1400_px(study):
+    shot = SCREENSHOTS / f"{study}_report_1400px.png"
+    shot.unlink(missing_ok=True)
+    page = open_in_chromium(BASELINES / study / "report.html", width=1400, screenshot=shot)
+    assert page["scroll_width"] <= 1400, "the page scrolls sideways at 1,400 px"
+    assert len(page["images"]) >= 6 and all(complete and w > 0 for complete, w, _ in page["images"])
+    assert all(0 < w <= 1400 for w in page["image_widths"])
+    assert page["pwned"] is None and not [r for r in page["resources"] if r.startswith(("http:", "https:"))]
+    assert shot.stat().st_size > 50_000  # a full page, not a blank one

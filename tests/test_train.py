@@ -57,7 +57,7 @@ def test_same_cell_gives_identical_numbers(torch_single_thread):
 
 def test_a_diverging_cell_is_recorded_as_failed(tmp_path, torch_single_thread):
     bad = cell(optimizer="sgd", lr=1e12, frozen_depth="all", epochs=3)
-    summary = run_one(bad, "t", str(tmp_path), 1, {})
+    summary = run_one(bad, None, "t", str(tmp_path), 1, {})
     assert summary["status"] == "failed" and "Diverged" in summary["error"]
     assert read_records(tmp_path)[bad.cell_id]["status"] == "failed"
 
@@ -155,3 +155,23 @@ def test_pixel_nearest_centroid_on_digits_matches_the_known_figure(torch_single_
     r = train_cell(cell(arm="pixels", model="nearest_centroid", weights="none", frozen_depth=0, dataset="digits",
                         n_per_class=8), FeatureCache())
     assert 0.84 <= r["test_acc"] <= 0.92 and r["converged"]  # design notes: 88% at 8 per class
+
+
+def test_first_seed_lr_choice_is_reused_by_the_other_seeds(tmp_path, torch_single_thread):
+    from transferbench.runner import run_cells
+    from transferbench.study import expand, load_study, study_path
+
+    study = load_study(study_path("smoke"), [
+        "backbones=[{model: tf_efficientnet_lite0}]", "targets=[{dataset: digits}]", "grid.frozen_depth=[0]",
+        "grid.n_per_class=[2]", "grid.schedule=[{name: constant}]", "grid.seed=[0,1,2]", "scratch.enabled=false",
+        "baselines.methods=[]", "train.steps=12", "train.eval_every=3", "train.min_steps=6",
+        "train.lrs=[0.0001,0.01]", "train.lr_search=first_seed"], None)
+    cells = expand(study)
+    assert [c.lr_from_seed for c in sorted(cells, key=lambda c: c.seed)] == [None, 0, 0]
+    run_cells(study, cells, tmp_path, jobs=1, backend="sequential", progress=False)
+    records = sorted(read_records(tmp_path).values(), key=lambda r: r["seed"])
+    first, *others = records
+    assert first["lr_rung"] and first["lr_source"] is None  # the first seed raced its candidates
+    for r in others:
+        assert r["lr_chosen"] == first["lr_chosen"] and r["lr_rung"] is None and r["lr_source"] == first["cell_id"]
+        assert r["images_seen"] <= 12 * 20  # one run, no losing candidate's steps

@@ -147,6 +147,36 @@ def gains(runs: pd.DataFrame, confidence: float = 0.95, fdr: float = 0.05, min_e
     return out[GAIN_COLUMNS]
 
 
+def mean_gain(runs: pd.DataFrame, by: list[str], confidence: float = 0.95) -> pd.DataFrame:
+    """The mean gain over the grid points of each `by` group, with its Student-t interval over seeds: each seed's
+    gains (the same k-shot subsets in both arms) are averaged over the group's points first, so the interval is
+    the seed-to-seed spread of that average, the unit a rerun with new seeds would vary."""
+    m = paired(runs)
+    rows = []
+    for key, g in m.groupby(by, sort=True):
+        per_seed = g.groupby("seed")["gain"].mean().to_numpy()
+        lo, hi, p = t_interval(per_seed, confidence)
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,))) | dict(
+            gain=per_seed.mean(), ci_low=lo, ci_high=hi, p=p, n_points=g.groupby(POINT, dropna=False).ngroups,
+            n_seeds=len(per_seed), transfer=g["test_acc"].mean(), scratch=g["scratch_test_acc"].mean()))
+    return pd.DataFrame(rows, columns=by + ["gain", "ci_low", "ci_high", "p", "n_points", "n_seeds", "transfer",
+                                            "scratch"])
+
+
+def depth_gap(runs: pd.DataFrame, a: str, b: str, confidence: float = 0.95) -> pd.DataFrame:
+    """Per target: the mean test accuracy of frozen depth `a` minus depth `b` (each at its configuration chosen on
+    validation, same k-shot subsets), with its t-interval over seeds ('gain' here is that difference)."""
+    m = paired(runs)
+    per_seed = m.groupby(["target", "frozen_depth", "seed"])["test_acc"].mean().unstack("frozen_depth")
+    if a not in per_seed or b not in per_seed:
+        return pd.DataFrame(columns=["target", "gain", "ci_low", "ci_high"])
+    rows = []
+    for target, d in (per_seed[a] - per_seed[b]).dropna().groupby(level="target"):
+        lo, hi, _ = t_interval(d.to_numpy(), confidence)
+        rows.append(dict(target=target, gain=d.mean(), ci_low=lo, ci_high=hi))
+    return pd.DataFrame(rows, columns=["target", "gain", "ci_low", "ci_high"])
+
+
 def point_flags(r) -> str:
     """What weakens a point's comparison, in words ('' when nothing does)."""
     flags = [f"{arm} not converged ({share:.0%})" for arm, share in

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", help="dask scheduler address (or TRANSFERBENCH_DASK_SCHEDULER)")
     s.add_argument("--retry-failed", action="store_true", help="rerun only the cells recorded as failed")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--skip-domains", action="store_true", help="skip the domain measures (distances, estimators): "
+                   "quicker iteration; the report then orders targets as listed and ranks no estimator")
     r = sub.add_parser("report", help="rebuild tables, figures and report from the records (no training)")
     r.add_argument("study", help="study name (its folder under --results)")
     r.add_argument("--results", type=Path, default=Path("results"))
@@ -85,10 +87,10 @@ def cmd_study(args) -> int:
         summary = run_cells(study, cells, out / "records", jobs=args.jobs, backend=args.backend,
                             scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
         summary.wall_seconds = time.perf_counter() - t0
-        timing = _measure_domains(study, out, summary)
+        timing = _measure_domains(study, out, summary, args.skip_domains)
         from .report import build
 
-        report = build(study, out, timing)
+        report = build(study, out, timing, domains=not args.skip_domains)
     if timing:
         print(timing)
     else:
@@ -105,21 +107,25 @@ def cmd_study(args) -> int:
     return 0
 
 
-def _measure_domains(study, out: Path, summary) -> str | None:
-    """domains.csv (rebuilt when cells ran or it is missing or unreadable); the timing block, None if nothing ran."""
+def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | None:
+    """domains.csv (rebuilt when cells ran or it is missing or unreadable; each pair's measures come from the disk
+    cache when nothing they depend on changed); the timing block, None if nothing ran."""
     from .atomic import write_text
     from .domains import domain_tables
     from .runner import timing_table
     from .store import read_domains
 
     t1 = time.perf_counter()
-    if summary.ran or read_domains(out) is None or not (out / "estimators.csv").exists():
+    if skip:
+        pass
+    elif summary.ran or read_domains(out) is None or not (out / "estimators.csv").exists():
         domains, estimators = domain_tables(study)
         write_text(out / "estimators.csv", estimators.to_csv(index=False))
         write_text(out / "domains.csv", domains.to_csv(index=False))  # last: its presence says both are whole
     if not summary.ran:
         return None
-    return timing_table(summary) + f"\ndomain measures: {time.perf_counter() - t1:.1f} s"
+    return timing_table(summary) + ("\ndomain measures: skipped (--skip-domains)" if skip else
+                                    f"\ndomain measures: {time.perf_counter() - t1:.1f} s")
 
 
 def cmd_report(args) -> int:

@@ -5,7 +5,9 @@ transferability estimates. The arithmetic lives in `measures/`; this module only
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,9 @@ from torch import nn
 from .backbones import create_backbone, split_at_depth
 from .data import load_target, nested_kshot
 from .data.embedded import SOURCE_REFERENCE_IMAGES
-from .features import FeatureCache
+from .atomic import write_text
+from .features import FeatureCache, feature_key
+from .paths import cache_dir
 from .measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme, mmd2_unbiased, nce,
                        proxy_a_distance, safely)
 from .source import weights_map
@@ -82,16 +86,20 @@ def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None) -> tuple[d
     return {k: v for k, (v, _) in found.items()}, [f"{k}: {why}" for k, (_, why) in found.items() if why]
 
 
+DOMAINS_FORMAT = 1  # bump when a measure's arithmetic or inputs change: cached rows are then recomputed
+
+
 def domain_tables(study: Study, cache: FeatureCache | None = None,
                   max_samples: int = 500) -> tuple[pd.DataFrame, pd.DataFrame]:
     """domains.csv: one row per (backbone, target condition) -- distances to the source reference (no labels), the
     BatchNorm profile, and the estimators on the whole training pool (more labels than any cell sees, kept for
     reference); estimators.csv: the estimators on each k-shot subset a cell trains on, the labels a practitioner
-    has. Backbones without source weights get no row."""
+    has. Backbones without source weights get no row. Each (backbone, target) pair is cached on disk under a key of
+    everything it depends on (weights and target by content, image size, sizes and seeds), so a rerun that changes
+    only the grid's other axes, or the report, measures nothing again."""
     cache = cache or FeatureCache.default()
     device = torch.device("cuda" if torch.cuda.is_available() and study.train.device != "cpu" else "cpu")
     size = study.train.image_size
-    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
     reference = load_target(REFERENCE, None, 0, size)
     rows, kshot = [], []
     resolved = weights_map(study)
@@ -100,40 +108,79 @@ def domain_tables(study: Study, cache: FeatureCache | None = None,
             continue
         weights = resolved.get((spec.model, spec.weights), spec.weights)
         bb = create_backbone(spec.model, weights, num_classes=2, seed=0)
-        ref = np.concatenate(list(_pooled_features(spec.model, bb, reference, study, cache, device).values()))
-        ref = ref[rng.permutation(len(ref))[:max_samples]]
-        mean = ref.mean(0)
-        basis = np.linalg.svd(ref - mean, full_matrices=False)[2][:PCA_DIMS].T
-        ref_x = torch.cat(list(reference.x.values()))
-        ref_profile = bn_profile(bb.model, bb.groups, ref_x[torch.randperm(len(ref_x), generator=g)[:max_samples]],
-                                 device, bb.data_config)
+        source = functools.cache(lambda: _source_side(spec.model, bb, reference, study, cache, device, max_samples))
         for t in study.targets:
             target = load_target(t.dataset, t.shift, t.severity, size, t.options, t.label)
-            feats = _pooled_features(spec.model, bb, target, study, cache, device)
-            f, y = feats["train"], target.y["train"].numpy()
-            sub = f[rng.permutation(len(f))[:max_samples]]
-            pa, pb = (sub - mean) @ basis, (ref - mean) @ basis
-            with torch.inference_mode():
-                probs = torch.softmax(bb.source_head(torch.from_numpy(f)).float(), 1).numpy() if bb.source_head else None
-            x = target.x["train"]
-            profile = bn_profile(bb.model, bb.groups, x[torch.randperm(len(x), generator=g)[:max_samples]], device,
-                                 bb.data_config)
+            sizes = t.n_per_class or study.grid.n_per_class
+            key = feature_key(kind="domains", version=DOMAINS_FORMAT, model=spec.model, weights=bb.weights_id,
+                              target=target.key, reference=reference.key, image_size=size, max_samples=max_samples,
+                              sizes=sorted(sizes), seeds=sorted(study.grid.seed))
             where = dict(backbone=spec.model, weights=weights, target=t.condition)
-            distances = {k: safely(fn, pa, pb) for k, fn in (("fd", frechet_distance), ("mmd", mmd2_unbiased),
-                                                                ("pad", proxy_a_distance))}
-            pool, notes = estimates(f, y, probs)
-            row = where | dict(dataset=t.dataset, shift=t.shift, severity=t.severity,
-                               reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})", n_target=len(sub),
-                               n_reference=len(ref), **{k: v for k, (v, _) in distances.items()}, **pool,
-                               bn_kl_mean=float(np.nanmean(profile)),
-                               notes="; ".join(notes + [f"{k}: {why}" for k, (_, why) in distances.items() if why]))
-            row |= {f"bn_kl_group{g}": v for g, v in enumerate(profile)}
-            row |= {f"bn_kl_ref_group{g}": v for g, v in enumerate(ref_profile)}
-            rows.append(row)
-            for n, seed in itertools.product(t.n_per_class or study.grid.n_per_class, study.grid.seed):
-                idx = nested_kshot(y, n, seed)
-                values, notes = estimates(f[idx], y[idx], probs[idx] if probs is not None else None)
-                kshot.append(where | dict(n_per_class=n, seed=seed, n_labels=len(idx), **values, notes="; ".join(notes)))
+            found = _cached(key, lambda: _measure_target(bb, target, t, source(), study, cache, sizes, device, max_samples))
+            rows.append(where | found["row"])
+            kshot += [where | r for r in found["kshot"]]
     domains = pd.DataFrame(rows) if rows else pd.DataFrame(columns=DOMAIN_COLUMNS)
     return domains, pd.DataFrame(kshot, columns=["backbone", "weights", "target", "n_per_class", "seed", "n_labels",
                                                  *ESTIMATORS, "notes"])
+
+
+def _source_side(model_name: str, bb, reference, study: Study, cache: FeatureCache, device, max_samples: int) -> dict:
+    """The source reference's pooled features (a fixed subsample), their 64-d PCA basis and its BN profile."""
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    ref = np.concatenate(list(_pooled_features(model_name, bb, reference, study, cache, device).values()))
+    ref = ref[rng.permutation(len(ref))[:max_samples]]
+    mean = ref.mean(0)
+    basis = np.linalg.svd(ref - mean, full_matrices=False)[2][:PCA_DIMS].T
+    ref_x = torch.cat(list(reference.x.values()))
+    profile = bn_profile(bb.model, bb.groups, ref_x[torch.randperm(len(ref_x), generator=g)[:max_samples]], device,
+                         bb.data_config)
+    return dict(ref=ref, mean=mean, basis=basis, profile=profile, model=model_name)
+
+
+def _measure_target(bb, target, t, src: dict, study: Study, cache: FeatureCache, sizes: list[int], device,
+                    max_samples: int) -> dict:
+    """One (backbone, target) pair: its domains.csv row and its estimators.csv rows. Random draws are seeded per
+    pair, so a pair's values do not depend on which other pairs were cached."""
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    feats = _pooled_features(src["model"], bb, target, study, cache, device)
+    f, y = feats["train"], target.y["train"].numpy()
+    sub = f[rng.permutation(len(f))[:max_samples]]
+    pa, pb = (sub - src["mean"]) @ src["basis"], (src["ref"] - src["mean"]) @ src["basis"]
+    with torch.inference_mode():
+        probs = torch.softmax(bb.source_head(torch.from_numpy(f)).float(), 1).numpy() if bb.source_head else None
+    x = target.x["train"]
+    profile = bn_profile(bb.model, bb.groups, x[torch.randperm(len(x), generator=g)[:max_samples]], device,
+                         bb.data_config)
+    distances = {k: safely(fn, pa, pb) for k, fn in (("fd", frechet_distance), ("mmd", mmd2_unbiased),
+                                                        ("pad", proxy_a_distance))}
+    pool, notes = estimates(f, y, probs)
+    row = dict(dataset=t.dataset, shift=t.shift, severity=t.severity,
+               reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})", n_target=len(sub),
+               n_reference=len(src["ref"]), **{k: v for k, (v, _) in distances.items()}, **pool,
+               bn_kl_mean=float(np.nanmean(profile)),
+               notes="; ".join(notes + [f"{k}: {why}" for k, (_, why) in distances.items() if why]))
+    row |= {f"bn_kl_group{i}": v for i, v in enumerate(profile)}
+    row |= {f"bn_kl_ref_group{i}": v for i, v in enumerate(src["profile"])}
+    kshot = []
+    for n, seed in itertools.product(sizes, study.grid.seed):
+        idx = nested_kshot(y, n, seed)
+        values, notes = estimates(f[idx], y[idx], probs[idx] if probs is not None else None)
+        kshot.append(dict(n_per_class=n, seed=seed, n_labels=len(idx), **values, notes="; ".join(notes)))
+    return dict(row=row, kshot=kshot)
+
+
+def _cached(key: str, compute) -> dict:
+    """A pair's measures from the on-disk cache (JSON), else computed and stored; an unreadable entry is recomputed."""
+    path = cache_dir("domains") / f"{key}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    found = json.loads(json.dumps(compute(), default=_plain))  # exactly what a later read will return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(found, allow_nan=True))
+    return found
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else str(v)

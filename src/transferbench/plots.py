@@ -1,25 +1,192 @@
-"""Figures from the tidy tables (PNG + SVG). Colour-blind-safe palette, fixed depth order, zero lines."""
+"""Figures from the tidy tables, one registered function each (`FIGURES`), drawn for print: every figure fits a
+page width (`PAGE_WIDTH` inches), saved as PNG at `DPI` and as SVG. One `Style` per report gives every target and
+every arm (frozen depth, scratch, pixel baseline) the same colour in every figure: targets on a sequential
+palette from near to far as measured, arms on a colour-blind-safe one. Axis titles are shared per figure, facets
+wrap, legends sit below the panels, and `overlapping_labels` is what the tests use to check that no two labels
+collide."""
 
 from __future__ import annotations
 
+import functools
+import itertools
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from . import atomic  # noqa: E402
-from .analysis import depth_label, ok_runs  # noqa: E402
+from .analysis import MEASURES, POINT, SCRATCH_POINT, choose, depth_label, ok_runs, t_interval  # noqa: E402
 
-PALETTE = "colorblind"
+PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
+DPI = 300  # print resolution of the PNGs (the SVGs are vector)
+MAX_COLUMNS = 5  # facets wrap after this many panels
+RC = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 6, "ytick.labelsize": 6,
+      "legend.fontsize": 6.5, "legend.title_fontsize": 7, "figure.titlesize": 8, "axes.spines.top": False,
+      "axes.spines.right": False, "svg.fonttype": "none"}
 
 
-def _save(fig, directory: Path, name: str) -> list[Path]:
+# ---------------------------------------------------------------- one palette per report -----------------------
+
+@dataclass(frozen=True)
+class Style:
+    """Colours and orders shared by every figure of one report."""
+    targets: dict  # condition -> colour, near -> far
+    arms: dict  # arm label ('frozen 0', ..., 'probe (all)', 'scratch', 'pixels: ...') -> colour
+    ordered_by: str  # how the targets were ordered, for captions
+
+    @property
+    def target_order(self) -> list[str]:
+        return list(self.targets)
+
+    @property
+    def arm_order(self) -> list[str]:
+        return list(self.arms)
+
+
+def arm_labels(runs: pd.DataFrame) -> list[str]:
+    """Every arm label in a fixed order: transfer depths from fully trained to fully frozen, scratch, pixels."""
+    runs = ok_runs(runs) if "status" in runs else runs
+    transfer = runs[runs["arm"] == "transfer"].sort_values("frozen_groups")
+    labels = list(dict.fromkeys(depth_label(d) for d in transfer["frozen_depth"].astype(str)))
+    pixels = sorted({f"pixels: {m}" for m in runs.loc[runs["arm"] == "pixels", "backbone"]})
+    return labels + (["scratch"] if (runs["arm"] == "scratch").any() else []) + pixels
+
+
+def make_style(runs: pd.DataFrame, targets: list[str], ordered_by: str) -> Style:
+    """Targets (already near -> far) on viridis, dark = near; transfer depths on the colour-blind palette, scratch
+    always vermillion, the pixel baselines in greys (drawn dashed)."""
+    cb = sns.color_palette("colorblind", 10)
+    labels = arm_labels(runs)
+    depths = [lbl for lbl in labels if lbl != "scratch" and not lbl.startswith("pixels")]
+    depth_colours = [cb[i] for i in (0, 2, 4, 9, 5, 1, 6)]  # never near scratch's vermillion
+    arms = dict(zip(depths, itertools.cycle(depth_colours)))
+    if "scratch" in labels:
+        arms["scratch"] = cb[3]
+    pixels = [lbl for lbl in labels if lbl.startswith("pixels")]
+    arms |= dict(zip(pixels, [str(g) for g in np.linspace(0.35, 0.7, max(2, len(pixels)))]))
+    shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(2, len(targets))))
+    return Style(dict(zip(targets, [tuple(c) for c in shades])), arms, ordered_by)
+
+
+def short(condition: str, width: int = 18) -> str:
+    """A condition name broken at its '+' (the shift) and wrapped, for panel titles and tick labels."""
+    return "\n".join(textwrap.wrap(condition.replace("+", " +"), width, break_on_hyphens=False)) or condition
+
+
+# ---------------------------------------------------------------- layout helpers --------------------------------
+
+def panels(n: int, panel_w: float = 1.45, panel_h: float = 1.35, columns: int = MAX_COLUMNS, sharex=True, sharey=True):
+    """A wrapped grid of n panels at most a page wide, in the upper of two stacked subfigures (the lower one holds
+    the legend, so a legend never covers a panel or the shared axis title); the unused cells are removed."""
+    cols = max(1, min(n, columns, int(PAGE_WIDTH // panel_w)))
+    rows = -(-n // cols)
+    height = panel_h * rows + 0.9
+    root = plt.figure(figsize=(min(PAGE_WIDTH, panel_w * cols + 0.6), height), layout="constrained")
+    grid = root.add_gridspec(2, 1, height_ratios=[height, 1e-3])
+    top, bottom = root.add_subfigure(grid[0]), root.add_subfigure(grid[1])
+    axes = top.subplots(rows, cols, squeeze=False, sharex=sharex, sharey=sharey)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.remove()
+    for ax in flat[:n]:  # a removed neighbour must not hide the tick labels of the panel above it
+        ax.xaxis.set_tick_params(labelbottom=True)
+    top.legend_area, top.legend_grid = bottom, grid
+    return top, flat[:n]
+
+
+def finish(fig, axes, xlabel: str, ylabel: str, handles: list | None = None, *, title: str | None = None,
+           legend_columns: int = 4):
+    """One shared x and y title on the panels' subfigure, the legend in its own strip below; returns the figure."""
+    for ax in axes:
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.supxlabel(xlabel, fontsize=7)
+    fig.supylabel(ylabel, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    root = fig.get_figure(root=True)
+    if handles and hasattr(fig, "legend_area"):
+        rows = -(-len(handles) // legend_columns)
+        extra = 0.16 * rows + 0.08
+        top_h = root.get_figheight()
+        root.set_figheight(top_h + extra)
+        fig.legend_grid.set_height_ratios([top_h, extra])
+        fig.legend_area.legend(handles=handles, loc="center", ncol=min(legend_columns, len(handles)), frameon=False)
+    return root
+
+
+def line(colour, label: str, **kw) -> Line2D:
+    return Line2D([], [], color=colour, label=label, marker=kw.pop("marker", "o"), markersize=3.5, lw=1.2, **kw)
+
+
+def mean_interval(df: pd.DataFrame, by: list[str], value: str, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean of `value` over seeds per `by`, with its Student-t interval (the report's intervals, not a bootstrap)."""
+    rows = []
+    for key, g in df.groupby(by, sort=True):
+        lo, hi, _ = t_interval(g[value].to_numpy(), confidence)
+        v = g[value].mean()
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,))) | dict(mean=v, low=lo if lo == lo else v,
+                                                                                      high=hi if hi == hi else v))
+    return pd.DataFrame(rows, columns=by + ["mean", "low", "high"])
+
+
+def size_axis(ax, sizes) -> None:
+    """Log x axis with ticks at the sizes themselves (no '2x10^0' minor labels)."""
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    lo, hi = min(sizes), max(sizes)
+    ax.set_xlim(lo / 1.35, hi * 1.35)
+
+
+def overlapping_labels(fig, tolerance: float = 0.5) -> list[tuple[str, str]]:
+    """Pairs of drawn tick labels, axis labels, titles and legend texts whose boxes overlap (in pixels, each box
+    shrunk by `tolerance`): what a reader would see as text printed over text."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    texts = []
+    for f in [fig, *subfigures(fig)]:
+        texts += [t for t in (f._supxlabel, f._supylabel, f._suptitle) if t is not None]
+        for legend in f.legends:
+            texts += list(legend.get_texts()) + [legend.get_title()]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks():
+                inside = lo - 1e-9 * (abs(lo) + 1) <= tick.get_loc() <= hi + 1e-9 * (abs(hi) + 1)
+                texts += [lbl for lbl in (tick.label1, tick.label2) if inside and lbl.get_visible()]
+        if ax.get_legend():
+            texts += list(ax.get_legend().get_texts()) + [ax.get_legend().get_title()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts
+             if t.get_visible() and t.get_text().strip() and t.get_figure() is not None]
+    boxes = [(s, b.expanded(1, 1).padded(-tolerance)) for s, b in boxes if b.width > 0 and b.height > 0]
+    return [(a, b) for (a, ba), (b, bb) in itertools.combinations(boxes, 2) if ba.overlaps(bb)]
+
+
+def subfigures(fig) -> list:
+    out = []
+    for sub in getattr(fig, "subfigs", []):
+        out += [sub, *subfigures(sub)]
+    return out
+
+
+def width_inches(fig) -> float:
+    """The saved width (tight bounding box, as `save` writes it)."""
+    return fig.get_tightbbox(fig.canvas.get_renderer()).width
+
+
+def save(fig, directory: Path, name: str) -> list[Path]:
     """PNG and SVG, each written under a temporary name and renamed into place: a failed write (full disk)
     leaves no truncated figure behind, and the error propagates."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -27,198 +194,304 @@ def _save(fig, directory: Path, name: str) -> list[Path]:
     try:
         for p in paths:
             with atomic.replacing(p) as tmp:
-                fig.savefig(tmp, format=p.suffix[1:], dpi=110, bbox_inches="tight")
+                fig.savefig(tmp, format=p.suffix[1:], dpi=DPI, bbox_inches="tight", metadata=_metadata(p.suffix))
     finally:
         plt.close(fig)
     return paths
 
 
-def _by_source(df: pd.DataFrame) -> pd.DataFrame:
-    """Where one architecture has several weight sources (source_choice), panels are per source."""
-    if "weights" in df and df[df["arm"].ne("scratch") if "arm" in df else slice(None)].groupby("backbone")["weights"].nunique().max() > 1:
-        df = df.copy()
-        transfer = df["arm"].ne("scratch") if "arm" in df else pd.Series(True, index=df.index)
-        df.loc[transfer, "backbone"] = df.loc[transfer, "backbone"] + " | " + df.loc[transfer, "weights"].map(source_label)
-    return df
+def _metadata(suffix: str) -> dict:
+    # No creation date or software version in the files: rebuilding the same tables gives the same bytes.
+    return {".png": {"Software": None}, ".svg": {"Date": None, "Creator": None}}[suffix]
 
 
-def _depth_order(df: pd.DataFrame) -> list[str]:
-    order = df.sort_values("frozen_groups")["label"].drop_duplicates().tolist()
-    last = ["scratch"] + sorted(lbl for lbl in order if lbl.startswith("pixels"))
-    return [lbl for lbl in order if lbl not in last] + [lbl for lbl in last if lbl in order]
+# ---------------------------------------------------------------- the figures -----------------------------------
+
+# name -> function(tables, style) -> Figure, or None when the tables cannot carry it (no domains, one source)
+FIGURES: dict[str, Callable] = {}
 
 
-def accuracy_vs_size(runs: pd.DataFrame, selected: pd.DataFrame, targets: list[str], directory: Path):
-    """Test accuracy against examples per class, per target: each frozen depth and scratch (each arm's configuration
-    chosen on val), beside the pixel baselines of the same k-shot subsets."""
-    from .analysis import POINT, SCRATCH_POINT, choose
+def figure(name: str):
+    def register(fn):
+        @functools.wraps(fn)
+        def draw(t: dict, style: Style):
+            with plt.rc_context(RC):
+                return fn(t, style)
+        FIGURES[name] = draw
+        return draw
+    return register
 
+
+def _facets(df: pd.DataFrame, style: Style) -> list[tuple[str, str]]:
+    """(backbone, target) panels, targets near -> far within each backbone."""
+    return [(bb, tg) for bb in sorted(df["backbone"].unique()) for tg in style.target_order if tg in set(df["target"])]
+
+
+def _panel_title(ax, bb: str, tg: str, n_backbones: int) -> None:
+    ax.set_title(short(tg) if n_backbones == 1 else f"{bb.replace('tf_efficientnet_', '')}\n{short(tg)}", fontsize=6.5)
+
+
+def selected_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: transfer and scratch cells of the configuration each arm chose on validation, and the pixel
+    baselines (repeated per backbone, so they sit in every panel), labelled by arm."""
     runs = ok_runs(runs)
     tr = choose(runs[runs["arm"] == "transfer"], POINT)
     sc = choose(runs[runs["arm"] == "scratch"], SCRATCH_POINT)
     px = runs[runs["arm"] == "pixels"]
-    px = pd.concat([px.assign(method=px["backbone"], backbone=b) for b in sorted(set(tr["backbone"]))], ignore_index=True)
-    df = pd.concat([_by_source(tr), sc.drop_duplicates("cell_id"), px], ignore_index=True)
+    px = pd.concat([px.assign(method=px["backbone"], backbone=b) for b in sorted(set(tr["backbone"]))],
+                   ignore_index=True) if len(px) else px
+    df = pd.concat([tr, sc, px], ignore_index=True)
     df["label"] = [f"pixels: {m}" if a == "pixels" else depth_label(d, a)
                    for d, a, m in zip(df["frozen_depth"], df["arm"], df.get("method", df["arm"]))]
-    df["test accuracy (%)"] = 100 * df["test_acc"]
-    g = sns.relplot(df, x="n_per_class", y="test accuracy (%)", hue="label", hue_order=_depth_order(df),
-                    col="target", col_order=[t for t in targets if t in set(df["target"])], row="backbone",
-                    kind="line", marker="o", errorbar=("ci", 95), n_boot=200, seed=0, palette=PALETTE, height=2.6, aspect=1.0,
-                    facet_kws=dict(sharey=True, sharex=True))
-    g.set(xscale="log", ylim=(0, 100))
+    return df
+
+
+@figure("accuracy_vs_size")
+def accuracy_vs_size(t: dict, style: Style):
+    """Test accuracy against labelled examples per class, per backbone and target: every transfer depth and scratch
+    (each at the configuration chosen on validation) beside the pixel baselines of the same k-shot subsets; mean
+    over seeds with its t-interval."""
+    df = selected_runs(t["runs"])
+    if df.empty:
+        return None
+    stats = mean_interval(df, ["backbone", "target", "label", "n_per_class"], "test_acc")
+    facets = _facets(df, style)
     sizes = sorted(df["n_per_class"].unique())
-    for ax in g.axes.flat:  # the sizes themselves as ticks, not powers of ten
-        ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    g.set_axis_labels("labelled examples per class (log)", "test accuracy (%)")
-    g.set_titles("{row_name}\n{col_name}", size=8)
-    g.legend.set_title("arm / frozen depth")
-    return _save(g.figure, directory, "accuracy_vs_size")
+    fig, axes = panels(len(facets))
+    n_bb = df["backbone"].nunique()
+    for ax, (bb, tg) in zip(axes, facets):
+        for lbl in style.arm_order:
+            s = stats[(stats["backbone"] == bb) & (stats["target"] == tg) & (stats["label"] == lbl)]
+            if s.empty:
+                continue
+            dashed = lbl.startswith("pixels")
+            ax.plot(s["n_per_class"], 100 * s["mean"], marker="o", ms=2.5, lw=1, color=style.arms[lbl],
+                    ls="--" if dashed else "-")
+            ax.fill_between(s["n_per_class"], 100 * s["low"], 100 * s["high"], color=style.arms[lbl], alpha=0.15, lw=0)
+        size_axis(ax, sizes)
+        ax.set_ylim(0, 100)
+        _panel_title(ax, bb, tg, n_bb)
+    handles = [line(c, lbl, ls="--" if lbl.startswith("pixels") else "-") for lbl, c in style.arms.items()
+               if lbl in set(df["label"])]
+    return finish(fig, axes, "labelled examples per class (log scale)", "test accuracy (%)", handles,
+                  legend_columns=4)
 
 
-def gain_heatmap(selected: pd.DataFrame, targets: list[str], directory: Path):
-    """Gain (pp) over frozen depth x examples per class, one panel per backbone and target."""
-    df = _by_source(selected)
-    df["gain (pp)"] = 100 * df["gain"]
-    df["label"] = [depth_label(d) for d in df["frozen_depth"]]
-    order = _depth_order(df)
-    backbones = sorted(df["backbone"].unique())
-    cols = [t for t in targets if t in set(df["target"])]
-    lim = max(5.0, float(np.nanmax(np.abs(df["gain (pp)"]))) if len(df) else 5.0)
-    fig, axes = plt.subplots(len(backbones), len(cols), figsize=(2.4 * len(cols) + 1, 2.2 * len(backbones)),
-                             squeeze=False, sharex=True, sharey=True)
-    for r, bb in enumerate(backbones):
-        for c, tg in enumerate(cols):
-            sub = df[(df["backbone"] == bb) & (df["target"] == tg)]
-            table = sub.pivot_table(index="label", columns="n_per_class", values="gain (pp)").reindex(order)
-            sns.heatmap(table, ax=axes[r, c], cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=True, fmt=".0f",
-                        cbar=c == len(cols) - 1, cbar_kws={"label": "gain over scratch (pp)"}, annot_kws={"size": 7})
-            axes[r, c].set_title(f"{bb}\n{tg}", fontsize=8)
-            axes[r, c].set_xlabel("examples per class" if r == len(backbones) - 1 else "")
-            axes[r, c].set_ylabel("frozen depth" if c == 0 else "")
-    fig.tight_layout()
-    return _save(fig, directory, "gain_heatmap")
+@figure("gain_forest")
+def gain_forest(t: dict, style: Style):
+    """Forest plot: each grid point's gain over scratch with its t-interval over seeds; target conditions from
+    near (top) to far as measured; one panel per backbone and size. Filled: a verdict (BH discovery of at least the
+    minimum effect); open: inconclusive; a grey ring: flagged (an arm not converged or below the pixels)."""
+    sel = t["selected"]
+    if sel.empty:
+        return None
+    depths = [lbl for lbl in style.arm_order if lbl != "scratch" and not lbl.startswith("pixels")]
+    sizes, backbones = sorted(sel["n_per_class"].unique()), sorted(sel["backbone"].unique())
+    targets = [tg for tg in style.target_order if tg in set(sel["target"])]
+    facets = list(itertools.product(backbones, sizes))
+    fig, axes = panels(len(facets), panel_w=2.2, panel_h=0.28 * len(targets) * max(1, len(depths)) ** 0.5 + 0.4,
+                       columns=len(sizes), sharex=True, sharey=True)
+    y = np.arange(len(targets))[::-1].astype(float)
+    for ax, (bb, n) in zip(axes, facets):
+        ax.axvline(0, color="black", lw=0.7)
+        for j, lbl in enumerate(depths):
+            sub = sel[(sel["backbone"] == bb) & (sel["n_per_class"] == n)]
+            sub = sub[[depth_label(d) == lbl for d in sub["frozen_depth"].astype(str)]].set_index("target").reindex(targets)
+            yy = y - (j - (len(depths) - 1) / 2) * 0.22  # the first depth on top
+            g, lo, hi = 100 * sub["gain"], 100 * sub["ci_low"], 100 * sub["ci_high"]
+            ax.hlines(yy, lo, hi, color=style.arms[lbl], lw=1)
+            called = (sub["verdict"].fillna("inconclusive") != "inconclusive").to_numpy()
+            ax.scatter(g[called], yy[called], s=12, color=style.arms[lbl], zorder=3)
+            ax.scatter(g[~called], yy[~called], s=12, facecolors="white", edgecolors=style.arms[lbl], zorder=3)
+            flagged = (sub["flags"].fillna("") != "").to_numpy()
+            ax.scatter(g[flagged], yy[flagged], s=40, facecolors="none", edgecolors="0.55", lw=0.6, zorder=2)
+        ax.set_yticks(y, [short(tg, 22) for tg in targets])
+        ax.set_title(f"{bb.replace('tf_efficientnet_', '')}, {n} per class" if len(backbones) > 1 else f"{n} per class")
+    handles = [line(style.arms[lbl], lbl, ls="-") for lbl in depths] + [
+        Line2D([], [], ls="", marker="o", mfc="white", mec="0.2", ms=3.5, label="open: inconclusive"),
+        Line2D([], [], ls="", marker="o", mfc="none", mec="0.55", ms=7, label="ring: flagged")]
+    return finish(fig, axes, "gain of transfer over scratch (pp), 95% t-interval over seeds",
+                  f"target condition, near (top) to far, by {style.ordered_by}", handles, legend_columns=5)
 
 
-def gain_by_condition(selected: pd.DataFrame, targets: list[str], directory: Path, ordered_by: str = "the study file"):
-    """Forest plot: each gain with its t-interval over seeds, target conditions in the given order (by measured
-    distance where there is one), per size and depth. Filled markers are verdicts (BH discoveries of at least the
-    minimum effect); open markers are inconclusive."""
-    df = _by_source(selected)
-    df["label"] = [depth_label(d) for d in df["frozen_depth"]]
-    order = _depth_order(df)
-    cols = [t for t in targets if t in set(df["target"])]
-    sizes = sorted(df["n_per_class"].unique())
-    backbones = sorted(df["backbone"].unique())
-    colors = dict(zip(order, sns.color_palette(PALETTE, len(order))))
-    fig, axes = plt.subplots(len(backbones), len(sizes), figsize=(3.2 * len(sizes) + 1, 2.8 * len(backbones)),
-                             squeeze=False, sharey=True)
-    x = np.arange(len(cols))
-    for r, bb in enumerate(backbones):
-        for c, n in enumerate(sizes):
-            ax = ax_ = axes[r, c]
-            ax.axhline(0, color="black", lw=0.8)
-            for j, lbl in enumerate(order):
-                sub = df[(df["backbone"] == bb) & (df["n_per_class"] == n) & (df["label"] == lbl)]
-                sub = sub.set_index("target").reindex(cols)
-                off = (j - (len(order) - 1) / 2) * 0.12
-                yerr = np.vstack([sub["gain"] - sub["ci_low"], sub["ci_high"] - sub["gain"]]) * 100
-                ax_.errorbar(x + off, 100 * sub["gain"], yerr=np.nan_to_num(yerr), fmt="none", capsize=2,
-                             color=colors[lbl])
-                called = (sub["verdict"] != "inconclusive").to_numpy()
-                ax_.scatter((x + off)[called], 100 * sub["gain"][called], s=16, color=colors[lbl],
-                            label=lbl if (r, c) == (0, 0) else None)
-                ax_.scatter((x + off)[~called], 100 * sub["gain"][~called], s=16, facecolors="white",
-                            edgecolors=colors[lbl])
-                flagged = (sub["flags"].fillna("") != "").to_numpy() if "flags" in sub else np.zeros(len(x), bool)
-                ax_.scatter((x + off)[flagged], 100 * sub["gain"][flagged], s=40, marker="x", color="0.3", lw=0.8,
-                            label="flagged" if (r, c, j) == (0, 0, 0) and flagged.any() else None)
-            ax.set_xticks(x, cols, rotation=45, ha="right", fontsize=7)
-            ax.set_title(f"{bb}, {n} per class", fontsize=8)
-            ax.set_ylabel("gain over scratch (pp)" if c == 0 else "")
-    axes[0, 0].legend(fontsize=7, title="frozen depth", title_fontsize=7)
-    fig.supxlabel(f"target condition, ordered by {ordered_by} (filled: a verdict; open: inconclusive; x: flagged, "
-                  "see the gains table)", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, directory, "gain_by_condition")
+@figure("gain_heatmap")
+def gain_heatmap(t: dict, style: Style):
+    """Mean gain (pp) per target (rows, near -> far) and frozen depth x size (columns), one panel per backbone."""
+    sel = t["selected"]
+    if sel.empty:
+        return None
+    depths = [lbl for lbl in style.arm_order if lbl != "scratch" and not lbl.startswith("pixels")]
+    targets = [tg for tg in style.target_order if tg in set(sel["target"])]
+    backbones = sorted(sel["backbone"].unique())
+    df = sel.assign(label=[depth_label(d) for d in sel["frozen_depth"].astype(str)], g=100 * sel["gain"])
+    lim = max(5.0, float(np.nanmax(np.abs(df["g"]))))
+    cols = [(lbl, n) for lbl in depths for n in sorted(df["n_per_class"].unique())]
+    fig, axes = plt.subplots(len(backbones), 1, squeeze=False,
+                             figsize=(min(PAGE_WIDTH, 0.5 * len(cols) + 2.2), (0.24 * len(targets) + 0.7) * len(backbones) + 0.3),
+                             layout="constrained")
+    axes = list(axes.flat)
+    for ax, bb in zip(axes, backbones):
+        table = df[df["backbone"] == bb].pivot_table(index="target", columns=["label", "n_per_class"], values="g")
+        table = table.reindex(index=targets, columns=pd.MultiIndex.from_tuples(cols))
+        sns.heatmap(table, ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=True, fmt=".0f", cbar=True,
+                    cbar_kws={"label": "gain (pp)", "shrink": 0.8}, annot_kws={"size": 5.5})
+        ax.set_xticks(np.arange(len(cols)) + 0.5, [f"{lbl.replace('frozen ', 'f')}\n{n}" for lbl, n in cols],
+                      rotation=0)
+        ax.set_yticks(np.arange(len(targets)) + 0.5, [short(tg, 24) for tg in targets], rotation=0)
+        ax.set_title(bb if len(backbones) > 1 else "")
+    return finish(fig, axes, "frozen depth (f0 = all layers trained) and labelled examples per class",
+                  "target condition, near (top) to far")
 
 
-def gain_vs_distance(selected: pd.DataFrame, domains: pd.DataFrame, directory: Path, distance: str = "fd"):
-    """Gain against the measured distance of each target from the source, per depth and size."""
-    df = selected.merge(domains[["backbone", "weights", "target", distance]], on=["backbone", "weights", "target"])
-    df["label"] = [depth_label(d) for d in df["frozen_depth"]]
-    df["gain (pp)"] = 100 * df["gain"]
-    g = sns.relplot(df, x=distance, y="gain (pp)", hue="label", hue_order=_depth_order(df), style="backbone",
-                    col="n_per_class", kind="scatter", palette=PALETTE, height=2.8, aspect=1.1, s=45)
-    for ax in g.axes.flat:
-        ax.axhline(0, color="black", lw=0.8)
-    names = {"fd": "Frechet distance to the source reference", "mmd": "MMD^2 to the source reference",
-             "pad": "proxy A-distance to the source reference"}
-    g.set_axis_labels(names.get(distance, distance) + " (frozen features)", "gain over scratch (pp)")
-    g.set_titles("{col_name} examples per class")
-    g.legend.set_title("frozen depth")
-    return _save(g.figure, directory, f"gain_vs_{distance}")
+@figure("gain_vs_fd")
+def gain_vs_distance(t: dict, style: Style, distance: str = "fd"):
+    """Gain against each target's measured distance from the source (per backbone, its own features), one panel
+    per backbone and size; colour = target, marker = frozen depth."""
+    sel, domains = t["selected"], t["domains"]
+    if sel.empty or domains.empty or distance not in domains:
+        return None
+    df = sel.merge(domains[["backbone", "weights", "target", distance]], on=["backbone", "weights", "target"])
+    if df.empty:
+        return None
+    depths = [lbl for lbl in style.arm_order if lbl != "scratch" and not lbl.startswith("pixels")]
+    markers = dict(zip(depths, itertools.cycle("osD^vP")))
+    df["label"] = [depth_label(d) for d in df["frozen_depth"].astype(str)]
+    facets = list(itertools.product(sorted(df["backbone"].unique()), sorted(df["n_per_class"].unique())))
+    fig, axes = panels(len(facets), panel_w=2.2, panel_h=1.6, columns=3)
+    for ax, (bb, n) in zip(axes, facets):
+        sub = df[(df["backbone"] == bb) & (df["n_per_class"] == n)]
+        ax.axhline(0, color="black", lw=0.7)
+        for r in sub.itertuples():
+            ax.errorbar(getattr(r, distance), 100 * r.gain, yerr=[[100 * (r.gain - r.ci_low)], [100 * (r.ci_high - r.gain)]],
+                        fmt=markers[r.label], ms=3, color=style.targets[r.target], lw=0.6, capsize=0)
+        ax.set_title(f"{bb.replace('tf_efficientnet_', '')}, {n} per class")
+    names = {"fd": "Frechet distance", "mmd": "MMD^2", "pad": "proxy A-distance"}
+    handles = [Line2D([], [], ls="", marker="s", ms=5, color=c, label=tg) for tg, c in style.targets.items()
+               if tg in set(df["target"])] + [Line2D([], [], ls="", marker=markers[d], ms=4, color="0.3", label=d)
+                                                for d in depths]
+    return finish(fig, axes, f"{names.get(distance, distance)} to the source reference (frozen pooled features)",
+                  "gain over scratch (pp)", handles, legend_columns=4)
 
 
-def bn_divergence_profile(domains: pd.DataFrame, targets: list[str], directory: Path):
-    """Source-free: KL of target activation stats from the BatchNorm running stats, by depth group."""
+@figure("bn_divergence_profile")
+def bn_divergence_profile(t: dict, style: Style):
+    """Source-free: KL of each target's activation statistics from the BatchNorm running statistics, by depth group,
+    beside the source reference's own."""
+    domains = t["domains"]
+    if domains.empty:
+        return None
     cols = sorted((c for c in domains.columns if c.startswith("bn_kl_group")), key=lambda c: int(c[11:]))
-    long = domains.melt(id_vars=["backbone", "target"], value_vars=cols, var_name="group", value_name="KL")
-    long["depth group"] = long["group"].str[11:].astype(int)
-    ref = domains.drop_duplicates("backbone").melt(
-        id_vars=["backbone"], value_vars=[c.replace("group", "ref_group") for c in cols], var_name="group", value_name="KL")
-    ref["depth group"], ref["target"] = ref["group"].str[15:].astype(int), "source reference"
-    long = pd.concat([long, ref], ignore_index=True)
-    order = [t for t in targets if t in set(long["target"])] + ["source reference"]
-    g = sns.relplot(long, x="depth group", y="KL", hue="target", hue_order=order, col="backbone", kind="line",
-                    marker="o", palette=PALETTE, height=3, aspect=1.2)
-    g.set(yscale="log")
-    g.set_axis_labels("depth group (input side = 0)", "mean KL to BN running stats (nats, log)")
-    return _save(g.figure, directory, "bn_divergence_profile")
+    backbones = sorted(domains["backbone"].unique())
+    fig, axes = panels(len(backbones), panel_w=3.0, panel_h=1.8, columns=2)
+    groups = [int(c[11:]) for c in cols]
+    for ax, bb in zip(axes, backbones):
+        sub = domains[domains["backbone"] == bb]
+        for tg in style.target_order:
+            row = sub[sub["target"] == tg]
+            if len(row):
+                ax.plot(groups, row[cols].iloc[0].to_numpy(float), marker="o", ms=2.5, lw=1, color=style.targets[tg])
+        ax.plot(groups, sub[[c.replace("group", "ref_group") for c in cols]].iloc[0].to_numpy(float), color="black",
+                ls="--", lw=1, marker="o", ms=2)
+        ax.set_yscale("log")
+        ax.set_xticks(groups)
+        ax.set_title(bb)
+    handles = [line(c, tg) for tg, c in style.targets.items() if tg in set(domains["target"])] + [
+        line("black", "source reference", ls="--")]
+    return finish(fig, axes, "depth group (0 = input side)", "mean KL to BN running stats (nats)", handles, legend_columns=3)
 
 
-def estimators_vs_accuracy(selected: pd.DataFrame, domains: pd.DataFrame, corr: pd.DataFrame, directory: Path):
-    """Each estimator against the realized probe accuracy at the largest size, Kendall tau in the title."""
-    from .analysis import MEASURES
-
-    n = selected["n_per_class"].max()
-    probe = selected[(selected["frozen_depth"].astype(str) == "all") & (selected["n_per_class"] == n)]
-    if probe.empty:
-        probe = selected[selected["n_per_class"] == n]
+@figure("estimators_vs_accuracy")
+def estimators_vs_accuracy(t: dict, style: Style):
+    """Each label-free distance and transferability estimate (rows of domains.csv) against the realized probe
+    accuracy at the largest size; Kendall tau over targets in the title, with the number of targets."""
+    sel, domains, corr = t["selected"], t["domains"], t["correlations"]
+    if sel.empty or domains.empty:
+        return None
+    n = sel["n_per_class"].max()
+    probe = sel[(sel["frozen_depth"].astype(str) == "all") & (sel["n_per_class"] == n)]
+    probe = probe if len(probe) else sel[sel["n_per_class"] == n]
     depth = str(probe["frozen_depth"].iloc[0])
-    df = probe.merge(domains, on=["backbone", "weights", "target"])
+    df = probe[probe["frozen_depth"].astype(str) == depth].merge(domains, on=["backbone", "weights", "target"])
     measures = [m for m in MEASURES if m in df and df[m].notna().any()]
-    fig, axes = plt.subplots(1, len(measures), figsize=(2.6 * len(measures), 2.8), squeeze=False)
-    for ax, m in zip(axes[0], measures):
-        sns.scatterplot(df, x=m, y=100 * df["transfer_mean"], hue="target", style="backbone", ax=ax,
-                        palette=PALETTE, legend=ax is axes[0, -1], s=40)
+    if df.empty or not measures:
+        return None
+    fig, axes = panels(len(measures), panel_w=1.45, panel_h=1.3, sharex=False)
+    backbones = sorted(df["backbone"].unique())
+    markers = dict(zip(backbones, "ox^s"))
+    n_targets = df["target"].nunique()
+    for ax, m in zip(axes, measures):
+        for r in df.itertuples():
+            ax.scatter(getattr(r, m), 100 * r.transfer_mean, color=style.targets[r.target], marker=markers[r.backbone], s=12)
         row = corr[(corr["measure"] == m) & (corr["outcome"] == "transfer_acc") & (corr["n_per_class"] == n)] \
-            if len(corr) else corr  # fewer than 3 targets: no tau
-        tau = row["tau"].iloc[0] if len(row) else float("nan")
-        ax.set_title(f"{m}: tau = {tau:.2f} (targets)", fontsize=8)
-        ax.set_ylabel("transfer test accuracy (%)" if ax is axes[0, 0] else "")
-    axes[0, -1].legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.suptitle(f"transferability estimates vs realized accuracy (frozen {depth}, {n} per class)", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, directory, "estimators_vs_accuracy")
+            if len(corr) and "outcome" in corr else pd.DataFrame()
+        tau = f"tau {row['tau'].iloc[0]:+.2f}" if len(row) and pd.notna(row["tau"].iloc[0]) else "tau n/a"
+        ax.set_title(f"{m}: {tau}", fontsize=6.5)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
+    handles = [Line2D([], [], ls="", marker="s", ms=5, color=c, label=tg) for tg, c in style.targets.items()
+               if tg in set(df["target"])] + [Line2D([], [], ls="", marker=markers[b], ms=4, color="0.3", label=b)
+                                                for b in backbones]
+    return finish(fig, axes, f"measure (value per backbone and target; Kendall tau over {n_targets} targets)",
+                  f"probe test accuracy (%), {n} per class", handles, legend_columns=4)
 
 
-def accuracy_vs_compute(runs: pd.DataFrame, curves: pd.DataFrame, targets: list[str], directory: Path):
-    """Validation accuracy against images seen in training (He et al. 2019: does scratch catch up?)."""
-    runs = ok_runs(runs)
+@figure("accuracy_vs_compute")
+def accuracy_vs_compute(t: dict, style: Style):
+    """Validation accuracy against images seen in training at the largest size (He et al. 2019: does scratch catch
+    up with more compute?), mean over the cells of each arm."""
+    runs, curves = ok_runs(t["runs"]), t["curves"]
+    if runs.empty or curves.empty:
+        return None
     n = runs["n_per_class"].max()
-    sel = runs[(runs["n_per_class"] == n)][["cell_id", "arm", "frozen_depth", "frozen_groups", "target", "backbone"]]
-    df = curves[(curves["split"] == "val") & (curves["metric"] == "acc")].merge(sel, on="cell_id")
-    df["label"] = [depth_label(d, a) for d, a in zip(df["frozen_depth"], df["arm"])]
-    df["val accuracy (%)"] = 100 * df["value"]
-    g = sns.relplot(df, x="images_seen", y="val accuracy (%)", hue="label", hue_order=_depth_order(df),
-                    col="target", col_order=[t for t in targets if t in set(df["target"])], row="backbone",
-                    kind="line", errorbar=("ci", 95), n_boot=200, seed=0, palette=PALETTE, height=2.4, aspect=1.0)
-    g.set_axis_labels("training images seen", "val accuracy (%)")
-    g.set_titles("{row_name}\n{col_name}", size=8)
-    g.figure.suptitle(f"{n} examples per class", y=1.01, fontsize=9)
-    return _save(g.figure, directory, "accuracy_vs_compute")
+    cells = runs[(runs["n_per_class"] == n) & (runs["arm"] != "pixels")]
+    df = curves[(curves["split"] == "val") & (curves["metric"] == "acc")].merge(
+        cells[["cell_id", "arm", "frozen_depth", "target", "backbone"]], on="cell_id")
+    if df.empty:
+        return None
+    df["label"] = [depth_label(d, a) for d, a in zip(df["frozen_depth"].astype(str), df["arm"])]
+    facets = _facets(df, style)
+    fig, axes = panels(len(facets))
+    for ax, (bb, tg) in zip(axes, facets):
+        sub = df[(df["backbone"] == bb) & (df["target"] == tg)]
+        for lbl in style.arm_order:
+            s = sub[sub["label"] == lbl].groupby("images_seen")["value"].mean()
+            if len(s):
+                ax.plot(s.index / 1000, 100 * s.to_numpy(), lw=1, color=style.arms[lbl])
+        ax.set_ylim(0, 100)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
+        _panel_title(ax, bb, tg, df["backbone"].nunique())
+    handles = [line(c, lbl, marker=None) for lbl, c in style.arms.items() if lbl in set(df["label"])]
+    return finish(fig, axes, "training images seen (thousands)", "val accuracy (%)", handles,
+                  title=f"{n} labelled examples per class")
+
+
+@figure("fairness")
+def fairness(t: dict, style: Style):
+    """Share of cells that converged, per arm and size (the bar the study holds itself to: 90%), beside the share
+    that collapsed to one class."""
+    runs = ok_runs(t["runs"])
+    if runs.empty or "converged" not in runs:
+        return None
+    runs = runs.assign(label=[f"pixels: {b}" if a == "pixels" else depth_label(d, a)
+                              for d, a, b in zip(runs["frozen_depth"], runs["arm"], runs["backbone"])])
+    share = runs.groupby(["label", "n_per_class"]).agg(converged=("converged", "mean"),
+                                                      collapsed=("collapsed", "mean")).reset_index()
+    sizes = sorted(share["n_per_class"].unique())
+    labels = [lbl for lbl in style.arm_order if lbl in set(share["label"])]
+    fig, axes = panels(2, panel_w=3.2, panel_h=1.7, columns=2, sharex=False, sharey=False)
+    width = 0.8 / max(1, len(labels))
+    for ax, what in zip(axes, ("converged", "collapsed")):
+        for j, lbl in enumerate(labels):
+            s = share[share["label"] == lbl].set_index("n_per_class").reindex(sizes)
+            ax.bar(np.arange(len(sizes)) + (j - (len(labels) - 1) / 2) * width, 100 * s[what].fillna(0), width,
+                   color=style.arms[lbl])
+        ax.set_xticks(np.arange(len(sizes)), [str(n) for n in sizes])
+        ax.set_ylim(0, 105)
+        if what == "converged":
+            ax.axhline(90, color="black", ls=":", lw=0.8)
+        ax.set_title({"converged": "cells converged (%); dotted: 90%",
+                      "collapsed": "cells predicting one class for >90% of test (%)"}[what])
+    handles = [Line2D([], [], ls="", marker="s", ms=5, color=style.arms[lbl], label=lbl) for lbl in labels]
+    return finish(fig, axes, "labelled examples per class", "share of cells (%)", handles, legend_columns=4)
 
 
 def source_label(weights: str) -> str:
@@ -226,25 +499,43 @@ def source_label(weights: str) -> str:
     return f"{weights.split(':')[1]}-pretrained" if str(weights).startswith("pretrain:") else str(weights)
 
 
-def transfer_matrix(selected: pd.DataFrame, targets: list[str], directory: Path):
-    """Gain (pp) with its CI for every source x target pair; negative cells (whole CI < 0) marked."""
-    df = selected.copy()
-    df["source"] = df["weights"].map(source_label)
-    panels = sorted(df.groupby(["backbone", "frozen_depth", "n_per_class"]).groups)
-    cols = [t for t in targets if t in set(df["target"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(cols) * len(panels) + 2, 0.7 * df["source"].nunique() + 1.6),
-                             squeeze=False)
+@figure("transfer_matrix")
+def transfer_matrix(t: dict, style: Style):
+    """Gain (pp) with its CI for every source x target pair, where a study has several weight sources; negative
+    points marked."""
+    sel = t["selected"]
+    if sel.empty or sel["weights"].nunique() < 2:
+        return None
+    df = sel.assign(source=sel["weights"].map(source_label))
+    keys = sorted(df.groupby(["backbone", "frozen_depth", "n_per_class"]).groups)
+    cols = [tg for tg in style.target_order if tg in set(df["target"])]
+    fig, axes = panels(len(keys), panel_w=max(1.6, 0.75 * len(cols) + 0.8), panel_h=0.45 * df["source"].nunique() + 0.9,
+                       columns=3, sharex=False, sharey=True)
     lim = max(5.0, float(np.nanmax(np.abs(100 * df["gain"]))))
-    for ax, (bb, depth, n) in zip(axes[0], panels):
+    for ax, (bb, depth, n) in zip(axes, keys):
         sub = df[(df["backbone"] == bb) & (df["frozen_depth"] == depth) & (df["n_per_class"] == n)]
         gain = sub.pivot_table(index="source", columns="target", values="gain").reindex(columns=cols) * 100
         text = sub.assign(t=[f"{100 * g:+.0f}\n[{100 * lo:+.0f},{100 * hi:+.0f}]" + ("\nNEG" if v == "negative" else "")
                              for g, lo, hi, v in zip(sub["gain"], sub["ci_low"], sub["ci_high"], sub["verdict"])]
                           ).pivot(index="source", columns="target", values="t").reindex(index=gain.index, columns=cols)
         sns.heatmap(gain, ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=text, fmt="",
-                    annot_kws={"size": 7}, cbar=ax is axes[0, -1], cbar_kws={"label": "gain over scratch (pp)"})
-        ax.set_title(f"{bb}, frozen {depth}, {n} per class", fontsize=8)
-        ax.set_xlabel("target")
-        ax.set_ylabel("source" if ax is axes[0, 0] else "")
-    fig.tight_layout()
-    return _save(fig, directory, "transfer_matrix")
+                    annot_kws={"size": 5}, cbar=False)
+        ax.set_xticks(np.arange(len(cols)) + 0.5, [short(c, 10) for c in cols], rotation=0)
+        ax.set_title(f"{bb.replace('tf_efficientnet_', '')}, {depth_label(str(depth))}, {n} per class")
+    return finish(fig, axes, "target", "source")
+
+
+def draw_all(t: dict, style: Style, directory: Path) -> list[Path]:
+    """Every registered figure the tables can carry, saved; the PNG paths, in registry order. The figures folder
+    is the report's own: a PNG or SVG this build did not draw (a figure the tables no longer carry, one renamed
+    since an earlier version) is removed, so the folder never shows a stale picture."""
+    out = []
+    for name, draw in FIGURES.items():
+        fig = draw(t, style)
+        if fig is not None:
+            out.append(save(fig, directory, name)[0])
+    drawn = {p.stem for p in out}
+    for stale in [*directory.glob("*.png"), *directory.glob("*.svg")] if directory.exists() else []:
+        if stale.stem not in drawn:
+            stale.unlink()
+    return out

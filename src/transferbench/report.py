@@ -13,52 +13,30 @@ import pandas as pd
 import yaml
 
 from . import analysis, atomic, plots
-from .errors import ConfigError
-from .store import curves_table, read_domains, read_records, runs_table
-from .source import cells_of
 from .study import Study, safe_yaml
+from .tables import write_tables
 
 
 def pp(x: float) -> str:
     return "n/a" if pd.isna(x) else f"{100 * x:+.1f}"
 
 
+def per_class(n: int) -> str:
+    return f"{n} example{'s' if n != 1 else ''} per class"
+
+
+def interval(row) -> str:
+    """'+12.3 pp [+8.1, +16.5]' for a row with gain, ci_low and ci_high."""
+    return f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}]"
+
+
+MIN_TARGETS_TO_RANK = 4  # a Kendall tau over 3 targets takes 4 values; no "best predictor" from so few
+
+
 def gain_text(row) -> str:
     flags = getattr(row, "flags", "")
     return (f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}] ({row.verdict})"
             + (f" [flagged: {flags}]" if isinstance(flags, str) and flags else ""))
-
-
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    with atomic.replacing(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def write_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
-    wanted = {c.cell_id for c in cells_of(study)}  # records of other configurations in the folder stay out
-    records = [r for cid, r in read_records(out / "records").items() if cid in wanted]
-    runs = runs_table(records)
-    write_csv(runs, out / "runs.csv")
-    curves = curves_table(records)
-    write_csv(curves, out / "curves.csv")
-    a = study.analysis
-    gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
-    write_csv(gains, out / "gains.csv")
-    selected = gains  # each arm's configuration already chosen on validation
-    oracle = analysis.gains(runs, a.confidence, a.fdr, a.min_effect, on="test_acc")
-    domains = read_domains(out)
-    if domains is None:
-        if (out / "domains.csv").exists():
-            raise ConfigError(str(out / "domains.csv"), "damaged (truncated or edited)",
-                              "rerun `transferbench study` on this study to rebuild it")
-        domains = pd.DataFrame()
-    estimators = pd.read_csv(out / "estimators.csv") if (out / "estimators.csv").exists() else None
-    corr = analysis.correlations(domains, selected, study.analysis.n_bootstrap // 2, study.analysis.confidence,
-                                 estimators=estimators)
-    write_csv(corr, out / "correlations.csv")
-    return dict(runs=runs, curves=curves, gains=gains, selected=selected, oracle=oracle, domains=domains,
-                correlations=corr, estimators=estimators, fairness=analysis.fairness(runs),
-                schedules=analysis.schedule_effect(runs))
 
 
 def headlines(study: Study, t: dict) -> list[str]:
@@ -86,37 +64,41 @@ def headlines(study: Study, t: dict) -> list[str]:
 
 
 def findings(study: Study, t: dict) -> list[str]:
-    """4-6 findings written from the numbers (configurations chosen on validation), for the report and the terminal;
-    the first says how far the comparison can be trusted."""
-    sel, corr = t["selected"], t["correlations"]
+    """4-6 findings written from the numbers (configurations chosen on validation), each with its interval over
+    seeds, for the report and the terminal; the first says how far the comparison can be trusted."""
+    sel, runs, a = t["selected"], t["runs"], study.analysis
     if sel.empty:
         return ["no transfer cell has a matched scratch cell yet"]
-    sizes = sorted(sel["n_per_class"].unique())
-    by_size = sel.groupby("n_per_class")["gain"].mean()
-    out = [fairness_sentence(t["runs"], sel)] if "converged" in t["runs"] else []
-    out += [f"Mean gain of transfer over scratch: {pp(by_size[sizes[0]])} pp at {sizes[0]} examples per class, "
-           f"{pp(by_size[sizes[-1]])} pp at {sizes[-1]} (over {sel['backbone'].nunique()} backbone(s), "
-           f"{sel['target'].nunique()} target condition(s), {sel['frozen_depth'].nunique()} frozen depth(s))."]
-    order = [c for c in distance_order([c.condition for c in study.targets], t["domains"])[0] if c in set(sel["target"])]
-    by_target = sel.groupby("target")["gain"].mean().reindex(order)
-    worst = by_target.idxmin()
-    out.append(f"Nearest target as measured {order[0]}: {pp(by_target[order[0]])} pp; farthest {order[-1]}: "
-               f"{pp(by_target[order[-1]])} pp; smallest gain on {worst} ({pp(by_target[worst])} pp).")
+    out = [fairness_sentence(runs, sel)] if "converged" in runs else []
+    by_size = analysis.mean_gain(runs, ["n_per_class"], a.confidence)
+    out.append(f"Mean gain of transfer over scratch, {a.confidence:.0%} t-interval over seeds: "
+               + ", ".join(f"{interval(r)} at {per_class(r.n_per_class)}" for r in by_size.itertuples())
+               + f" (over {sel['backbone'].nunique()} backbone(s), {sel['target'].nunique()} target condition(s), "
+               f"{sel['frozen_depth'].nunique()} frozen depth(s)).")
+    order, ordered_by = distance_order([c.condition for c in study.targets], t["domains"])
+    by_target = analysis.mean_gain(runs, ["target"], a.confidence).set_index("target").reindex(
+        [c for c in order if c in set(sel["target"])]).dropna(subset=["gain"])
+    if len(by_target) > 1:
+        near, far, low = by_target.iloc[0], by_target.iloc[-1], by_target.loc[by_target["gain"].idxmin()]
+        words = ("Nearest target as measured", "farthest") if ordered_by != "the study file" else \
+            ("First target in the study file (no distance measured)", "last")
+        out.append(f"{words[0]}: {near.name}, gain {interval(near)}; {words[1]}: {far.name}, {interval(far)}. "
+                   f"Smallest mean gain on {low.name}, {interval(low)}, where transfer reaches "
+                   f"{100 * low.transfer:.1f}% and scratch {100 * low.scratch:.1f}% (a small gain can mean scratch "
+                   "does well, not that transfer does badly).")
     neg = sel[sel["negative"]]
-    where = ", ".join(f"{r.backbone} {r.target} frozen {r.frozen_depth} n={r.n_per_class} ({pp(r.gain)} pp)"
+    where = ", ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} n={r.n_per_class} ({interval(r)})"
                       for r in neg.head(3).itertuples())
-    out.append(f"Negative transfer (BH q <= {study.analysis.fdr:g}, |gain| >= {100 * study.analysis.min_effect:g} pp) "
-               f"at {len(neg)} of {len(sel)} grid points"
-               + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
+    out.append(f"Negative transfer (BH q <= {a.fdr:g}, |gain| >= {100 * a.min_effect:g} pp) at {len(neg)} of {len(sel)} "
+               "grid points" + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
     best = analysis.best_depth(sel)
     if len(best) and sel["frozen_depth"].nunique() > 1:
-        counts = best.groupby("target")["frozen_depth"].agg(lambda d: d.value_counts().index[0]).reindex(order)
-        out.append("Most often best frozen depth (on validation): " +
+        counts = best.groupby("target")["frozen_depth"].agg(lambda d: d.value_counts().index[0]).reindex(
+            by_target.index).dropna()
+        out.append("Most often best frozen depth (on validation; the gains table has each point's interval): " +
                    ", ".join(f"{tg}: {d}" for tg, d in counts.items()) + ".")
-    ranking = analysis.measure_ranking(corr)
-    if len(ranking):
-        out.append(estimator_sentence(study, t, ranking))
-    return out[:6]
+    out.append(estimator_sentence(study, t))
+    return [line for line in out if line][:6]
 
 
 def distance_order(conditions: list[str], domains: pd.DataFrame) -> tuple[list[str], str]:
@@ -127,9 +109,25 @@ def distance_order(conditions: list[str], domains: pd.DataFrame) -> tuple[list[s
     return sorted(conditions, key=lambda c: fd.get(c, np.inf)), "measured distance to the source (FD)"
 
 
-def estimator_sentence(study: Study, t: dict, ranking: pd.DataFrame) -> str:
-    """Which measure ranked the targets best, and whether it is distinguishable from the runner-up."""
+def estimator_sentence(study: Study, t: dict) -> str:
+    """Which measure ranked the targets best, and whether it is distinguishable from the runner-up; nothing is
+    ranked from fewer than MIN_TARGETS_TO_RANK targets or without domain measures."""
+    n_targets = t["selected"]["target"].nunique()
+    if t["domains"].empty:
+        return ""
+    if n_targets < MIN_TARGETS_TO_RANK:
+        return (f"No estimator is ranked: {n_targets} target condition(s), fewer than the {MIN_TARGETS_TO_RANK} a rank "
+                "correlation across targets needs.")
+    ranking = analysis.measure_ranking(t["correlations"])
+    if ranking.empty:
+        return ""
     top = ranking.iloc[0]
+    corr = t["correlations"]
+    own = corr[(corr["measure"] == top.measure) & (corr["outcome"] == "gain")]
+    if not ((own["ci_low"] > 0) | (own["ci_high"] < 0)).any():
+        return (f"No measure predicts the realized gain reliably across these {n_targets} targets: the best mean "
+                f"agreement is {top.measure}'s (sign-adjusted Kendall tau {top.mean_agreement:+.2f}), and none of its "
+                f"per-size {study.analysis.confidence:.0%} intervals excludes 0.")
     text = (f"Best predictor of the realized gain: {top.measure} (mean sign-adjusted Kendall tau {top.mean_agreement:+.2f} "
             f"across {int(top.targets)} targets, over {int(top.sizes)} size(s))")
     duel = analysis.top_two(t["domains"], t["selected"], ranking, study.analysis.n_bootstrap // 2,
@@ -170,11 +168,12 @@ def anchors(study: Study, t: dict) -> list[str]:
     if sel.empty:
         return []
     lines = ["## Do the known findings reproduce?", ""]
-    by_size = sel.groupby("n_per_class")["gain"].mean()
-    shrinks = bool((np.diff(by_size.to_numpy()) < 0).all()) if len(by_size) > 1 else False
+    by_size = analysis.mean_gain(t["runs"], ["n_per_class"], study.analysis.confidence)
+    shrinks = bool((np.diff(by_size["gain"].to_numpy()) < 0).all()) if len(by_size) > 1 else False
     lines.append("- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
-                 + ", ".join(f"{pp(g)} pp at {n}" for n, g in by_size.items()) + " per class -- "
-                 + ("**reproduces**." if shrinks else "**does not reproduce** here."))
+                 + ", ".join(f"{interval(r)} at {r.n_per_class}" for r in by_size.itertuples()) + " per class -- "
+                 + ("**reproduces** (means in order; the intervals say how firmly)." if shrinks else
+                    "**does not reproduce** here."))
     fd = corr[(corr["measure"] == "fd") & (corr["outcome"] == "gain")] if len(corr) else corr
     if len(fd):
         taus = ", ".join(f"{r.tau:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] at {r.n_per_class}" for r in fd.itertuples())
@@ -183,15 +182,15 @@ def anchors(study: Study, t: dict) -> list[str]:
                      f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
                      + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
                         "**not shown**: no interval lies below 0."))
-    order, _ = distance_order([c.condition for c in study.targets], t["domains"])
-    depths = sel.groupby(["target", "frozen_depth"])["gain"].mean().unstack()
-    if {"0", "all"} <= set(depths.columns) and len(order) > 1:
-        gap = (depths["all"] - depths["0"]).reindex(order).dropna()
-        if len(gap) > 1:
-            lines.append(f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe "
-                         f"minus full fine-tuning {pp(gap.iloc[0])} pp on the nearest target ({gap.index[0]}), "
-                         f"{pp(gap.iloc[-1])} pp on the farthest ({gap.index[-1]}) -- "
-                         + ("**reproduces**." if gap.iloc[-1] < gap.iloc[0] else "**does not reproduce** here."))
+    order, ordered_by = distance_order([c.condition for c in study.targets], t["domains"])
+    gap = analysis.depth_gap(t["runs"], "all", "0", study.analysis.confidence)
+    gap = gap.set_index("target").reindex(order).dropna(subset=["gain"]) if len(gap) else gap
+    if len(gap) > 1 and ordered_by != "the study file":
+        near, far = gap.iloc[0], gap.iloc[-1]
+        lines.append(f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe minus full "
+                     f"fine-tuning {interval(near)} on the nearest target as measured ({near.name}), {interval(far)} on "
+                     f"the farthest ({far.name}) -- " + ("**reproduces**." if far.gain < near.gain and far.ci_high < 0
+                                                         else "**does not reproduce** here."))
     neg = sel[sel["verdict"] == "negative"]
     lines.append(f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
                  + (": " + "; ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} "
@@ -210,15 +209,11 @@ def fairness_section(study: Study, t: dict) -> list[str]:
     if fair.empty:
         return lines + ["These records carry no convergence check (written by an older transferbench): the gains "
                         "below may measure how far each arm got in its budget, not what it can reach.", ""]
-    tr = study.train
-    budget = f"{tr.steps} optimizer steps" if tr.steps else f"{tr.epochs} epochs"
-    lines += [f"Budget: {budget} per cell (scratch x{study.scratch.budget_factor:g}), validation every "
-              f"{tr.eval_every or (max(1, tr.steps // 20) if tr.steps else 'epoch (log-spaced)')} "
-              f"{'steps' if tr.steps else ''}, early stopping after {tr.patience} validations without improvement, "
-              "the best-validation weights tested; the linear probe is solved to convergence (L-BFGS, L2 chosen on "
-              "validation). A network cell converged when validation stopped improving before its budget ran out or it "
-              "fits its training subset (train accuracy >= 99%), and it does not predict one class for more than 90% "
-              "of the test set; a convex fit (probe, pixel logistic regression) when its solver converged.", "",
+    lines += ["Every arm trains under the budget and stopping rule in *The study as run* below, with its own LR and "
+              "schedule chosen on validation. A network cell converged when validation stopped improving before its "
+              "budget ran out or it fits its training subset (train accuracy >= 99%), and it does not predict one class "
+              "for more than 90% of the test set; a convex fit (probe, pixel logistic regression) when its solver "
+              "converged.", "",
               markdown_table(fair.assign(**{c: (100 * fair[c]).round(1) for c in ("converged", "collapsed",
                                                                                   "early_stopped")})
                              .rename(columns={"converged": "converged %", "collapsed": "collapsed %",
@@ -244,11 +239,14 @@ def failure_section(study: Study, t: dict) -> list[str]:
     if len(neg):
         lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class",
                                                        "transfer", "gain_pp", "ci_pp"]])]
-    conditions = [c.condition for c in study.targets]
-    by_target = selected.groupby("target").agg(mean_gain=("gain", "mean"), positive=("verdict", lambda v: (v == "positive").mean()))
-    by_target = by_target.reindex([c for c in conditions if c in by_target.index])
-    lines += ["", "Mean gain per target condition (near -> far), and the share of its grid points with a positive verdict:", ""]
-    lines += [f"- {tg}: {pp(r.mean_gain)} pp, {100 * r.positive:.0f}% positive" for tg, r in by_target.iterrows()]
+    order, ordered_by = distance_order([c.condition for c in study.targets], domains)
+    by_target = analysis.mean_gain(t["runs"], ["target"], study.analysis.confidence).set_index("target")
+    positive = selected.groupby("target")["verdict"].agg(lambda v: (v == "positive").mean())
+    by_target = by_target.reindex([c for c in order if c in by_target.index])
+    lines += ["", f"Mean gain per target condition (near -> far by {ordered_by}), its {study.analysis.confidence:.0%} "
+              "t-interval over seeds, and the share of its grid points with a positive verdict:", ""]
+    lines += [f"- {tg}: {interval(r)}, {100 * positive.get(tg, np.nan):.0f}% positive (transfer {100 * r.transfer:.1f}%, "
+              f"scratch {100 * r.scratch:.1f}%)" for tg, r in by_target.iterrows()]
     if not domains.empty:
         d = domains.groupby("target")[["fd", "mmd", "pad", "bn_kl_mean"]].mean().reindex(by_target.index)
         lines += ["", "Measured distance to the source reference (mean over backbones):", "",
@@ -258,16 +256,19 @@ def failure_section(study: Study, t: dict) -> list[str]:
         lines += ["", "Best frozen depth per target (chosen on validation) at each size:", ""]
         pivot = best.pivot_table(index=["backbone", "target"], columns="n_per_class", values="frozen_depth",
                                  aggfunc="first").reset_index()
-        pivot["target"] = pd.Categorical(pivot["target"], [c for c in conditions if c in set(pivot["target"])])
+        pivot["target"] = pd.Categorical(pivot["target"], [c for c in order if c in set(pivot["target"])])
         lines.append(markdown_table(pivot.sort_values(["backbone", "target"]).astype(str)))
     ranking = analysis.measure_ranking(corr)
-    if len(ranking):
-        lines += ["", estimator_sentence(study, t, ranking) + " Per size, with a bootstrap over targets and the range "
-                  "of leave-one-target-out taus:", "",
+    sentence = estimator_sentence(study, t)
+    if sentence:
+        lines += ["", sentence]
+    if len(ranking) and selected["target"].nunique() >= MIN_TARGETS_TO_RANK:
+        lines += ["", "Per size, with a bootstrap over targets and the range of leave-one-target-out taus:", "",
                   markdown_table(corr[corr["outcome"] == "gain"].drop(columns=["outcome", "expected_sign"]).round(3)),
                   "", "Mean over sizes:", "", markdown_table(ranking.round(3))]
-    oracle = t["oracle"]
-    if len(oracle):
+    oracle, runs = t["oracle"], analysis.ok_runs(t["runs"])
+    configs = runs[runs["arm"] != "pixels"].groupby(["arm"])[["schedule", "lr"]].nunique().prod(axis=1)
+    if len(oracle) and (configs > 1).any():  # with one configuration per arm there is nothing to select
         lines += ["", f"Model selection: with each arm's schedule and LR chosen on validation the mean gain is "
                   f"{pp(selected['gain'].mean())} pp; choosing on test (oracle, optimistic) would report "
                   f"{pp(oracle['gain'].mean())} pp."]
@@ -277,52 +278,115 @@ def failure_section(study: Study, t: dict) -> list[str]:
     return lines
 
 
-def build(study: Study, out: Path, timing: str | None = None) -> Path:
+def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, order: list[str]) -> list[str]:
+    """What ran, generated from the resolved configuration and the records (not from the study file's prose)."""
+    tr, sc, g, a = study.train, study.scratch, study.grid, study.analysis
+    runs = t["runs"]
+
+    def seen(col: str) -> str:
+        return ", ".join(sorted({str(v) for v in runs[col].dropna()})) if col in runs and runs[col].notna().any() else "n/a"
+
+    arms = runs["arm"].value_counts().to_dict() if len(runs) else {}
+    every = tr.eval_every or (max(1, tr.steps // 20) if tr.steps else None)
+    budget = (f"{tr.steps} optimizer steps per transfer cell, {round(tr.steps * sc.budget_factor)} per scratch cell "
+              f"(x{sc.budget_factor:g}); validation every {every} steps" if tr.steps else
+              f"{tr.epochs} epochs per cell (scratch x{sc.budget_factor:g}); validation at epochs {tr.eval_at}-spaced")
+    budget += ((" with precise BatchNorm statistics" if tr.precise_bn else "") +
+               f"; early stopping after {tr.patience} validations without improvement, never before step "
+               f"{tr.min_steps}; " + ("the best-validation weights are tested" if tr.patience > 0 or tr.steps else
+                                           "the last weights are tested"))
+    search = {"halving": "successive halving inside each cell (every candidate trains the first fifth of the budget "
+                         "from the same start on the same batches; the best on validation goes on)",
+              "grid": "every candidate a full cell"}[tr.lr_search]
+    lines = ["## The study as run", "",
+             "Generated from the resolved configuration (`study.resolved.yaml`: the study file with overrides and "
+             "profile applied) and from the records.", "",
+             f"- backbones: {', '.join(f'{b.model} ({b.weights})' for b in study.backbones)}",
+             f"- target conditions, near to far by {ordered_by}: {', '.join(order)}",
+             f"- grid: frozen depth {', '.join(map(str, g.frozen_depth))}; {', '.join(map(str, g.n_per_class))} "
+             f"labelled examples per class; schedules {', '.join(s.name for s in g.schedule)}; seeds "
+             f"{', '.join(map(str, g.seed))}; {len(runs)} cells ({', '.join(f'{k} {v}' for k, v in arms.items())})",
+             f"- images {tr.image_size} px, batch {tr.batch_size}, {tr.optimizer} (weight decay {tr.weight_decay:g}), "
+             f"augmentation {'on' if tr.augment else 'off'}",
+             f"- budget: {budget}",
+             f"- learning rate chosen on validation per arm: transfer {', '.join(f'{x:g}' for x in (tr.lrs or [tr.lr]))}, "
+             f"scratch {', '.join(f'{x:g}' for x in (sc.lrs or tr.lrs or [sc.lr or tr.lr]))}; {search}; the schedule "
+             "chosen on validation per arm",
+             "- linear probe (frozen all): " + ("logistic regression on the cached features fitted by L-BFGS, its L2 "
+                                                "strength chosen on validation" if tr.probe == "lbfgs" else
+                                                "the SGD loop on the cached features"),
+             f"- trivial baselines on the same k-shot subsets and test split: {', '.join(study.baselines.methods)}",
+             f"- statistics: {a.confidence:.0%} Student-t intervals over seeds; Benjamini-Hochberg at q <= {a.fdr:g} "
+             f"across the grid points; a verdict needs |gain| >= {100 * a.min_effect:g} pp",
+             f"- device: {seen('device_used')}; {study.run.jobs} worker(s) x {seen('threads')} thread(s)",
+             f"- versions: transferbench {seen('transferbench_version')}, torch {seen('torch_version')}, timm "
+             f"{seen('timm_version')}, Python {seen('python_version')}; git commit {seen('git_commit')}"]
+    wall = re.search(r"wall time: ([0-9.]+) s for (\d+) cells", timing or "")
+    lines.append(f"- wall time of the run that trained the last cells: {float(wall[1]) / 60:.1f} min for {wall[2]} cells"
+                 if wall else "- wall time: not recorded")
+    return lines + [""]
+
+
+# Where a figure appears: right after the section whose title is given; the rest under "Figures".
+PLACES = {"fairness": "## Is the comparison fair?", "gain_forest": "## Headline", "accuracy_vs_size": "## Findings"}
+
+
+def figure_block(name: str, path: Path) -> list[str]:
+    """The figure with its caption: the first sentence of its drawing function's docstring."""
+    doc = " ".join((plots.FIGURES[name].__doc__ or "").split())
+    caption = doc.split(". ")[0].rstrip(".") + "." if doc else name
+    return [f"![{name}](figures/{path.name})", "", f"*Figure: {escape_md(caption)}*", ""]
+
+
+def escape_md(text: str) -> str:
+    return re.sub(r"([*_\[\]])", r"\\\1", text)
+
+
+def build(study: Study, out: Path, timing: str | None = None, domains: bool = True) -> Path:
     """Write the tidy tables, the figures and report.md under `out`; returns the report path."""
-    t = write_tables(study, out)
-    runs, selected, domains = t["runs"], t["selected"], t["domains"]
+    t = write_tables(study, out, domains)
+    runs, selected = t["runs"], t["selected"]
     if timing:
         atomic.write_text(out / "timing.txt", timing + "\n")
     elif (out / "timing.txt").exists():
         timing = (out / "timing.txt").read_text(encoding="utf-8").strip()
-    conditions = [c.condition for c in study.targets]
-    figures = out / "figures"
-    figs = []
-    order, ordered_by = distance_order(conditions, domains)
-    if not selected.empty:
-        figs = [plots.accuracy_vs_size(runs, selected, conditions, figures)[0],
-                plots.gain_heatmap(selected, conditions, figures)[0],
-                plots.gain_by_condition(selected, order, figures, ordered_by)[0],
-                plots.accuracy_vs_compute(runs, t["curves"], conditions, figures)[0]]
-        if selected["weights"].nunique() > 1:
-            figs.append(plots.transfer_matrix(selected, conditions, figures)[0])
-        if not domains.empty:
-            figs += [plots.gain_vs_distance(selected, domains, figures)[0],
-                     plots.bn_divergence_profile(domains, conditions, figures)[0],
-                     plots.estimators_vs_accuracy(selected, domains, t["correlations"], figures)[0]]
+    order, ordered_by = distance_order([c.condition for c in study.targets], t["domains"])
+    figures = plots.draw_all(t, plots.make_style(runs, order, ordered_by), out / "figures") if len(runs) else []
+    figures = {p.stem: p for p in figures}
     status = runs["status"].value_counts().to_dict() if len(runs) else {}
-    text = [f"# transferbench study: {study.name}", "", study.description.strip(), ""]
+    quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in study.description.strip().splitlines())
+    text = [f"# transferbench study: {study.name}", "", "## The question", "",
+            quoted or "> (no description)", "", "*The study file's own words; what ran is stated below.*", ""]
+    text += study_as_run(study, t, timing, ordered_by, order)
     text += fairness_section(study, t)
     text += ["## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline; each arm's "
              "schedule and LR are chosen on its own validation accuracy. "
              + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence), ""]
-    text += [f"- {line}" for line in headlines(study, t)]
-    text += ["", "## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(findings(study, t), 1)]
-    text += [""] + anchors(study, t)
+    text += [f"- {line}" for line in headlines(study, t)] + [""]
+    text += ["## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(findings(study, t), 1)] + [""]
+    text += anchors(study, t)
     if not selected.empty:
-        text += [""] + failure_section(study, t)
-    text += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs]
+        text += failure_section(study, t) + [""]
+    for name, title in PLACES.items():  # each placed figure goes at the end of its section
+        if name in figures:
+            end = next((i for i in range(text.index(title) + 1, len(text)) if text[i].startswith("## ")), len(text)) \
+                if title in text else len(text)
+            text[end:end] = figure_block(name, figures[name])
+    rest = [name for name in figures if name not in PLACES]
+    if rest:
+        text += ["## Figures", ""] + sum((figure_block(name, figures[name]) for name in rest), [])
     if not selected.empty:
         shown = _fmt_gains(selected.sort_values(["backbone", "target", "frozen_groups", "n_per_class"]))
         shown = shown.assign(scratch=(100 * shown["scratch_mean"]).round(1))
         shown = shown.assign(pixels=(100 * shown["pixels_best"]).round(1))
-        text += ["", "## Gains (each arm's schedule and LR chosen on validation)", "", markdown_table(shown[
+        text += ["## Gains (each arm's schedule and LR chosen on validation)", "", markdown_table(shown[
             ["backbone", "target", "frozen_depth", "n_per_class", "transfer_schedule", "transfer_lr", "scratch_lr",
              "transfer", "scratch", "pixels", "gain_pp", "ci_pp", "seed_sd_pp", "test_se_pp", "q", "n_seeds",
-             "verdict", "flags"]])]
-    text += ["", "## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})",
-             f"- targets, near to far: {', '.join(conditions)}",
-             f"- backbones: {', '.join(f'{b.model} ({b.weights})' for b in study.backbones)}"]
+             "verdict", "flags"]]), ""]
+    text += ["## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})"]
+    if not domains:
+        text.append("- domain measures skipped (--skip-domains): targets in the study file's order, no estimator "
+                    "ranked")
     if timing:
         text += ["", "```", timing, "```"]
     path = out / "report.md"
@@ -333,8 +397,8 @@ def build(study: Study, out: Path, timing: str | None = None) -> Path:
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:.2em .5em}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code,pre{background:#f6f6f6}"""
+table{border-collapse:collapse;font-size:.85em;margin:1em 0;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #ccc;padding:.2em .5em}
+th{background:#f3f3f3}img{max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}blockquote{border-left:3px solid #ccc;margin:1em 0;padding:0 1em;color:#444}code,pre{background:#f6f6f6}pre{overflow-x:auto}"""
 
 
 # Links user text may keep in report.html; anything else (javascript:, data:, vbscript:, file:, relative, an

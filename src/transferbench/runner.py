@@ -96,8 +96,9 @@ def _now() -> str:
 _WORKER_CACHE = None
 
 
-def run_one(cell: Cell, study_name: str, records_dir: str, threads: int, context: dict) -> dict:
-    """Train one cell and write its record; a failure becomes a record too (status 'failed')."""
+def run_one(cell: Cell, lr: float | None, study_name: str, records_dir: str, threads: int, context: dict) -> dict:
+    """Train one cell (at `lr`, another seed's choice, where given) and write its record; a failure becomes a record
+    too (status 'failed')."""
     global _WORKER_CACHE
     import torch
 
@@ -108,9 +109,10 @@ def run_one(cell: Cell, study_name: str, records_dir: str, threads: int, context
     if _WORKER_CACHE is None:
         _WORKER_CACHE = FeatureCache.default()
     record = dict(study=study_name, cell_id=cell.cell_id, **cell.model_dump(), **context,
-                  threads=threads, worker_pid=os.getpid(), started=_now())
+                  threads=threads, worker_pid=os.getpid(), started=_now(),
+                  lr_source=cell.lr_source_id if lr else None)  # None: the cell chose its own LR
     try:
-        measured = train_cell(cell, _WORKER_CACHE)
+        measured = train_cell(cell, _WORKER_CACHE, lr=lr)
         assert not set(measured) & set(Cell.model_fields), "a measurement must not overwrite the cell's config"
         record |= measured | dict(status="ok", error=None)
     except Exception as e:  # kept, not raised: the study goes on and reports it
@@ -122,9 +124,16 @@ def run_one(cell: Cell, study_name: str, records_dir: str, threads: int, context
                                        "prefix_seconds", "images_seen", "cache")}
 
 
-def run_group(cells: list[Cell], *args) -> list[dict]:
-    """Cells that share frozen-prefix features, run in one worker: the features are computed once."""
-    return [run_one(c, *args) for c in cells]
+def run_group(cells: list[tuple[Cell, float | None]], *args) -> list[dict]:
+    """Cells (each with its given LR or None) that share frozen-prefix features, run in one worker: the features are
+    computed once."""
+    return [run_one(c, lr, *args) for c, lr in cells]
+
+
+def chosen_lr(cell: Cell, records: dict[str, dict]) -> float | None:
+    """The LR this cell takes from another seed's cell (lr_from_seed), if that cell finished; else None (it races)."""
+    source = records.get(cell.lr_source_id) if cell.lr_source_id else None
+    return source.get("lr_chosen") if source and source.get("status") == "ok" else None
 
 
 def feature_groups(cells: list[Cell]) -> list[list[Cell]]:
@@ -208,15 +217,22 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     jobs, backend = jobs or run.jobs, backend or run.backend
     threads = run.threads_per_worker
     context = provenance()
-    tasks = (delayed(run_group)(g, study.name, str(records_dir), threads, context) for g in feature_groups(todo))
     bar = tqdm(total=len(todo), desc=f"{study.name}: cells", unit="cell", disable=not progress, smoothing=0.05)
+    # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
+    # every reuse reads a finished record and the result never depends on which worker ran first.
+    phases = [[c for c in todo if c.lr_from_seed is None], [c for c in todo if c.lr_from_seed is not None]]
     with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
-        for results in Parallel(n_jobs=1 if backend == "sequential" else jobs, return_as="generator_unordered")(tasks):
-            summary.ran += results
-            bar.update(len(results))
-            for r in results:
-                if r["status"] == "failed":
-                    bar.write(f"cell {r['cell_id']} failed: {r['error']}")
+        for i, phase in enumerate(p for p in phases if p):
+            records = read_records(records_dir) if i else records
+            tasks = (delayed(run_group)([(c, chosen_lr(c, records)) for c in g], study.name, str(records_dir), threads,
+                                        context) for g in feature_groups(phase))
+            for results in Parallel(n_jobs=1 if backend == "sequential" else jobs,
+                                    return_as="generator_unordered")(tasks):
+                summary.ran += results
+                bar.update(len(results))
+                for r in results:
+                    if r["status"] == "failed":
+                        bar.write(f"cell {r['cell_id']} failed: {r['error']}")
     bar.close()
     summary.peak_rss_bytes = memory.peak
     summary.wall_seconds = time.perf_counter() - t0

@@ -72,6 +72,13 @@ class TargetSpec(Strict):
         return self.name or default_label(self.dataset, self.options)
 
     @property
+    def lr_source_id(self) -> str | None:
+        """The cell whose LR choice this one reuses (lr_from_seed), or None."""
+        if self.lr_from_seed is None:
+            return None
+        return self.model_copy(update=dict(seed=self.lr_from_seed, lr_from_seed=None)).cell_id
+
+    @property
     def condition(self) -> str:
         return condition_name(self.label, self.shift, self.severity)
 
@@ -133,9 +140,11 @@ class Train(Strict):
                                            "convergence with its L2 strength chosen on val, or the SGD loop")
     lrs: list[PositiveFloat] | None = Field(None, description="LR candidates for the transfer arm (and scratch, "
                                             "unless scratch.lrs); default: the schedule's lr (or train.lr)")
-    lr_search: Literal["halving", "grid"] = Field("halving", description="halving: inside each cell, the candidates "
-                                                  "race for the first fifth of the budget and the best on validation "
-                                                  "goes on; grid: one cell per LR, chosen on mean validation over seeds")
+    lr_search: Literal["halving", "first_seed", "grid"] = Field(
+        "halving", description="halving: inside each cell, the candidates race for the first fifth of the budget and "
+        "the best on validation goes on; first_seed: that race only in the first seed's cell of each grid point, the "
+        "other seeds train at its choice (one race per point, not one per seed); grid: one cell per LR, chosen on "
+        "mean validation over seeds")
     batch_size: PositiveInt = 32
     image_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
@@ -235,8 +244,8 @@ def n_cells(study: "Study") -> int:
     g, t = study.grid, study.train
     lbfgs_probe = "all" in g.frozen_depth and probe_by_lbfgs(study)
     sgd_depths = len(g.frozen_depth) - lbfgs_probe
-    transfer = sum(len(lr_settings(study, t.lrs or [s.lr or t.lr])) for s in g.schedule) * sgd_depths + lbfgs_probe
-    scratch = sum(len(lr_settings(study, scratch_lrs(study, s))) for s in g.schedule) if study.scratch.enabled else 0
+    transfer = sum(len(lr_settings(study, t.lrs or [s.lr or t.lr], g.seed[0])) for s in g.schedule) * sgd_depths + lbfgs_probe
+    scratch = sum(len(lr_settings(study, scratch_lrs(study, s), g.seed[0])) for s in g.schedule) if study.scratch.enabled else 0
     per_target_seed = len(study.backbones) * transfer + len({b.model for b in study.backbones}) * scratch \
         + len(study.baselines.methods)
     sizes = sum(len(tg.n_per_class or g.n_per_class) for tg in study.targets)
@@ -249,10 +258,13 @@ def probe_by_lbfgs(study: "Study") -> bool:
     return study.train.probe == "lbfgs" and not study.train.augment
 
 
-def lr_settings(study: "Study", candidates: list[float]) -> list[dict]:
-    """The LR fields of the cells for these candidates: one cell racing them all (halving), or one cell each."""
-    if len(candidates) > 1 and study.train.lr_search == "halving":
-        return [dict(lr=0.0, lrs=list(candidates))]
+def lr_settings(study: "Study", candidates: list[float], seed: int) -> list[dict]:
+    """The LR fields of the cells for these candidates: one cell racing them all (halving; with first_seed, the other
+    seeds' cells take the first seed's choice), or one cell each (grid)."""
+    search, first = study.train.lr_search, min(study.grid.seed)
+    if len(candidates) > 1 and search in ("halving", "first_seed"):
+        reuse = dict(lr_from_seed=first) if search == "first_seed" and seed != first else {}
+        return [dict(lr=0.0, lrs=list(candidates)) | reuse]
     return [dict(lr=lr) for lr in candidates]
 
 
@@ -298,10 +310,18 @@ class Cell(Strict):
     keep_best: bool = False
     solver: Literal["sgd", "lbfgs"] = "sgd"
     lrs: list[float] | None = None  # LR candidates raced inside the cell (successive halving); `lr` is then 0
+    lr_from_seed: int | None = None  # train at the LR chosen by this seed's cell of the same point (raced if it has none)
 
     @property
     def cell_id(self) -> str:
         return cell_hash(self.model_dump(exclude_defaults=True))
+
+    @property
+    def lr_source_id(self) -> str | None:
+        """The cell whose LR choice this one reuses (lr_from_seed), or None."""
+        if self.lr_from_seed is None:
+            return None
+        return self.model_copy(update=dict(seed=self.lr_from_seed, lr_from_seed=None)).cell_id
 
     @property
     def condition(self) -> str:
@@ -343,10 +363,10 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
                 for depth in g.frozen_depth:
                     if depth == "all" and lbfgs:
                         continue
-                    for lr in lr_settings(study, t.lrs or [sch.lr or t.lr]):
+                    for lr in lr_settings(study, t.lrs or [sch.lr or t.lr], seed):
                         add(arm="transfer", model=bb.model, weights=weights, frozen_depth=depth, schedule=sch.name,
                             **lr, **data, **protocol)
-                for lr in lr_settings(study, scratch_lrs(study, sch)) if study.scratch.enabled else []:
+                for lr in lr_settings(study, scratch_lrs(study, sch), seed) if study.scratch.enabled else []:
                     add(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name,  # shared by
                         **lr, **data, **(protocol | scratch_budget))  # the backbones of one model
             if "all" in g.frozen_depth and lbfgs:  # one convex fit; schedule and LR do not apply

@@ -150,10 +150,12 @@ class Step:
         return loss.detach()
 
 
-def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True) -> tuple[nn.Module | None, dict]:
+def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True,
+        lr: float | None = None) -> tuple[nn.Module | None, dict]:
     """Train and evaluate one cell: (the trained suffix, the measured part of its record).
 
-    use_prefix_cache=False runs the frozen layers on every batch (the naive way; for benchmarks).
+    use_prefix_cache=False runs the frozen layers on every batch (the naive way; for benchmarks). `lr`: the LR
+    another seed's cell chose (lr_from_seed), trained without a race.
     """
     cache = cache or FeatureCache()
     device = resolve_device(cell.device)
@@ -182,7 +184,7 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
             raise ValueError(f"{cell.model} cannot be cut before its head: solve its probe with train.probe: sgd")
         measured = fit_linear_probe(suffix, feats, ys, idx.to(device))
     else:
-        measured = train_loop(cell, suffix, feats, ys, idx.to(device), device, target.num_classes)
+        measured = train_loop(cell, suffix, feats, ys, idx.to(device), device, target.num_classes, lr)
     return suffix, common | measured | dict(
         frozen_groups=k, n_groups=bb.n_groups, frozen_fraction=round(frozen_fraction(bb, k), 6),
         weights_id=bb.weights_id, trainable_params=sum(p.numel() for p in suffix.parameters() if p.requires_grad),
@@ -266,7 +268,7 @@ class Run:
 
 
 def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.Tensor, device,
-               num_classes: int) -> dict:
+               num_classes: int, lr: float | None = None) -> dict:
     """The one SGD loop for every arm. With several LR candidates (`cell.lrs`), successive halving: each trains from
     the same initial weights on the same batches for the first rung of the budget, the best on validation goes on
     to the whole budget (Hyperband-style: about 1.4x one run instead of 3x). Records what a convergence check needs."""
@@ -274,7 +276,7 @@ def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.
                 test=feats["test"], y_test=ys["test"])
     total, evals = budget(cell, len(batch_bounds(len(idx), min(cell.batch_size, len(idx)))))
     t0 = time.perf_counter()
-    candidates = cell.lrs or [cell.lr]
+    candidates = [lr] if lr else cell.lrs or [cell.lr]
     if len(candidates) == 1:
         run, rung, extra_seen = Run(cell, suffix, candidates[0], data, device, num_classes, total, evals), {}, 0
     else:
@@ -313,6 +315,7 @@ def convergence(**facts) -> dict:
     return facts | dict(converged=bool((plateau or fitted) and not facts["collapsed"]))
 
 
-def train_cell(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True) -> dict:
+def train_cell(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True,
+               lr: float | None = None) -> dict:
     """Train and evaluate one cell; returns the measured part of its record."""
-    return fit(cell, cache, use_prefix_cache)[1]
+    return fit(cell, cache, use_prefix_cache, lr)[1]

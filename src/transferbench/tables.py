@@ -1,0 +1,65 @@
+"""Records -> tidy tables (runs, curves, gains, correlations) and back: `write_tables` builds them from a study's
+records and writes the CSVs; `read_tables` rebuilds the same dict from the CSVs alone (a committed baseline), so
+figures and report prose can be checked without retraining. Everything derived (gains, fairness, schedules) is
+computed by `analysis` from runs.csv both ways."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import analysis, atomic
+from .errors import ConfigError
+from .source import cells_of
+from .store import curves_table, read_domains, read_records, runs_table
+from .study import Study
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic.replacing(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_tables(study: Study, out: Path, use_domains: bool = True) -> dict[str, pd.DataFrame]:
+    """runs.csv, curves.csv, gains.csv and correlations.csv from the records of this study's cells (records of
+    other configurations in the folder stay out); returns every table the report and the figures read. The domain
+    measures are left out when `use_domains` is false (--skip-domains) and kept only for this study's pairs."""
+    wanted = {c.cell_id for c in cells_of(study)}
+    records = [r for cid, r in read_records(out / "records").items() if cid in wanted]
+    runs, curves = runs_table(records), curves_table(records)
+    write_csv(runs, out / "runs.csv")
+    write_csv(curves, out / "curves.csv")
+    domains = read_domains(out) if use_domains else pd.DataFrame()
+    if domains is None:
+        if (out / "domains.csv").exists():
+            raise ConfigError(str(out / "domains.csv"), "damaged (truncated or edited)",
+                              "rerun `transferbench study` on this study to rebuild it")
+        domains = pd.DataFrame()
+    estimators = pd.read_csv(out / "estimators.csv") if use_domains and (out / "estimators.csv").exists() else None
+    t = derive(study, runs, curves, domains, estimators)
+    write_csv(t["gains"], out / "gains.csv")
+    write_csv(t["correlations"], out / "correlations.csv")
+    return t
+
+
+def read_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
+    """The same tables from the CSVs of a results folder (e.g. a committed baseline), without records."""
+    runs = pd.read_csv(out / "runs.csv", dtype={"frozen_depth": str})
+    curves = pd.read_csv(out / "curves.csv") if (out / "curves.csv").exists() else pd.DataFrame(
+        columns=["cell_id", "epoch", "step", "split", "metric", "value", "images_seen"])
+    domains = read_domains(out)
+    estimators = pd.read_csv(out / "estimators.csv") if (out / "estimators.csv").exists() else None
+    return derive(study, runs, curves, pd.DataFrame() if domains is None else domains, estimators)
+
+
+def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.DataFrame,
+           estimators: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    """Everything the report computes from the runs and the domain measures (pure)."""
+    a = study.analysis
+    gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
+    corr = analysis.correlations(domains, gains, a.n_bootstrap // 2, a.confidence, estimators=estimators)
+    return dict(runs=runs, curves=curves, gains=gains, selected=gains,  # each arm's configuration chosen on val
+                oracle=analysis.gains(runs, a.confidence, a.fdr, a.min_effect, on="test_acc"), domains=domains,
+                correlations=corr, estimators=estimators, fairness=analysis.fairness(runs),
+                schedules=analysis.schedule_effect(runs))
