@@ -7,7 +7,7 @@ STUDY ?= smoke
 OVERRIDES ?=
 PROFILE ?=
 
-.PHONY: install study report test test-slow test-all bench regress baseline clean
+.PHONY: install study report test test-fast test-slow test-all lint bench regress baseline clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,13 +26,21 @@ study: $(STAMP)
 report: $(STAMP)
 	$(VENV)/bin/transferbench report $(STUDY)
 
-## the test suite (fast; slow tests are marked and left out)
+## the test suite: unit, contract, golden, figure and browser tests (end-to-end ones are marked slow, left out)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-## the slow end-to-end tests (the regression gate's calibration with real reruns); CI runs them too
+## the quick loop while editing: the same selection, stopping at the first failure, slowest tests listed
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x --durations=5
+
+## the slow end-to-end tests (studies through the CLI, the regression gate's calibration); CI runs them too
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+## lint (ruff, settings in pyproject.toml); CI runs it
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

@@ -45,7 +45,8 @@ SKEWED = lambda rng, shape: rng.exponential(1, shape) - 1  # noqa: E731  (mean 0
 
 
 def test_t_interval_has_its_nominal_coverage():
-    """Measured here (4,000 draws): normal n=3 0.953, n=5 0.949; exponential (skew 2) n=3 0.875, n=5 0.878. The percentile
+    """Measured here (4,000 draws): normal n=3 0.953, n=5 0.949; exponential (skew 2) n=3 0.875, n=5 0.878. The
+    percentile
     bootstrap it replaces covered 0.75 at n=3 (it is the seed range)."""
     assert coverage(5, NORMAL) >= 0.93
     assert coverage(3, NORMAL) >= 0.93

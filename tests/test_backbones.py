@@ -51,7 +51,8 @@ def test_in_place_freezing_keeps_weights_and_bn_statistics():
     bb = create_backbone("tf_efficientnet_lite0", "imagenet", 10, 0)
     prefix, model, cacheable = split_at_depth(bb, 3, allow=False)
     assert not cacheable
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv_stem", "bn1", "blocks.0", "blocks.1"))}
+    frozen_names = ("conv_stem", "bn1", "blocks.0", "blocks.1")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(frozen_names)}
     trainable = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("blocks.3")}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from transferbench.data import SHIFTS, class_counts, load_target, nested_kshot
-from transferbench.data.embedded import DATASETS, SOURCE_REFERENCE_IMAGES, TEXTURE_IMAGES, load_raw
+from transferbench.data import DATASETS, SHIFTS, class_counts, load_raw, load_target, nested_kshot
+from transferbench.data.embedded import SOURCE_REFERENCE_IMAGES, TEXTURE_IMAGES
 from transferbench.errors import ConfigError
 
 
@@ -43,7 +43,8 @@ def test_embedded_target_contract(name):
     seen = {}
     for split in ("train", "val", "test"):
         for img in raw.splits[split][0]:
-            assert seen.setdefault(img.tobytes(), split) == split, f"an image of {split} is also in {seen[img.tobytes()]}"
+            where = seen.setdefault(img.tobytes(), split)
+            assert where == split, f"an image of {split} is also in {where}"
     if name != "faces":
         assert sizes[2] >= 200  # one test image is at most 0.5 pp
 
@@ -101,3 +102,28 @@ def test_shifted_copy_is_fixed():
 
 def test_at_least_the_required_shifts_exist():
     assert {"gaussian_noise", "gaussian_blur", "contrast"} <= set(SHIFTS.names())
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_registered_dataset_has_a_contract(name):
+    """A dataset built from dependencies declares its split sizes above; one read from disk (a fingerprint in its
+    registry metadata) refuses to build without its folder, in one line naming the option."""
+    from transferbench.errors import ConfigError
+
+    if "fingerprint" not in DATASETS.meta(name):
+        assert name in DECLARED or name == "source_reference", f"declare the split sizes of '{name}' in DECLARED"
+        return
+    with pytest.raises(ConfigError, match=r"targets\.options\.(root|path)"):
+        DATASETS.get(name)()
+
+
+@pytest.mark.parametrize("shift", SHIFTS.names())
+def test_every_registered_shift_is_fixed_bounded_and_graded(shift):
+    from transferbench.data import apply_shift
+
+    x = load_target("textures", None, 0, 32).x["val"][:64]
+    out = [apply_shift(x.clone(), shift, s, seed=0) for s in (1, 3, 5)]
+    assert all(o.shape == x.shape and o.min() >= 0 and o.max() <= 1 for o in out)
+    assert torch.equal(out[1], apply_shift(x.clone(), shift, 3, seed=0))  # the same seed, the same copy
+    change = [(o - x).pow(2).mean().item() for o in out]
+    assert 0 < change[0] <= change[1] <= change[2], change

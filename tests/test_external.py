@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferbench.data import load_target
-from transferbench.data.embedded import load_raw
+from transferbench.data import load_raw, load_target
 from transferbench.errors import ConfigError
 
 
@@ -217,8 +216,9 @@ def test_image_folder_skips_hidden_and_other_files_and_reads_subfolders(tmp_path
 
 
 def test_hostile_image_folder_is_refused_by_the_cli_before_anything_is_written(tmp_path, capsys):
-    from transferbench.cli import main
     from test_bad_input import GOOD, snapshot
+
+    from transferbench.cli import main
 
     tree = tmp_path / "tree"
     write_image_folder(tree, per_class=4)

@@ -34,7 +34,8 @@ def test_every_small_shape_matches_the_plain_convolution(same, groups):
     """Maps from 1 pixel up to past the kernel, odd kernels 1..7, strides 1 and 2, both layouts."""
     torch.manual_seed(0)
     c, cases = 6, 0
-    for n, k, s, bias, channels_last in itertools.product(range(1, 10), (1, 3, 5, 7), (1, 2), (False, True), (False, True)):
+    shapes = itertools.product(range(1, 10), (1, 3, 5, 7), (1, 2), (False, True), (False, True))
+    for n, k, s, bias, channels_last in shapes:
         kw = dict(groups=c if groups == "depthwise" else 1, bias=bias, dtype=torch.float64)
         plain = Conv2dSame(c, c, k, s, **kw) if same else nn.Conv2d(c, c, k, s, padding=k // 2, **kw)
         fast = copy.deepcopy(plain)

@@ -89,3 +89,15 @@ def test_study_as_run_is_generated_from_the_resolved_config():
 
 def test_per_class_counts_in_words():
     assert report.per_class(1) == "1 example per class" and report.per_class(8) == "8 examples per class"
+
+
+@pytest.mark.parametrize("search", ["halving", "first_seed", "grid"])
+def test_study_as_run_names_every_lr_search(search):
+    from transferbench.study import Train
+
+    assert set(Train.model_fields["lr_search"].annotation.__args__) == {"halving", "first_seed", "grid"}
+    study = report.load_saved_study(BASELINES / "smoke")
+    t = tables.read_tables(study, BASELINES / "smoke")
+    changed = study.model_copy(update={"train": study.train.model_copy(update={"lr_search": search})})
+    text = "\n".join(report.study_as_run(changed, t, None, "the study file", ["a"]))
+    assert {"halving": "inside each cell", "first_seed": "first seed's cell", "grid": "a full cell"}[search] in text

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from transferbench import backbones, runner, train
-from transferbench.data import load_target
 from transferbench.cli import main
 from transferbench.compare import compare, render
+from transferbench.data import load_target
 
 pytestmark = pytest.mark.slow
 

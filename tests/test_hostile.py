@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_bad_input import refuse
+
 from transferbench.cli import main
 from transferbench.errors import ConfigError
 from transferbench.store import read_records, remove_orphans, write_record
@@ -77,7 +77,8 @@ def edited_accuracy(tmp: Path):
 
 
 def truncated_domains(tmp: Path):
-    _write(tmp / "results" / "t" / "domains.csv", "backbone,weights,target,fd,mmd,pad,logme\nlite0,imagenet,textures,1.")
+    _write(tmp / "results" / "t" / "domains.csv",
+           "backbone,weights,target,fd,mmd,pad,logme\nlite0,imagenet,textures,1.")
 
 
 # (case, study text, extra CLI args, setup, what stderr's first line must hold)
@@ -153,7 +154,7 @@ def test_two_image_folders_never_share_cached_data_or_features(tmp_path):
 
 
 def test_editing_a_folder_invalidates_its_cached_arrays(tmp_path):
-    from transferbench.data.embedded import load_raw
+    from transferbench.data import load_raw
 
     root = write_folder(tmp_path / "imgs")
     options = {"path": str(root), "store_size": 16}
@@ -163,7 +164,10 @@ def test_editing_a_folder_invalidates_its_cached_arrays(tmp_path):
         for i in range(12, 17):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     second = load_raw("imagefolder", options)
-    assert sum(len(second.splits[s][1]) for s in second.splits) == sum(len(first.splits[s][1]) for s in first.splits) + 15
+    def count(raw):
+        return sum(len(raw.splits[s][1]) for s in raw.splits)
+
+    assert count(second) == count(first) + 15
 
 
 def test_image_folders_are_named_by_their_folder_and_names_must_differ(tmp_path):
@@ -180,7 +184,7 @@ def test_image_folders_are_named_by_their_folder_and_names_must_differ(tmp_path)
 
 
 def test_a_damaged_data_cache_is_rebuilt_and_named(tmp_path, capsys, monkeypatch):
-    from transferbench.data.embedded import load_raw
+    from transferbench.data import load_raw
     from transferbench.paths import cache_dir
 
     monkeypatch.setenv("TRANSFERBENCH_CACHE", str(tmp_path))

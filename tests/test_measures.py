@@ -2,8 +2,17 @@ import numpy as np
 import pytest
 from scipy.stats import special_ortho_group
 
-from transferbench.measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme,
-                                    mmd2_unbiased, nce, proxy_a_distance)
+from transferbench.measures import (
+    frechet_distance,
+    gaussian_kl,
+    h_score,
+    knn_accuracy,
+    leep,
+    logme,
+    mmd2_unbiased,
+    nce,
+    proxy_a_distance,
+)
 
 rng = np.random.default_rng(0)
 A = rng.normal(size=(300, 8))

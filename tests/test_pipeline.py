@@ -10,6 +10,8 @@ import pytest
 from transferbench.cli import main
 from transferbench.store import RUN_COLUMNS
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: `make test-slow` (and CI)
+
 STUDIES = Path(__file__).parents[1] / "studies"
 SEEDS = "grid.seed=[0,1]"
 
@@ -96,7 +98,12 @@ def test_report_is_rebuilt_from_records_alone(smoke):
 
 def test_every_record_names_device_and_versions(smoke):
     rec = json.loads(next((smoke / "records").glob("*.json")).read_text())
-    assert {"device", "torch_version", "timm_version", "transferbench_version", "threads"} <= set(rec)
+    assert set(rec) == {"study", "cell_id", "cell", "result", "provenance", "checksum"}
+    assert {"device", "seed", "lrs"} & set(rec["cell"]) and "test_acc" in rec["result"]
+    assert {"device_used", "torch_version", "timm_version", "transferbench_version", "threads", "git_commit",
+            "git_dirty"} <= set(rec["provenance"])
+    from transferbench.study import Cell
+    assert Cell(**rec["cell"]).cell_id == rec["cell_id"]  # the config nested as written is what the id hashes
 
 
 def test_domain_measures_come_from_the_disk_cache(smoke, monkeypatch):

@@ -22,6 +22,8 @@ run: {jobs: 1}
 VALUES = ["cell_id", "status", "val_acc", "test_acc", "test_loss", "n_train", "frozen_fraction"]
 
 
+pytestmark = pytest.mark.slow  # studies through the CLI, killed and rerun: `make test-slow` (and CI)
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("study") / "tiny.yaml"

@@ -83,13 +83,15 @@ def open_in_chromium(page: Path, width: int = 1400, screenshot: Path | None = No
             image_widths: Array.from(document.images).map(i => i.getBoundingClientRect().width)}""")
         if screenshot:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
-            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics | {"height": min(seen["height"], 16000)})
+            tall = metrics | {"height": min(seen["height"], 16000)}
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", tall)
             driver.save_screenshot(str(screenshot))
         return seen
     finally:
         driver.quit()
 
 
+@pytest.mark.slow  # trains a tiny study through the CLI
 def test_report_html_is_self_contained(report):
     html = report.read_text()
     assert "http://" not in html and "https://" not in html
@@ -98,6 +100,7 @@ def test_report_html_is_self_contained(report):
     assert not list(report.parent.rglob(".tmp-*"))  # every output was renamed into place
 
 
+@pytest.mark.slow  # trains a tiny study through the CLI
 def test_hostile_description_is_escaped_in_report_html(report):
     html = report.read_text()
     assert_no_live_hostile_markup(html)
@@ -107,6 +110,7 @@ def test_hostile_description_is_escaped_in_report_html(report):
     assert all(h in (report.parent / "report.md").read_text() for h in HOSTILE)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_report_opens_in_headless_chromium(report):
     page = open_in_chromium(report)

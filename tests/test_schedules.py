@@ -35,3 +35,10 @@ def test_warmup_then_cosine():
     lrs = trajectory("warmup_cosine")
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0, abs=0.01)
     assert lrs.index(max(lrs)) == 10 and lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("name", SCHEDULES.names())
+def test_every_registered_schedule_is_finite_bounded_and_spans_the_budget(name):
+    lrs = trajectory(name, steps=40, lr=0.1)
+    assert len(lrs) == 40 and all(0 <= lr <= 0.1 + 1e-12 for lr in lrs)
+    assert max(lrs) == pytest.approx(0.1, rel=0.05)  # reaches the base LR (after any warm-up)

@@ -1,9 +1,8 @@
 import math
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from transferbench.features import FeatureCache
 from transferbench.runner import run_one

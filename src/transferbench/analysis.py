@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .measures import LABEL_FREE, measures, signs
+
 # A transfer grid point, without the seed and the configuration chosen for it.
 POINT = ["backbone", "weights", "target", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class"]
 # What a scratch cell shares with the transfer cells it is matched to (then paired by seed).
@@ -66,7 +68,8 @@ def verdict(gain: float, q: float, fdr: float, min_effect: float) -> str:
 def verdict_rule(fdr: float, min_effect: float, confidence: float) -> str:
     return (f"A gain is the mean over seeds of paired (same seed, same k-shot subset) transfer-minus-scratch test "
             f"accuracy, with a {confidence:.0%} Student-t interval over seeds; it is called positive or negative only "
-            f"when its paired t-test survives Benjamini-Hochberg across all grid points of the study (q <= {fdr:g}) and "
+            f"when its paired t-test survives Benjamini-Hochberg across all grid points of the study (q <= {fdr:g}) "
+            f"and "
             f"its size is at least {100 * min_effect:g} pp; otherwise inconclusive.")
 
 
@@ -213,10 +216,9 @@ def fairness(runs: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- when transfer fails ---------------------
 
-# Measures in domains.csv and the sign they should have against the realized gain: distances grow as
-# transfer gets harder (-1), transferability estimates grow as it gets easier (+1).
-MEASURES = {"fd": -1, "mmd": -1, "pad": -1, "bn_kl_mean": -1, "logme": 1, "leep": 1, "nce": 1, "h_score": 1,
-            "knn_acc": 1}
+# Measures in domains.csv and the sign they should have against the realized gain (the measures registry): distances
+# grow as transfer gets harder (-1), transferability estimates grow as it gets easier (+1).
+MEASURES = signs()
 
 
 def negative_transfer(gains_df: pd.DataFrame) -> pd.DataFrame:
@@ -232,7 +234,8 @@ def best_depth(selected: pd.DataFrame) -> pd.DataFrame:
     """Per (backbone, target, size): the frozen depth with the best validation accuracy."""
     keys = ["backbone", "weights", "target", "n_per_class"]
     best = selected.loc[selected.groupby(keys, dropna=False)["transfer_val_mean"].idxmax()]
-    return best[keys + ["frozen_depth", "frozen_groups", "frozen_fraction", "transfer_schedule", "transfer_mean", "gain",
+    return best[keys + ["frozen_depth", "frozen_groups", "frozen_fraction", "transfer_schedule", "transfer_mean",
+                        "gain",
                         "ci_low", "ci_high"]].reset_index(drop=True)
 
 
@@ -247,7 +250,7 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-DISTANCES = ("fd", "mmd", "pad", "bn_kl_mean")  # label-free: measured on the target's unlabelled images
+DISTANCES = tuple(measures(*LABEL_FREE))  # label-free: measured on the target's unlabelled images
 
 
 def target_table(domains: pd.DataFrame, selected: pd.DataFrame, estimators: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -291,7 +294,8 @@ def correlations(domains: pd.DataFrame, selected: pd.DataFrame, n_boot: int = 10
                 loo_taus = kendall_tau_b(x[loo], y[loo]) if k > 3 else np.array([np.nan])
                 tau = float(kendall_tau_b(x, y))
                 rows.append(dict(measure=measure, expected_sign=sign, outcome=outcome, n_per_class=n, n_targets=k,
-                                 tau=tau, ci_low=lo, ci_high=hi, loo_min=np.nanmin(loo_taus) if np.isfinite(loo_taus).any()
+                                 tau=tau, ci_low=lo, ci_high=hi,
+                                 loo_min=np.nanmin(loo_taus) if np.isfinite(loo_taus).any()
                                  else np.nan, loo_max=np.nanmax(loo_taus) if np.isfinite(loo_taus).any() else np.nan,
                                  agreement=sign * tau))
     return pd.DataFrame(rows)
@@ -337,5 +341,6 @@ def top_two(domains: pd.DataFrame, selected: pd.DataFrame, ranking: pd.DataFrame
     with warnings.catch_warnings():  # a resample where both taus are undefined (ties) is dropped, not averaged
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = _quantiles(np.nanmean(np.vstack(diffs), axis=0), confidence)
-    return dict(first=a, second=b, difference=float(ranking["mean_agreement"].iloc[0] - ranking["mean_agreement"].iloc[1]),
+    difference = float(ranking["mean_agreement"].iloc[0] - ranking["mean_agreement"].iloc[1])
+    return dict(first=a, second=b, difference=difference,
                 ci_low=lo, ci_high=hi, distinguishable=bool(lo > 0 or hi < 0))

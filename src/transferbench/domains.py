@@ -5,7 +5,6 @@ transferability estimates. The arithmetic lives in `measures/`; this module only
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 
@@ -14,14 +13,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .atomic import write_text
 from .backbones import create_backbone, split_at_depth
 from .data import load_target, nested_kshot
 from .data.embedded import SOURCE_REFERENCE_IMAGES
-from .atomic import write_text
 from .features import FeatureCache, feature_key
+from .measures import MEASURES, gaussian_kl, measures, safely
 from .paths import cache_dir
-from .measures import (frechet_distance, gaussian_kl, h_score, knn_accuracy, leep, logme, mmd2_unbiased, nce,
-                       proxy_a_distance, safely)
 from .source import weights_map
 from .store import DOMAIN_COLUMNS
 from .study import Study
@@ -74,15 +72,20 @@ def bn_profile(model: nn.Module, groups: list[list[str]], x: torch.Tensor, devic
     return profile
 
 
-ESTIMATORS = ("logme", "h_score", "knn_acc", "leep", "nce")
+ESTIMATORS = tuple(measures("labelled", "source"))  # need labels: computed on each k-shot subset too
+DISTANCES = tuple(measures("pair"))
 
 
 def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None) -> tuple[dict, list[str]]:
-    """The transferability estimators on features f with labels y (and the source head's probabilities): values,
-    and for each undefined one the reason."""
-    found = {"logme": safely(logme, f, y), "h_score": safely(h_score, f, y), "knn_acc": safely(knn_accuracy, f, y),
-             "leep": safely(leep, probs, y) if probs is not None else (np.nan, "no source head"),
-             "nce": safely(nce, probs.argmax(1), y) if probs is not None else (np.nan, "no source head")}
+    """Every registered estimator on features f with labels y (and the source head's probabilities): values, and for
+    each undefined one the reason."""
+    found = {}
+    for name in ESTIMATORS:
+        fn, inputs = MEASURES.get(name), MEASURES.meta(name)["inputs"]
+        if inputs == "source" and probs is None:
+            found[name] = (np.nan, "no source head")
+        else:
+            found[name] = safely(fn, probs if inputs == "source" else f, y)
     return {k: v for k, (v, _) in found.items()}, [f"{k}: {why}" for k, (_, why) in found.items() if why]
 
 
@@ -108,15 +111,18 @@ def domain_tables(study: Study, cache: FeatureCache | None = None,
             continue
         weights = resolved.get((spec.model, spec.weights), spec.weights)
         bb = create_backbone(spec.model, weights, num_classes=2, seed=0)
-        source = functools.cache(lambda: _source_side(spec.model, bb, reference, study, cache, device, max_samples))
+        source = None  # the source reference's side, computed once per backbone and only when a pair is not cached
         for t in study.targets:
             target = load_target(t.dataset, t.shift, t.severity, size, t.options, t.label)
             sizes = t.n_per_class or study.grid.n_per_class
             key = feature_key(kind="domains", version=DOMAINS_FORMAT, model=spec.model, weights=bb.weights_id,
                               target=target.key, reference=reference.key, image_size=size, max_samples=max_samples,
-                              sizes=sorted(sizes), seeds=sorted(study.grid.seed))
+                              measures=measures(), sizes=sorted(sizes), seeds=sorted(study.grid.seed))
+            found = _read_cached(key)
+            if found is None:
+                source = source or _source_side(spec.model, bb, reference, study, cache, device, max_samples)
+                found = _store(key, _measure_target(bb, target, t, source, study, cache, sizes, device, max_samples))
             where = dict(backbone=spec.model, weights=weights, target=t.condition)
-            found = _cached(key, lambda: _measure_target(bb, target, t, source(), study, cache, sizes, device, max_samples))
             rows.append(where | found["row"])
             kshot += [where | r for r in found["kshot"]]
     domains = pd.DataFrame(rows) if rows else pd.DataFrame(columns=DOMAIN_COLUMNS)
@@ -151,13 +157,12 @@ def _measure_target(bb, target, t, src: dict, study: Study, cache: FeatureCache,
     x = target.x["train"]
     profile = bn_profile(bb.model, bb.groups, x[torch.randperm(len(x), generator=g)[:max_samples]], device,
                          bb.data_config)
-    distances = {k: safely(fn, pa, pb) for k, fn in (("fd", frechet_distance), ("mmd", mmd2_unbiased),
-                                                        ("pad", proxy_a_distance))}
+    distances = {k: safely(MEASURES.get(k), pa, pb) for k in DISTANCES}
     pool, notes = estimates(f, y, probs)
     row = dict(dataset=t.dataset, shift=t.shift, severity=t.severity,
                reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})", n_target=len(sub),
                n_reference=len(src["ref"]), **{k: v for k, (v, _) in distances.items()}, **pool,
-               bn_kl_mean=float(np.nanmean(profile)),
+               **{k: MEASURES.get(k)(profile) for k in measures("bn_profile")},
                notes="; ".join(notes + [f"{k}: {why}" for k, (_, why) in distances.items() if why]))
     row |= {f"bn_kl_group{i}": v for i, v in enumerate(profile)}
     row |= {f"bn_kl_ref_group{i}": v for i, v in enumerate(src["profile"])}
@@ -169,16 +174,22 @@ def _measure_target(bb, target, t, src: dict, study: Study, cache: FeatureCache,
     return dict(row=row, kshot=kshot)
 
 
-def _cached(key: str, compute) -> dict:
-    """A pair's measures from the on-disk cache (JSON), else computed and stored; an unreadable entry is recomputed."""
-    path = cache_dir("domains") / f"{key}.json"
+def _cache_path(key: str):
+    return cache_dir("domains") / f"{key}.json"
+
+
+def _read_cached(key: str) -> dict | None:
+    """A pair's measures from the on-disk cache (JSON), or None (absent or unreadable: then recomputed)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_cache_path(key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        pass
-    found = json.loads(json.dumps(compute(), default=_plain))  # exactly what a later read will return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(found, allow_nan=True))
+        return None
+
+
+def _store(key: str, found: dict) -> dict:
+    found = json.loads(json.dumps(found, default=_plain))  # exactly what a later read will return
+    _cache_path(key).parent.mkdir(parents=True, exist_ok=True)
+    write_text(_cache_path(key), json.dumps(found, allow_nan=True))
     return found
 
 

@@ -53,7 +53,8 @@ class FastConv2d(nn.Conv2d):
         if (h, w) not in plans:
             pads = [_same_pad(n, k, s) if self.tf_same else (p, p)
                     for n, k, s, p in zip((h, w), self.kernel_size, self.stride, self.padding)]
-            plans[(h, w)] = [_crop_1d(n, k, s, *pad) for n, k, s, pad in zip((h, w), self.kernel_size, self.stride, pads)]
+            plans[(h, w)] = [_crop_1d(n, k, s, *pad)
+                             for n, k, s, pad in zip((h, w), self.kernel_size, self.stride, pads)]
         return plans[(h, w)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

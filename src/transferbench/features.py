@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import replacing
 from .paths import cache_dir
 
 FORMAT = 2  # bump when what the prefix computes changes (2: targets keyed by content digest)
@@ -47,7 +48,7 @@ class FeatureCache:
         self.hits = {"memory": 0, "disk": 0, "miss": 0}
 
     @classmethod
-    def default(cls) -> "FeatureCache":
+    def default(cls) -> FeatureCache:
         env = os.environ.get
         return cls(cache_dir("features"), int(env("TRANSFERBENCH_CACHE_MEMORY", 256 << 20)),
                    int(env("TRANSFERBENCH_CACHE_DISK", 4 << 30)))
@@ -65,12 +66,8 @@ class FeatureCache:
                 return self._remember("disk", key, feats)
         feats = {k: v.contiguous() for k, v in compute().items()}
         if path:
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-            try:
+            with replacing(path) as tmp:  # a reader never sees half a file
                 save_file(feats, str(tmp), metadata={"sha256": tensor_digest(feats)})
-                os.replace(tmp, path)  # atomic: a reader never sees half a file
-            finally:
-                tmp.unlink(missing_ok=True)
             self._evict_disk()
         return self._remember("miss", key, feats)
 
@@ -102,8 +99,8 @@ def _read_checked(path: Path) -> dict[str, torch.Tensor] | None:
             stored = (f.metadata() or {}).get("sha256")
         feats = load_file(str(path))
         problem = None if stored and tensor_digest(feats) == stored else "content does not match its digest"
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        feats, problem = None, f"unreadable ({type(e).__name__})"
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, ...) for a bad file
+        feats, problem = None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     if problem:
         print(f"warning: feature cache {path} is damaged ({problem}); recomputing it", file=sys.stderr)
         path.unlink(missing_ok=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import itertools
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from . import atomic  # noqa: E402
 from .analysis import MEASURES, POINT, SCRATCH_POINT, choose, depth_label, ok_runs, t_interval  # noqa: E402
+from .measures import MEASURES as REGISTERED  # noqa: E402
 
 PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
 DPI = 300  # print resolution of the PNGs (the SVGs are vector)
@@ -296,7 +297,8 @@ def gain_forest(t: dict, style: Style):
         ax.axvline(0, color="black", lw=0.7)
         for j, lbl in enumerate(depths):
             sub = sel[(sel["backbone"] == bb) & (sel["n_per_class"] == n)]
-            sub = sub[[depth_label(d) == lbl for d in sub["frozen_depth"].astype(str)]].set_index("target").reindex(targets)
+            sub = sub[[depth_label(d) == lbl for d in sub["frozen_depth"].astype(str)]]
+            sub = sub.set_index("target").reindex(targets)
             yy = y - (j - (len(depths) - 1) / 2) * 0.22  # the first depth on top
             g, lo, hi = 100 * sub["gain"], 100 * sub["ci_low"], 100 * sub["ci_high"]
             ax.hlines(yy, lo, hi, color=style.arms[lbl], lw=1)
@@ -327,7 +329,8 @@ def gain_heatmap(t: dict, style: Style):
     lim = max(5.0, float(np.nanmax(np.abs(df["g"]))))
     cols = [(lbl, n) for lbl in depths for n in sorted(df["n_per_class"].unique())]
     fig, axes = plt.subplots(len(backbones), 1, squeeze=False,
-                             figsize=(min(PAGE_WIDTH, 0.5 * len(cols) + 2.2), (0.24 * len(targets) + 0.7) * len(backbones) + 0.3),
+                             figsize=(min(PAGE_WIDTH, 0.5 * len(cols) + 2.2),
+                                      (0.24 * len(targets) + 0.7) * len(backbones) + 0.3),
                              layout="constrained")
     axes = list(axes.flat)
     for ax, bb in zip(axes, backbones):
@@ -362,14 +365,14 @@ def gain_vs_distance(t: dict, style: Style, distance: str = "fd"):
         sub = df[(df["backbone"] == bb) & (df["n_per_class"] == n)]
         ax.axhline(0, color="black", lw=0.7)
         for r in sub.itertuples():
-            ax.errorbar(getattr(r, distance), 100 * r.gain, yerr=[[100 * (r.gain - r.ci_low)], [100 * (r.ci_high - r.gain)]],
+            yerr = [[100 * (r.gain - r.ci_low)], [100 * (r.ci_high - r.gain)]]
+            ax.errorbar(getattr(r, distance), 100 * r.gain, yerr=yerr,
                         fmt=markers[r.label], ms=3, color=style.targets[r.target], lw=0.6, capsize=0)
         ax.set_title(f"{bb.replace('tf_efficientnet_', '')}, {n} per class")
-    names = {"fd": "Frechet distance", "mmd": "MMD^2", "pad": "proxy A-distance"}
     handles = [Line2D([], [], ls="", marker="s", ms=5, color=c, label=tg) for tg, c in style.targets.items()
                if tg in set(df["target"])] + [Line2D([], [], ls="", marker=markers[d], ms=4, color="0.3", label=d)
                                                 for d in depths]
-    return finish(fig, axes, f"{names.get(distance, distance)} to the source reference (frozen pooled features)",
+    return finish(fig, axes, f"{REGISTERED.meta(distance)['label']} to the source reference (frozen pooled features)",
                   "gain over scratch (pp)", handles, legend_columns=4)
 
 
@@ -397,7 +400,8 @@ def bn_divergence_profile(t: dict, style: Style):
         ax.set_title(bb)
     handles = [line(c, tg) for tg, c in style.targets.items() if tg in set(domains["target"])] + [
         line("black", "source reference", ls="--")]
-    return finish(fig, axes, "depth group (0 = input side)", "mean KL to BN running stats (nats)", handles, legend_columns=3)
+    return finish(fig, axes, "depth group (0 = input side)", "mean KL to BN running stats (nats)", handles,
+                  legend_columns=3)
 
 
 @figure("estimators_vs_accuracy")
@@ -421,11 +425,12 @@ def estimators_vs_accuracy(t: dict, style: Style):
     n_targets = df["target"].nunique()
     for ax, m in zip(axes, measures):
         for r in df.itertuples():
-            ax.scatter(getattr(r, m), 100 * r.transfer_mean, color=style.targets[r.target], marker=markers[r.backbone], s=12)
+            ax.scatter(getattr(r, m), 100 * r.transfer_mean, color=style.targets[r.target], marker=markers[r.backbone],
+                       s=12)
         row = corr[(corr["measure"] == m) & (corr["outcome"] == "transfer_acc") & (corr["n_per_class"] == n)] \
             if len(corr) and "outcome" in corr else pd.DataFrame()
         tau = f"tau {row['tau'].iloc[0]:+.2f}" if len(row) and pd.notna(row["tau"].iloc[0]) else "tau n/a"
-        ax.set_title(f"{m}: {tau}", fontsize=6.5)
+        ax.set_title(f"{REGISTERED.meta(m)['label']}: {tau}", fontsize=6.5)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
     handles = [Line2D([], [], ls="", marker="s", ms=5, color=c, label=tg) for tg, c in style.targets.items()
                if tg in set(df["target"])] + [Line2D([], [], ls="", marker=markers[b], ms=4, color="0.3", label=b)

@@ -51,7 +51,8 @@ def headlines(study: Study, t: dict) -> list[str]:
     for bb in sorted(selected["backbone"].unique()):
         for tg in dict.fromkeys([near, far]):
             for n in dict.fromkeys([sizes[0], sizes[-1]]):
-                sub = selected[(selected["backbone"] == bb) & (selected["target"] == tg) & (selected["n_per_class"] == n)]
+                sub = selected[(selected["backbone"] == bb) & (selected["target"] == tg)
+                               & (selected["n_per_class"] == n)]
                 parts = [f"{analysis.depth_label(r.frozen_depth)}: {gain_text(r)}"
                          for r in sub.sort_values("frozen_groups").itertuples()]
                 if parts:
@@ -87,9 +88,11 @@ def findings(study: Study, t: dict) -> list[str]:
                    f"{100 * low.transfer:.1f}% and scratch {100 * low.scratch:.1f}% (a small gain can mean scratch "
                    "does well, not that transfer does badly).")
     neg = sel[sel["negative"]]
-    where = ", ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} n={r.n_per_class} ({interval(r)})"
+    where = ", ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} n={r.n_per_class} "
+                      f"({interval(r)})"
                       for r in neg.head(3).itertuples())
-    out.append(f"Negative transfer (BH q <= {a.fdr:g}, |gain| >= {100 * a.min_effect:g} pp) at {len(neg)} of {len(sel)} "
+    out.append(f"Negative transfer (BH q <= {a.fdr:g}, |gain| >= {100 * a.min_effect:g} pp) at {len(neg)} of "
+               f"{len(sel)} "
                "grid points" + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
     best = analysis.best_depth(sel)
     if len(best) and sel["frozen_depth"].nunique() > 1:
@@ -128,7 +131,8 @@ def estimator_sentence(study: Study, t: dict) -> str:
         return (f"No measure predicts the realized gain reliably across these {n_targets} targets: the best mean "
                 f"agreement is {top.measure}'s (sign-adjusted Kendall tau {top.mean_agreement:+.2f}), and none of its "
                 f"per-size {study.analysis.confidence:.0%} intervals excludes 0.")
-    text = (f"Best predictor of the realized gain: {top.measure} (mean sign-adjusted Kendall tau {top.mean_agreement:+.2f} "
+    text = (f"Best predictor of the realized gain: {top.measure} (mean sign-adjusted Kendall tau "
+            f"{top.mean_agreement:+.2f} "
             f"across {int(top.targets)} targets, over {int(top.sizes)} size(s))")
     duel = analysis.top_two(t["domains"], t["selected"], ranking, study.analysis.n_bootstrap // 2,
                             study.analysis.confidence, estimators=t["estimators"])
@@ -148,7 +152,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(
-        gain_pp=lambda d: d["gain"].map(pp), ci_pp=lambda d: [f"[{pp(a)}, {pp(b)}]" for a, b in zip(d.ci_low, d.ci_high)],
+        gain_pp=lambda d: d["gain"].map(pp),
+        ci_pp=lambda d: [f"[{pp(a)}, {pp(b)}]" for a, b in zip(d.ci_low, d.ci_high)],
         seed_sd_pp=lambda d: (100 * d["gain_sd"]).round(1), test_se_pp=lambda d: (100 * d["test_se"]).round(1),
         q=lambda d: d["q"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}"),
         transfer=lambda d: (100 * d["transfer_mean"]).round(1))
@@ -158,7 +163,8 @@ def fairness_sentence(runs: pd.DataFrame, sel: pd.DataFrame) -> str:
     ok = analysis.ok_runs(runs)
     share = ok.groupby("arm")["converged"].mean()
     return (f"Converged: {', '.join(f'{arm} {100 * v:.0f}%' for arm, v in share.items())} of cells; "
-            f"{int((sel['flags'] != '').sum())} of {len(sel)} grid points flagged, {int(sel['below_pixels'].sum())} with "
+            f"{int((sel['flags'] != '').sum())} of {len(sel)} grid points flagged, {int(sel['below_pixels'].sum())} "
+            f"with "
             "transfer below the best pixel baseline.")
 
 
@@ -176,7 +182,8 @@ def anchors(study: Study, t: dict) -> list[str]:
                     "**does not reproduce** here."))
     fd = corr[(corr["measure"] == "fd") & (corr["outcome"] == "gain")] if len(corr) else corr
     if len(fd):
-        taus = ", ".join(f"{r.tau:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] at {r.n_per_class}" for r in fd.itertuples())
+        taus = ", ".join(f"{r.tau:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] at {r.n_per_class}"
+                         for r in fd.itertuples())
         clear = fd[fd["ci_high"] < 0]
         lines.append(f"- Gains shrink as the target moves away from the source (Raghu et al. 2019; VTAB structured): "
                      f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
@@ -187,14 +194,17 @@ def anchors(study: Study, t: dict) -> list[str]:
     gap = gap.set_index("target").reindex(order).dropna(subset=["gain"]) if len(gap) else gap
     if len(gap) > 1 and ordered_by != "the study file":
         near, far = gap.iloc[0], gap.iloc[-1]
-        lines.append(f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe minus full "
-                     f"fine-tuning {interval(near)} on the nearest target as measured ({near.name}), {interval(far)} on "
+        lines.append(f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe minus "
+                     f"full "
+                     f"fine-tuning {interval(near)} on the nearest target as measured ({near.name}), {interval(far)} "
+                     f"on "
                      f"the farthest ({far.name}) -- " + ("**reproduces**." if far.gain < near.gain and far.ci_high < 0
                                                          else "**does not reproduce** here."))
     neg = sel[sel["verdict"] == "negative"]
     lines.append(f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
                  + (": " + "; ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} "
-                                     f"n={r.n_per_class} {pp(r.gain)} pp" for r in neg.itertuples()) if len(neg) else "")
+                                     f"n={r.n_per_class} {pp(r.gain)} pp" for r in neg.itertuples())
+                    if len(neg) else "")
                  + ".")
     below = sel[sel["below_pixels"]]
     lines.append(f"- Transfer below the best pixel baseline at {len(below)} of {len(sel)} grid points"
@@ -211,7 +221,8 @@ def fairness_section(study: Study, t: dict) -> list[str]:
                         "below may measure how far each arm got in its budget, not what it can reach.", ""]
     lines += ["Every arm trains under the budget and stopping rule in *The study as run* below, with its own LR and "
               "schedule chosen on validation. A network cell converged when validation stopped improving before its "
-              "budget ran out or it fits its training subset (train accuracy >= 99%), and it does not predict one class "
+              "budget ran out or it fits its training subset (train accuracy >= 99%), and it does not predict one "
+              "class "
               "for more than 90% of the test set; a convex fit (probe, pixel logistic regression) when its solver "
               "converged.", "",
               markdown_table(fair.assign(**{c: (100 * fair[c]).round(1) for c in ("converged", "collapsed",
@@ -222,7 +233,8 @@ def fairness_section(study: Study, t: dict) -> list[str]:
         flagged = sel[sel["flags"] != ""]
         below = sel[sel["below_pixels"]]
         lines += [f"{len(flagged)} of {len(sel)} grid points are flagged (an arm not converged in every seed, or an "
-                  f"arm below the best pixel baseline of the same subsets); {len(below)} have transfer below the pixels, "
+                  f"arm below the best pixel baseline of the same subsets); {len(below)} have transfer below the "
+                  f"pixels, "
                   f"{int(sel['scratch_below_pixels'].sum())} scratch. Flags are shown in the headline and the gains "
                   "table.", ""]
     return lines
@@ -235,7 +247,8 @@ def failure_section(study: Study, t: dict) -> list[str]:
     neg = selected[selected["negative"]]
     lines.append(f"Negative transfer gap (Wang et al. 2019: transfer error minus scratch error), each arm's "
                  f"configuration chosen on validation: **{len(neg)} of {len(selected)}** grid points are called "
-                 "negative. " + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence))
+                 "negative. " + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect,
+                                                      study.analysis.confidence))
     if len(neg):
         lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class",
                                                        "transfer", "gain_pp", "ci_pp"]])]
@@ -245,10 +258,11 @@ def failure_section(study: Study, t: dict) -> list[str]:
     by_target = by_target.reindex([c for c in order if c in by_target.index])
     lines += ["", f"Mean gain per target condition (near -> far by {ordered_by}), its {study.analysis.confidence:.0%} "
               "t-interval over seeds, and the share of its grid points with a positive verdict:", ""]
-    lines += [f"- {tg}: {interval(r)}, {100 * positive.get(tg, np.nan):.0f}% positive (transfer {100 * r.transfer:.1f}%, "
+    lines += [f"- {tg}: {interval(r)}, {100 * positive.get(tg, np.nan):.0f}% positive (transfer "
+              f"{100 * r.transfer:.1f}%, "
               f"scratch {100 * r.scratch:.1f}%)" for tg, r in by_target.iterrows()]
     if not domains.empty:
-        d = domains.groupby("target")[["fd", "mmd", "pad", "bn_kl_mean"]].mean().reindex(by_target.index)
+        d = domains.groupby("target")[[m for m in analysis.DISTANCES if m in domains]].mean().reindex(by_target.index)
         lines += ["", "Measured distance to the source reference (mean over backbones):", "",
                   markdown_table(d.round(3).reset_index())]
     best = analysis.best_depth(selected)
@@ -273,7 +287,8 @@ def failure_section(study: Study, t: dict) -> list[str]:
                   f"{pp(selected['gain'].mean())} pp; choosing on test (oracle, optimistic) would report "
                   f"{pp(oracle['gain'].mean())} pp."]
     if len(t["schedules"]):
-        lines += ["", "The schedule as a factor: mean test accuracy (%) per arm and schedule, each at its own LR chosen "
+        lines += ["", "The schedule as a factor: mean test accuracy (%) per arm and schedule, each at its own LR "
+                      "chosen "
                   "on validation:", "", markdown_table((100 * t["schedules"]).round(1).reset_index())]
     return lines
 
@@ -284,7 +299,9 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
     runs = t["runs"]
 
     def seen(col: str) -> str:
-        return ", ".join(sorted({str(v) for v in runs[col].dropna()})) if col in runs and runs[col].notna().any() else "n/a"
+        if col not in runs or not runs[col].notna().any():
+            return "n/a"
+        return ", ".join(sorted({str(v) for v in runs[col].dropna()}))
 
     arms = runs["arm"].value_counts().to_dict() if len(runs) else {}
     every = tr.eval_every or (max(1, tr.steps // 20) if tr.steps else None)
@@ -295,9 +312,12 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
                f"; early stopping after {tr.patience} validations without improvement, never before step "
                f"{tr.min_steps}; " + ("the best-validation weights are tested" if tr.patience > 0 or tr.steps else
                                            "the last weights are tested"))
-    search = {"halving": "successive halving inside each cell (every candidate trains the first fifth of the budget "
-                         "from the same start on the same batches; the best on validation goes on)",
-              "grid": "every candidate a full cell"}[tr.lr_search]
+    halving = ("successive halving (every candidate trains the first fifth of the budget from the same start on the "
+               "same batches; the best on validation goes on)")
+    search = {"halving": f"{halving} inside each cell",
+              "first_seed": f"{halving} in the first seed's cell of each grid point; the other seeds train at its "
+                            "choice (recorded per cell as lr_source)",
+              "grid": "every candidate a full cell, chosen on mean validation over seeds"}[tr.lr_search]
     lines = ["## The study as run", "",
              "Generated from the resolved configuration (`study.resolved.yaml`: the study file with overrides and "
              "profile applied) and from the records.", "",
@@ -309,7 +329,8 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
              f"- images {tr.image_size} px, batch {tr.batch_size}, {tr.optimizer} (weight decay {tr.weight_decay:g}), "
              f"augmentation {'on' if tr.augment else 'off'}",
              f"- budget: {budget}",
-             f"- learning rate chosen on validation per arm: transfer {', '.join(f'{x:g}' for x in (tr.lrs or [tr.lr]))}, "
+             f"- learning rate chosen on validation per arm: transfer "
+             f"{', '.join(f'{x:g}' for x in (tr.lrs or [tr.lr]))}, "
              f"scratch {', '.join(f'{x:g}' for x in (sc.lrs or tr.lrs or [sc.lr or tr.lr]))}; {search}; the schedule "
              "chosen on validation per arm",
              "- linear probe (frozen all): " + ("logistic regression on the cached features fitted by L-BFGS, its L2 "
@@ -322,7 +343,8 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
              f"- versions: transferbench {seen('transferbench_version')}, torch {seen('torch_version')}, timm "
              f"{seen('timm_version')}, Python {seen('python_version')}; git commit {seen('git_commit')}"]
     wall = re.search(r"wall time: ([0-9.]+) s for (\d+) cells", timing or "")
-    lines.append(f"- wall time of the run that trained the last cells: {float(wall[1]) / 60:.1f} min for {wall[2]} cells"
+    lines.append(f"- wall time of the run that trained the last cells: {float(wall[1]) / 60:.1f} min for {wall[2]} "
+                 f"cells"
                  if wall else "- wall time: not recorded")
     return lines + [""]
 
@@ -363,7 +385,8 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
              "schedule and LR are chosen on its own validation accuracy. "
              + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence), ""]
     text += [f"- {line}" for line in headlines(study, t)] + [""]
-    text += ["## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(findings(study, t), 1)] + [""]
+    found = findings(study, t)
+    text += ["## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(found, 1)] + [""]
     text += anchors(study, t)
     if not selected.empty:
         text += failure_section(study, t) + [""]
@@ -392,13 +415,16 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
     path = out / "report.md"
     atomic.write_text(path, "\n".join(text) + "\n")
     write_html(path, study.name)
-    atomic.write_text(out / "findings.txt", "\n".join(findings(study, t)) + "\n")
+    atomic.write_text(out / "findings.txt", "\n".join(found) + "\n")
     return path
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:.85em;margin:1em 0;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #ccc;padding:.2em .5em}
-th{background:#f3f3f3}img{max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}blockquote{border-left:3px solid #ccc;margin:1em 0;padding:0 1em;color:#444}code,pre{background:#f6f6f6}pre{overflow-x:auto}"""
+table{border-collapse:collapse;font-size:.85em;margin:1em 0;display:block;max-width:100%;overflow-x:auto}
+td,th{border:1px solid #ccc;padding:.2em .5em}th{background:#f3f3f3}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
+blockquote{border-left:3px solid #ccc;margin:1em 0;padding:0 1em;color:#444}
+code,pre{background:#f6f6f6}pre{overflow-x:auto}"""
 
 
 # Links user text may keep in report.html; anything else (javascript:, data:, vbscript:, file:, relative, an

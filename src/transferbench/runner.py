@@ -7,6 +7,7 @@ backend. Each worker writes its cell's record itself, atomically, the moment the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import socket
@@ -16,38 +17,39 @@ import traceback
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
-from .study import Cell, Study
 from .store import read_records, write_record
+from .study import Cell, Study
 
 
 def plan(study: Study) -> list[Cell]:
     """Every cell of the grid, after checking each name and range against what exists."""
     import timm
 
-    from .backbones import check_model_name, resolve_depth, resolve_weights
-    from .data import DATASETS, SHIFTS, class_counts
-    from .data.embedded import load_raw
-    from .schedules import SCHEDULES
+    from .backbones import WEIGHTS, check_model_name, resolve_depth, resolve_weights, trained_here, weight_source
+    from .data import DATASETS, SHIFTS, class_counts, load_raw
+    from .schedules import OPTIMIZERS, SCHEDULES
     from .source import cells_of, source_cell
 
+    check_device(study.train.device)
     for i, t in enumerate(study.targets):
         DATASETS.get(t.dataset, f"targets.{i}.dataset")
         if t.shift:
             SHIFTS.get(t.shift, f"targets.{i}.shift")
     for i, s in enumerate(study.grid.schedule):
         SCHEDULES.get(s.name, f"grid.schedule.{i}.name")
+    OPTIMIZERS.get(study.train.optimizer, "train.optimizer")
     for i, b in enumerate(study.backbones):
         check_model_name(b.model)
-        if b.weights.startswith("pretrain:"):
+        if trained_here(b.weights):
             source_cell(study, b.model, b.weights.split(":", 1)[1])  # the source dataset must exist
-        elif b.weights != "hub":  # hub weights need the network: checked when the cell runs
+        elif not WEIGHTS.meta(weight_source(b.weights)).get("needs_network"):  # those are checked when a cell runs
             resolve_weights(b.model, b.weights)
         n_groups = len(_groups_of(timm, b.model))
         for d in study.grid.frozen_depth:
@@ -58,10 +60,20 @@ def plan(study: Study) -> list[Cell]:
         smallest = min(counts.get(c, 0) for c in range(len(raw.classes)))  # a class absent from train counts as 0
         too_big = [n for n in (t.n_per_class or study.grid.n_per_class) if n > smallest]
         if too_big:
-            raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class", f"{too_big} examples per class asked, but '{t.label}' holds "
+            raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class",
+                              f"{too_big} examples per class asked, but '{t.label}' holds "
                               f"only {smallest} in its smallest class", f"use sizes up to {smallest}" if smallest
                               else "give every class enough images for its train split")
     return cells_of(study)
+
+
+def check_device(device: str) -> None:
+    """`device: cuda` where no CUDA device is visible is refused at planning, not cell by cell."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda asked for, but no CUDA device is visible on this machine",
+                          "use device: auto (CUDA when present, else CPU) or cpu")
 
 
 def _groups_of(timm, model_name: str):
@@ -78,17 +90,26 @@ def provenance() -> dict:
 
     from . import __version__
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return dict(transferbench_version=__version__, torch_version=torch.__version__, timm_version=timm.__version__,
-                python_version=platform.python_version(), git_commit=commit, host=socket.gethostname())
+                python_version=platform.python_version(), host=socket.gethostname(), **git_state())
+
+
+def git_state() -> dict:
+    """The commit the code ran from, and a hash of its uncommitted changes (None when clean or not a checkout)."""
+    def git(*args) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "--verify", "-q", "HEAD") or "").strip() or None
+    diff = git("diff", "HEAD", "--", ".") if commit else None
+    return dict(git_commit=commit, git_dirty=hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ------------------------------------------------------------------ one cell in a worker -------------------
@@ -188,7 +209,8 @@ class RunSummary:
     skipped: int
     ran: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
-    peak_rss_bytes: int = 0
+    peak_pss_bytes: int = 0  # proportional set size: shared library pages split between processes
+    pretrain_seconds: float = 0.0  # sources trained before the cells (pretrain:<dataset>)
 
     @property
     def failed(self) -> int:
@@ -234,7 +256,7 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
                     if r["status"] == "failed":
                         bar.write(f"cell {r['cell_id']} failed: {r['error']}")
     bar.close()
-    summary.peak_rss_bytes = memory.peak
+    summary.peak_pss_bytes = memory.peak
     summary.wall_seconds = time.perf_counter() - t0
     return summary
 
@@ -295,8 +317,9 @@ def timing_table(summary: RunSummary) -> str:
         by_arm.setdefault(r["arm"], []).append(r)
     cache = Counter(r.get("cache") for r in summary.ran)
     lines = [f"wall time: {summary.wall_seconds:.1f} s for {len(summary.ran)} cells "
-             f"({summary.skipped} already done, {summary.failed} failed)",
-             f"peak memory (PSS), runner + workers: {summary.peak_rss_bytes / 2**30:.2f} GiB",
+             f"({summary.skipped} already done, {summary.failed} failed)"
+             + (f", after {summary.pretrain_seconds:.1f} s of source pretraining" if summary.pretrain_seconds else ""),
+             f"peak memory (PSS), runner + workers: {summary.peak_pss_bytes / 2**30:.2f} GiB",
              f"{'arm':<10}{'cells':>7}{'cell-seconds':>14}{'prefix-s':>10}{'images/s':>10}"]
     for arm, rs in sorted(by_arm.items()):
         secs = sum(r.get("cell_seconds") or 0 for r in rs)

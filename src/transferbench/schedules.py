@@ -34,9 +34,19 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int) -> S.LRScheduler
                                 S.CosineAnnealingLR(opt, T_max=max(1, total_steps - warm))], milestones=[warm])
 
 
+OPTIMIZERS = Registry("optimizer")  # name -> (trainable params, lr, weight_decay) -> torch.optim.Optimizer
+
+
+@OPTIMIZERS.register()
+def sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True, fused=True)
+
+
+@OPTIMIZERS.register()
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Fused kernels (CPU and CUDA): one pass over all parameters instead of one per tensor."""
-    params = [p for p in params if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True, fused=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return OPTIMIZERS.get(name, "train.optimizer")([p for p in params if p.requires_grad], lr, weight_decay)

@@ -1,14 +1,12 @@
 """Source pretraining: `weights: pretrain:<dataset>` trains the backbone from scratch on an embedded
 source dataset (the same training loop as every cell), caches the checkpoint as safetensors keyed
-by the hash of its config, and serves it as pretrained weights (`pretrain:<dataset>:<hash>`).
+by the source cell's id (the one hash of a cell: adding a Cell field with a default leaves it unchanged), and
+serves it as pretrained weights (`pretrain:<dataset>:<cell id>`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-
+from .atomic import replacing
 from .study import Cell, Study
 
 PREFIX = "pretrain:"
@@ -16,7 +14,7 @@ PREFIX = "pretrain:"
 
 def source_cell(study: Study, model: str, dataset: str) -> Cell:
     """Scratch training on the source's whole training pool, with the study's pretraining budget."""
-    from .data.embedded import DATASETS, load_raw
+    from .data import DATASETS, load_raw
     from .data.sampling import class_counts
 
     DATASETS.get(dataset, "backbones.weights (pretrain:<dataset>)")
@@ -28,14 +26,12 @@ def source_cell(study: Study, model: str, dataset: str) -> Cell:
                 device=t.device, amp=t.amp, channels_last=t.channels_last, eval_at=t.eval_at)
 
 
-def _key(cell: Cell) -> str:
-    return hashlib.sha256(json.dumps(cell.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def weights_map(study: Study) -> dict[tuple[str, str], str]:
-    """(model, 'pretrain:<dataset>') -> 'pretrain:<dataset>:<hash of the source config>'."""
-    return {(b.model, b.weights): f"{b.weights}:{_key(source_cell(study, b.model, b.weights[len(PREFIX):]))}"
-            for b in study.backbones if b.weights.startswith(PREFIX)}
+    """(model, 'pretrain:<dataset>') -> 'pretrain:<dataset>:<cell id of the source cell>'."""
+    from .backbones import trained_here
+
+    return {(b.model, b.weights): f"{b.weights}:{source_cell(study, b.model, b.weights[len(PREFIX):]).cell_id}"
+            for b in study.backbones if trained_here(b.weights)}
 
 
 def ensure_checkpoints(study: Study, log=print) -> None:
@@ -52,10 +48,10 @@ def ensure_checkpoints(study: Study, log=print) -> None:
             continue
         log(f"pretraining {model} on {cell.dataset}: {cell.epochs} epochs, {cell.n_per_class} per class")
         net, record = fit(cell)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata={"source": cell.dataset, "val_acc": f"{record['val_acc']:.4f}"})
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                      metadata={"source": cell.dataset, "val_acc": f"{record['val_acc']:.4f}"})
         log(f"  source val accuracy {record['val_acc']:.3f} in {record['cell_seconds']:.0f} s -> {path}")
 
 

@@ -1,19 +1,23 @@
-"""One JSON record per cell, written atomically; records -> tidy tables (runs.csv, curves.csv)."""
+"""One JSON record per cell, written atomically; records -> tidy tables (runs.csv, curves.csv).
+
+On disk a record is {study, cell_id, cell, result, provenance, checksum}: `cell` is the cell's config exactly as
+hashed into its id, `result` what training measured (metrics, convergence check, curves, status), `provenance`
+where and with what it ran (resolved device, versions, host, git commit and a hash of uncommitted changes,
+threads, times). Readers get one flat dict per record (`flat`), the shape the tables are built from; records
+written flat by earlier versions read the same way.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from .atomic import TMP_PREFIX, write_text
 from .errors import ConfigError
 from .study import Cell
-
-TMP_PREFIX = ".tmp-"  # a record being written; never read, removed at the start of the next run
 
 RUN_COLUMNS = ["study", "cell_id", "arm", "backbone", "weights", "target", "dataset", "shift", "severity",
                "frozen_depth", "frozen_groups", "n_groups", "frozen_fraction", "n_per_class", "n_train", "schedule",
@@ -26,24 +30,35 @@ def _checksum(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+PROVENANCE = ("device_used", "transferbench_version", "torch_version", "timm_version", "python_version", "git_commit",
+              "git_dirty", "host", "threads", "worker_pid", "started", "ended")
+TOP = ("study", "cell_id")
+
+
+def nest(record: dict) -> dict:
+    """A flat record (as a worker assembles it) in its stored shape: {study, cell_id, cell, result, provenance}."""
+    cell = {k: record[k] for k in Cell.model_fields if k in record}
+    provenance = {k: record[k] for k in PROVENANCE if k in record}
+    result = {k: v for k, v in record.items() if k not in cell and k not in provenance and k not in TOP + ("checksum",)}
+    return {k: record[k] for k in TOP} | dict(cell=cell, result=result, provenance=provenance)
+
+
+def flat(record: dict) -> dict:
+    """One flat dict of a stored record (nested, or flat from an earlier version)."""
+    if "cell" not in record:
+        return record
+    parts = [record["cell"], record["result"], record["provenance"]]
+    assert not set.intersection(*map(set, parts)), "a record repeats a key across cell, result and provenance"
+    return {k: record[k] for k in TOP + ("checksum",) if k in record} | parts[0] | parts[1] | parts[2]
+
+
 def write_record(directory: Path, record: dict) -> Path:
-    """Write-then-rename: a reader (or a kill -9) never sees half a record. A failed write (a full
+    """Write-then-rename (synced): a reader (or a kill -9) never sees half a record, and a failed write (a full
     disk) leaves no temporary file behind. The record carries a checksum of its own content."""
     directory.mkdir(parents=True, exist_ok=True)
-    record = json.loads(json.dumps(record, default=str))  # exactly what is stored is what is checksummed
+    record = json.loads(json.dumps(nest(record), default=str))  # exactly what is stored is what is checksummed
     record["checksum"] = _checksum(record)
-    path = directory / f"{record['cell_id']}.json"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(directory / f"{record['cell_id']}.json", json.dumps(record, indent=1))
 
 
 def remove_orphans(directory: Path) -> int:
@@ -57,7 +72,7 @@ def remove_orphans(directory: Path) -> int:
 
 def check_record(record: dict) -> str | None:
     """Why a record cannot be trusted, or None: its content must match its checksum and its config its cell_id."""
-    config = {k: record[k] for k in Cell.model_fields if k in record}
+    config = record["cell"] if "cell" in record else {k: record[k] for k in Cell.model_fields if k in record}
     try:
         cell = Cell.model_validate(config)
     except ValueError:
@@ -87,7 +102,7 @@ def read_records(directory: Path) -> dict[str, dict]:
             fix = (f"delete {directory}; its cells will be trained again on the next run" if "older" in problem
                    else "delete that file; its cell will be trained again on the next run")
             raise ConfigError(f"record {path}", f"corrupted record file: {problem}", fix)
-        out[record["cell_id"]] = record
+        out[record["cell_id"]] = flat(record)
     return out
 
 

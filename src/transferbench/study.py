@@ -13,15 +13,25 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, did_you_mean
 
-Depth = Union[NonNegativeInt, Literal["all"]]
+Depth = NonNegativeInt | Literal["all"]
 
 # Names that become folders or labels: plain identifiers, so no `../`, no `/`, no markup.
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -51,7 +61,8 @@ class TargetSpec(Strict):
                              "a `path`/`root` option (e.g. imagefolder)")
     shift: str | None = None
     severity: int = Field(0, ge=0, le=5)
-    options: dict[str, Any] = Field(default_factory=dict, description="dataset options, e.g. {root: data/, download: true}")
+    options: dict[str, Any] = Field(default_factory=dict, description="dataset options, e.g. "
+                                                                      "{root: data/, download: true}")
     n_per_class: list[PositiveInt] | None = Field(None, description="this target's sizes, instead of grid.n_per_class")
 
     @field_validator("name")
@@ -109,7 +120,8 @@ def _unique(values: list, what: str) -> list:
 
 
 class Grid(Strict):
-    frozen_depth: list[Depth] = Field(description="groups frozen from the input side; 0 = fine-tune all, 'all' = linear probe")
+    frozen_depth: list[Depth] = Field(description="groups frozen from the input side; 0 = fine-tune all, 'all' = "
+                                                  "linear probe")
     n_per_class: list[PositiveInt] = Field(description="labelled target examples per class")
     schedule: list[ScheduleSpec]
     seed: list[NonNegativeInt]
@@ -148,13 +160,15 @@ class Train(Strict):
     batch_size: PositiveInt = 32
     image_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: str = Field("adamw", description="a registered optimizer (schedules.OPTIMIZERS): adamw, sgd")
     weight_decay: NonNegativeFloat = 0.01
-    augment: bool = Field(False, description="flip+crop each batch; cells with frozen layers then pay full price (no cache)")
+    augment: bool = Field(False, description="flip+crop each batch; cells with frozen layers then pay full price (no "
+                                             "cache)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
-    eval_at: Literal["epoch", "log"] = Field("log", description="val after every epoch, or at epochs 1, 2, 4, ... and the last")
+    eval_at: Literal["epoch", "log"] = Field("log", description="val after every epoch, or at epochs 1, 2, 4, ... and "
+                                                                "the last")
 
 
 class Pretraining(Strict):
@@ -194,7 +208,8 @@ class Analysis(Strict):
     n_bootstrap: PositiveInt = Field(2000, description="bootstrap resamples for the estimators' rank correlations")
     confidence: float = Field(0.95, gt=0, lt=1, description="of the t-intervals of gains over seeds")
     fdr: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg level across the study's grid points")
-    min_effect: NonNegativeFloat = Field(0.01, description="smallest |gain| (accuracy) a verdict may call positive or negative")
+    min_effect: NonNegativeFloat = Field(0.01, description="smallest |gain| (accuracy) a verdict may call positive or "
+                                                           "negative")
 
 
 class Study(Strict):
@@ -239,26 +254,29 @@ class Study(Strict):
         return self
 
 
-def n_cells(study: "Study") -> int:
+def n_cells(study: Study) -> int:
     """The number of cells `expand` will make, counted without making them."""
     g, t = study.grid, study.train
     lbfgs_probe = "all" in g.frozen_depth and probe_by_lbfgs(study)
     sgd_depths = len(g.frozen_depth) - lbfgs_probe
-    transfer = sum(len(lr_settings(study, t.lrs or [s.lr or t.lr], g.seed[0])) for s in g.schedule) * sgd_depths + lbfgs_probe
-    scratch = sum(len(lr_settings(study, scratch_lrs(study, s), g.seed[0])) for s in g.schedule) if study.scratch.enabled else 0
+    seed = g.seed[0]  # every seed has as many cells
+    transfer = sum(len(lr_settings(study, t.lrs or [s.lr or t.lr], seed)) for s in g.schedule) * sgd_depths \
+        + lbfgs_probe
+    scratch = sum(len(lr_settings(study, scratch_lrs(study, s), seed)) for s in g.schedule) \
+        if study.scratch.enabled else 0
     per_target_seed = len(study.backbones) * transfer + len({b.model for b in study.backbones}) * scratch \
         + len(study.baselines.methods)
     sizes = sum(len(tg.n_per_class or g.n_per_class) for tg in study.targets)
     return sizes * len(g.seed) * per_target_seed
 
 
-def probe_by_lbfgs(study: "Study") -> bool:
+def probe_by_lbfgs(study: Study) -> bool:
     """A linear probe on fixed features is convex: solved to convergence, not by the SGD loop (not with augmentation,
     whose features change every step)."""
     return study.train.probe == "lbfgs" and not study.train.augment
 
 
-def lr_settings(study: "Study", candidates: list[float], seed: int) -> list[dict]:
+def lr_settings(study: Study, candidates: list[float], seed: int) -> list[dict]:
     """The LR fields of the cells for these candidates: one cell racing them all (halving; with first_seed, the other
     seeds' cells take the first seed's choice), or one cell each (grid)."""
     search, first = study.train.lr_search, min(study.grid.seed)
@@ -268,7 +286,7 @@ def lr_settings(study: "Study", candidates: list[float], seed: int) -> list[dict
     return [dict(lr=lr) for lr in candidates]
 
 
-def scratch_lrs(study: "Study", schedule: "ScheduleSpec") -> list[float]:
+def scratch_lrs(study: Study, schedule: ScheduleSpec) -> list[float]:
     s, t = study.scratch, study.train
     return s.lrs or t.lrs or [s.lr or schedule.lr or t.lr]
 
@@ -310,7 +328,7 @@ class Cell(Strict):
     keep_best: bool = False
     solver: Literal["sgd", "lbfgs"] = "sgd"
     lrs: list[float] | None = None  # LR candidates raced inside the cell (successive halving); `lr` is then 0
-    lr_from_seed: int | None = None  # train at the LR chosen by this seed's cell of the same point (raced if it has none)
+    lr_from_seed: int | None = None  # train at the LR this seed's cell of the same point chose (raced if none)
 
     @property
     def cell_id(self) -> str:

@@ -78,7 +78,8 @@ def prefix_features(cache: FeatureCache, model_name: str, bb, prefix: nn.Module,
         disk=depth > 0)  # depth-0 "features" are normalised images: cheaper to redo than to read
 
 
-def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp, channels_last) -> tuple[float, float, torch.Tensor]:
+def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp,
+             channels_last) -> tuple[float, float, torch.Tensor]:
     """(accuracy, loss, predicted classes)."""
     logits = forward_batched(module, x, device, amp, channels_last)
     y = y.cpu()
@@ -213,7 +214,8 @@ class Run:
     @property
     def stopped(self) -> bool:
         c = self.cell
-        return self.steps >= self.total or bool(c.patience and self.since_best >= c.patience and self.steps >= c.min_steps)
+        patient = c.patience and self.since_best >= c.patience and self.steps >= c.min_steps
+        return self.steps >= self.total or bool(patient)
 
     def _batches(self):
         x, y = self.data["x_train"], self.data["y_train"]
@@ -224,9 +226,10 @@ class Run:
             perm = torch.randperm(n, generator=self.g).to(self.device)
             for k, (i, j) in enumerate(bounds):
                 xb = x[perm[i:j]]
-                yield epoch, (augment_batch(xb, self.g) if self.cell.augment else xb), y[perm[i:j]], k == len(bounds) - 1
+                xb = augment_batch(xb, self.g) if self.cell.augment else xb
+                yield epoch, xb, y[perm[i:j]], k == len(bounds) - 1
 
-    def advance(self, until: int) -> "Run":
+    def advance(self, until: int) -> Run:
         losses, seen_in_epoch = [], 0
         self.suffix.train()
         while self.steps < min(until, self.total) and not self.stopped:
@@ -263,7 +266,8 @@ class Run:
         self.suffix.train()
 
     def evaluate(self, split: str):
-        x, y = (self.data["x_train"], self.data["y_train"]) if split == "train" else (self.data[split], self.data[f"y_{split}"])
+        d = self.data
+        x, y = (d["x_train"], d["y_train"]) if split == "train" else (d[split], d[f"y_{split}"])
         return evaluate(self.suffix, x, y, self.device, self.cell.amp, self.cell.channels_last)
 
 

@@ -1,6 +1,7 @@
 """Targets as in-memory tensors: images resized to the study's size, shifted once, labels.
 
-Data flow: raw uint8 arrays (embedded.py) -> float [N, 3, S, S] in [0, 1] -> shift (shifts.py).
+Data flow: raw uint8 arrays (raw.py; built by embedded.py or external.py) -> float [N, 3, S, S] in [0, 1]
+-> shift (shifts.py).
 Normalisation belongs to the backbone (its weights' mean/std), not to the data.
 """
 
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .embedded import DATASETS, SPLITS, _folder_fingerprints, load_raw
+from ..study import condition_name
+from . import embedded, external  # noqa: F401  (each registers its builders in raw.DATASETS)
+from .raw import DATASETS, SPLITS, fingerprints, load_raw
 from .sampling import class_counts, nested_kshot
 from .shifts import SHIFTS, apply_shift
 
@@ -47,7 +50,7 @@ def load_target(dataset: str, shift: str | None, severity: int, image_size: int,
                 name: str | None = None) -> Target:
     """`name` labels the target in records (default: the dataset's name)."""
     options = options or {}
-    files = json.dumps(_folder_fingerprints(options))  # in the memo key: a folder edited mid-process is read anew
+    files = json.dumps(fingerprints(dataset, options))  # in the memo key: a folder edited mid-process is read anew
     return _load_target(dataset, shift, severity, image_size, json.dumps(options, sort_keys=True), name, files)
 
 
@@ -62,7 +65,7 @@ def _load_target(dataset: str, shift: str | None, severity: int, image_size: int
         if shift:  # fixed corrupted copy: the seed depends on the condition and split only
             x = apply_shift(x, shift, severity, seed=zlib.crc32(f"{dataset}/{shift}/{severity}/{split}".encode()))
         xs[split], ys[split] = x, torch.from_numpy(labels)
-    label = (name or dataset) + (f"+{shift}@{severity}" if shift else "")
+    label = condition_name(name or dataset, shift, severity)
     key = hashlib.sha256(json.dumps([raw.digest, shift, severity, image_size]).encode()).hexdigest()
     return Target(label, xs, ys, raw.classes, key)
 

@@ -8,42 +8,16 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..paths import cache_dir
-from ..registry import Registry
-
-DATASETS = Registry("dataset")
-SPLITS = ("train", "val", "test")
-VERSION = 2  # bump when a builder changes, so stale caches are not read (2: glyphs split by font)
+from .raw import DATASETS, SPLITS, RawDataset, split_stratified
 
 # skimage photos and textures: targets never use the source-reference group, so "near" is not "identical".
 TEXTURE_IMAGES = ["brick", "grass", "gravel", "coffee", "chelsea", "astronaut", "rocket", "coins", "moon",
                   "immunohistochemistry"]
 SOURCE_REFERENCE_IMAGES = ["camera", "clock", "hubble_deep_field", "retina", "cell"]
 GLYPH_CLASSES = "ABCDEFGHIJKLMNOPQRST"
-
-
-@dataclass
-class RawDataset:
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    classes: list[str]
-
-    @property
-    def digest(self) -> str:
-        """SHA-256 of every array and class name: what the cache file is checked against, and what
-        identifies the data in every derived cache key (features), whatever the dataset is called."""
-        import hashlib
-
-        h = hashlib.sha256("\n".join(self.classes).encode())
-        for split in SPLITS:
-            for a in self.splits[split]:
-                h.update(f"{split}{a.dtype}{a.shape}".encode())
-                h.update(np.ascontiguousarray(a).data)
-        return h.hexdigest()
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
@@ -53,17 +27,6 @@ def _rgb(a: np.ndarray) -> np.ndarray:
     if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
         return np.repeat(a[..., None], 3, axis=-1)
     return a[..., :3]
-
-
-def _split_stratified(x: np.ndarray, y: np.ndarray, fractions=(0.6, 0.15), seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list] = {s: [] for s in SPLITS}
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        a, b = int(len(idx) * fractions[0]), int(len(idx) * (fractions[0] + fractions[1]))
-        for split, sel in zip(SPLITS, (idx[:a], idx[a:b], idx[b:])):
-            parts[split].append(sel)
-    return {s: (x[np.sort(np.concatenate(p))], y[np.sort(np.concatenate(p))]) for s, p in parts.items()}
 
 
 def photo_patches(names: list[str], counts=(60, 20, 30), patch: int = 64, seed: int = 0) -> RawDataset:
@@ -105,7 +68,7 @@ def digits() -> RawDataset:
 
     d = load_digits()
     x = _rgb(np.rint(d.images * (255 / 16)).astype(np.uint8))
-    return RawDataset(_split_stratified(x, d.target.astype(np.int64)), [str(i) for i in range(10)])
+    return RawDataset(split_stratified(x, d.target.astype(np.int64)), [str(i) for i in range(10)])
 
 
 def _fonts_with_latin() -> list[str]:
@@ -165,110 +128,6 @@ def faces() -> RawDataset:
 
     x = _rgb(lfw_subset())
     y = np.array([0] * 100 + [1] * 100, dtype=np.int64)
-    return RawDataset(_split_stratified(x, y), ["face", "non-face"])
+    return RawDataset(split_stratified(x, y), ["face", "non-face"])
 
 
-def load_raw(name: str, options: dict | None = None) -> RawDataset:
-    """Build once, then read from the on-disk cache. The cache key holds the dataset's options and, for
-    data in a folder, a fingerprint of its files (names, sizes, mtimes): an edited folder is read anew.
-    Each cache file carries the digest of its arrays, checked on every read; a damaged file is rebuilt."""
-    import hashlib
-    import inspect
-    import json
-
-    builder = DATASETS.get(name, "targets.dataset")
-    options = options or {}
-    unknown = set(options) - set(inspect.signature(builder).parameters)
-    if unknown:
-        raise ConfigError("targets.options", f"dataset '{name}' takes no option(s) {sorted(unknown)}",
-                          f"its options are {sorted(inspect.signature(builder).parameters) or 'none'}")
-    key = json.dumps({"options": options, "files": _folder_fingerprints(options)}, sort_keys=True)
-    path = cache_dir("data") / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}-v{VERSION}.npz"
-    cached = _read_cache(path)
-    if cached is not None:
-        return cached
-    raw = builder(**options)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    arrays = {f"{k}_{s}": v for s in SPLITS for k, v in zip("xy", raw.splits[s])}
-    try:
-        np.savez(tmp, classes=np.array(raw.classes), digest=np.array(raw.digest), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return raw
-
-
-def _folder_fingerprints(options: dict) -> dict:
-    """Fingerprints of the folders a dataset reads (an ImageFolder's `path`, a torchvision dataset's `root`),
-    so that adding, removing or editing files invalidates the cached arrays."""
-    from .external import folder_fingerprint
-
-    out = {}
-    if isinstance(options.get("path"), str) and os.path.isdir(options["path"]):
-        out["path"] = folder_fingerprint(options["path"])  # refuses links and bad layouts, as the reader does
-    if isinstance(options.get("root"), str) and os.path.isdir(options["root"]):
-        out["root"] = _tree_fingerprint(options["root"])
-    return out
-
-
-def _tree_fingerprint(root: str) -> str:
-    """SHA-256 of (relative path, size, mtime) of every file under root: cheap, reads no content."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(files):
-            st = os.stat(os.path.join(folder, name), follow_symlinks=False)
-            h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _read_cache(path) -> RawDataset | None:
-    """The cached dataset, or None (absent, or damaged: then removed, and the caller rebuilds it)."""
-    import sys
-    import zipfile
-
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = RawDataset({s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS}, z["classes"].tolist())
-            stored = str(z["digest"])
-        if raw.digest == stored:
-            return raw
-        problem = "its content does not match its digest"
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        problem = f"unreadable ({type(e).__name__})"
-    print(f"warning: data cache {path} is damaged ({problem}); rebuilding it", file=sys.stderr)
-    path.unlink(missing_ok=True)
-    return None
-
-
-def _register_external() -> None:
-    """torchvision datasets by name and ImageFolder trees: the user's data on disk (see external.py)."""
-    from . import external
-
-    def make(name):
-        def builder(root: str | None = None, download: bool = False, store_size: int = 64) -> RawDataset:
-            if not root:
-                raise ConfigError("targets.options.root", f"dataset '{name}' needs a root folder",
-                                  "add options: {root: /path/to/data, download: true}")
-            return external.torchvision_dataset(name, root, download, store_size)
-        builder.__doc__ = f"torchvision's {external.TORCHVISION[name][0]} (options: root, download, store_size)"
-        return builder
-
-    for name in external.TORCHVISION:
-        DATASETS.register(name)(make(name))
-
-    @DATASETS.register("imagefolder")
-    def imagefolder(path: str | None = None, store_size: int = 64) -> RawDataset:
-        """Any ImageFolder tree (options: path, store_size)."""
-        if not path:
-            raise ConfigError("targets.options.path", "dataset 'imagefolder' needs a path",
-                              "add options: {path: /data/my_images}")
-        return external.image_folder(path, store_size)
-
-
-_register_external()

@@ -20,7 +20,7 @@ from typing import NoReturn
 import numpy as np
 
 from ..errors import ConfigError
-from .embedded import SPLITS, RawDataset, _split_stratified
+from .raw import DATASETS, SPLITS, RawDataset, split_stratified, tree_fingerprint
 
 
 def _resized(img, store_size: int) -> np.ndarray:
@@ -43,7 +43,7 @@ def _arrays(ds, store_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _carve_val(train: tuple[np.ndarray, np.ndarray], fraction: float = 0.1, seed: int = 0):
     x, y = train
-    parts = _split_stratified(x, y, fractions=(1 - fraction, fraction), seed=seed)
+    parts = split_stratified(x, y, fractions=(1 - fraction, fraction), seed=seed)
     return parts["train"], parts["val"]
 
 
@@ -68,9 +68,10 @@ def torchvision_dataset(name: str, root: str, download: bool = False, store_size
     loaded = {split: cls(root=root, download=download, **kw) for split, kw in split_kwargs.items()}
     arrays = {split: _arrays(ds, store_size) for split, ds in loaded.items()}
     first = next(iter(loaded.values()))
-    classes = [str(c) for c in getattr(first, "classes", [])] or [str(i) for i in range(int(max(a[1].max() for a in arrays.values())) + 1)]
+    n_classes = int(max(a[1].max() for a in arrays.values())) + 1
+    classes = [str(c) for c in getattr(first, "classes", [])] or [str(i) for i in range(n_classes)]
     if "all" in arrays:
-        return RawDataset(_split_stratified(*arrays["all"]), classes)
+        return RawDataset(split_stratified(*arrays["all"]), classes)
     if "val" not in arrays:
         arrays["train"], arrays["val"] = _carve_val(arrays["train"])
     return RawDataset({s: arrays[s] for s in SPLITS}, classes)
@@ -258,13 +259,13 @@ def image_folder(path: str, store_size: int = 64) -> RawDataset:
     root = Path(path)
     layout = _layout(root)
     if None in layout:
-        _check_class_sizes(layout[None], _split_stratified, "the 60/15/25 split of a folder without train/ and test/")
+        _check_class_sizes(layout[None], split_stratified, "the 60/15/25 split of a folder without train/ and test/")
     elif "val" not in layout:
         _check_class_sizes(layout["train"], _carved, "carving val/ out of train/")
     arrays = _read_layout(layout, root, store_size)
     classes = list(next(iter(layout.values())))
     if None in arrays:
-        return RawDataset(_split_stratified(*arrays[None]), classes)
+        return RawDataset(split_stratified(*arrays[None]), classes)
     if "val" not in arrays:
         arrays["train"], arrays["val"] = _carve_val(arrays["train"])
     return RawDataset({s: arrays[s] for s in SPLITS}, classes)
@@ -284,3 +285,39 @@ def folder_fingerprint(path: str) -> str:
                 st = os.lstat(f)
                 rows.append([f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
     return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+
+
+def _path_fingerprint(options: dict) -> dict:
+    path = options.get("path")  # refuses links and bad layouts, as the reader does
+    return {"path": folder_fingerprint(path)} if isinstance(path, str) and os.path.isdir(path) else {}
+
+
+def _root_fingerprint(options: dict) -> dict:
+    root = options.get("root")
+    return {"root": tree_fingerprint(root)} if isinstance(root, str) and os.path.isdir(root) else {}
+
+
+def _register() -> None:
+    """torchvision datasets by name and ImageFolder trees: the user's data on disk."""
+    def make(name):
+        def builder(root: str | None = None, download: bool = False, store_size: int = 64) -> RawDataset:
+            if not root:
+                raise ConfigError("targets.options.root", f"dataset '{name}' needs a root folder",
+                                  "add options: {root: /path/to/data, download: true}")
+            return torchvision_dataset(name, root, download, store_size)
+        builder.__doc__ = f"torchvision's {TORCHVISION[name][0]} (options: root, download, store_size)"
+        return builder
+
+    for name in TORCHVISION:
+        DATASETS.register(name, fingerprint=_root_fingerprint)(make(name))
+
+    @DATASETS.register("imagefolder", fingerprint=_path_fingerprint)
+    def imagefolder(path: str | None = None, store_size: int = 64) -> RawDataset:
+        """Any ImageFolder tree (options: path, store_size)."""
+        if not path:
+            raise ConfigError("targets.options.path", "dataset 'imagefolder' needs a path",
+                              "add options: {path: /data/my_images}")
+        return image_folder(path, store_size)
+
+
+_register()

@@ -1,0 +1,130 @@
+"""The house rules a test can check: no import cycles inside the package, one registered function per extension
+point (each registry's entries found by name), and the registries parametrise the contract tests."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "src" / "transferbench"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """transferbench modules this file imports, at module level or inside functions (a deferred import is still a
+    dependency)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("transferbench"):
+                found.add(target)
+                found |= {f"{target}.{a.name}" for a in node.names}  # `from . import x` imports module x
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("transferbench")}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {m: {t for t in imports(p) if t in modules and t != m} for m, p in modules.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    edges = graph()
+    # a package __init__ that re-exports its own submodules is not a cycle of meaning: leave those edges out
+    edges = {m: {t for t in ts if not (t.startswith(m + ".") or m.startswith(t + ".") and t == m.rsplit(".", 1)[0])}
+             for m, ts in edges.items()}
+    assert cycles(edges) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def registries():
+    from transferbench.backbones import WEIGHTS
+    from transferbench.data import DATASETS, SHIFTS
+    from transferbench.measures import MEASURES
+    from transferbench.schedules import OPTIMIZERS, SCHEDULES
+
+    return {"dataset": DATASETS, "shift": SHIFTS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
+            "weight source": WEIGHTS, "measure": MEASURES}
+
+
+@pytest.mark.parametrize("kind", ["dataset", "shift", "schedule", "optimizer", "weight source", "measure"])
+def test_every_registry_has_entries_with_docs_or_metadata(kind):
+    reg = registries()[kind]
+    assert reg.kind == kind and reg.names()
+    for name, fn in reg.items():
+        assert callable(fn) and isinstance(reg.meta(name), dict)
+
+
+def test_every_measure_declares_inputs_sign_and_label():
+    from transferbench.measures import MEASURES
+
+    for name, _ in MEASURES.items():
+        meta = MEASURES.meta(name)
+        assert meta["inputs"] in ("pair", "labelled", "source", "bn_profile") and meta["sign"] in (-1, 1)
+        assert meta["label"]
+
+
+@pytest.mark.parametrize("weights,source", [("imagenet", "imagenet"), ("none", "none"), ("hub", "hub"),
+                                            ("pretrain:glyphs", "pretrain:<dataset>"),
+                                            ("ckpt/model.safetensors", "<file>.pth|.safetensors"),
+                                            ("model.pth", "<file>.pth|.safetensors")])
+def test_weight_strings_are_served_by_one_registered_source(weights, source):
+    from transferbench.backbones import weight_source
+
+    assert weight_source(weights) == source
+
+
+def test_an_unknown_weight_source_is_refused_with_a_suggestion():
+    from transferbench.backbones import weight_source
+    from transferbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown weight source 'imagenett'"):
+        weight_source("imagenett")
