@@ -360,7 +360,8 @@ def gain_vs_distance(t: dict, style: Style, distance: str = "fd"):
     markers = dict(zip(depths, itertools.cycle("osD^vP")))
     df["label"] = [depth_label(d) for d in df["frozen_depth"].astype(str)]
     facets = list(itertools.product(sorted(df["backbone"].unique()), sorted(df["n_per_class"].unique())))
-    fig, axes = panels(len(facets), panel_w=2.2, panel_h=1.6, columns=3)
+    # each backbone measures distance in its own feature space: a shared x axis within a row only
+    fig, axes = panels(len(facets), panel_w=2.2, panel_h=1.6, columns=df["n_per_class"].nunique(), sharex="row")
     for ax, (bb, n) in zip(axes, facets):
         sub = df[(df["backbone"] == bb) & (df["n_per_class"] == n)]
         ax.axhline(0, color="black", lw=0.7)

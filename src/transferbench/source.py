@@ -7,7 +7,7 @@ serves it as pretrained weights (`pretrain:<dataset>:<cell id>`).
 from __future__ import annotations
 
 from .atomic import replacing
-from .study import Cell, Study
+from .study import Cell, Study, machine_protocol
 
 PREFIX = "pretrain:"
 
@@ -22,8 +22,7 @@ def source_cell(study: Study, model: str, dataset: str) -> Cell:
     n = min(class_counts(load_raw(dataset).splits["train"][1]).values())
     return Cell(arm="scratch", model=model, weights="none", dataset=dataset, shift=None, severity=0, frozen_depth=0,
                 n_per_class=n, schedule=p.schedule, lr=p.lr, seed=p.seed, epochs=p.epochs, batch_size=p.batch_size,
-                image_size=t.image_size, optimizer=t.optimizer, weight_decay=t.weight_decay, augment=p.augment,
-                device=t.device, amp=t.amp, channels_last=t.channels_last, eval_at=t.eval_at)
+                augment=p.augment, **machine_protocol(t))
 
 
 def weights_map(study: Study) -> dict[tuple[str, str], str]:

@@ -351,17 +351,22 @@ def cell_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def machine_protocol(t: Train) -> dict:
+    """The Cell fields every cell of a study takes from `train` as they are, pretraining sources included."""
+    return dict(image_size=t.image_size, optimizer=t.optimizer, weight_decay=t.weight_decay, device=t.device, amp=t.amp,
+                channels_last=t.channels_last, eval_at=t.eval_at)
+
+
 def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) -> list[Cell]:
     """The grid as cells: every transfer cell at each of its LR candidates, the matched scratch cells (same
     architecture, nothing frozen, no weights, their own LR candidates and budget), and the pixel baselines of
     each k-shot subset. `weights_map` renames weight sources (`pretrain:glyphs` -> `pretrain:glyphs:<hash>`)."""
     t, g = study.train, study.grid
     weights_map = weights_map or {}
-    protocol = dict(epochs=t.epochs, batch_size=t.batch_size, image_size=t.image_size, optimizer=t.optimizer,
-                    weight_decay=t.weight_decay, augment=t.augment, device=t.device, amp=t.amp,
-                    channels_last=t.channels_last, eval_at=t.eval_at, steps=t.steps, min_steps=t.min_steps,
-                    eval_every=t.eval_every or (max(1, t.steps // 20) if t.steps else None), patience=t.patience,
-                    precise_bn=t.precise_bn, keep_best=t.patience > 0 or t.steps is not None)
+    protocol = machine_protocol(t) | dict(
+        epochs=t.epochs, batch_size=t.batch_size, augment=t.augment, steps=t.steps, min_steps=t.min_steps,
+        eval_every=t.eval_every or (max(1, t.steps // 20) if t.steps else None), patience=t.patience,
+        precise_bn=t.precise_bn, keep_best=t.patience > 0 or t.steps is not None)
     factor = study.scratch.budget_factor
     scratch_budget = dict(steps=math.ceil(t.steps * factor) if t.steps else None,
                           epochs=t.epochs if t.steps else math.ceil(t.epochs * factor))
