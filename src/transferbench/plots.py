@@ -501,8 +501,11 @@ def fairness(t: dict, style: Style):
 
 
 def source_label(weights: str) -> str:
-    """'pretrain:glyphs:<hash>' -> 'glyphs-pretrained'; 'imagenet' stays."""
-    return f"{weights.split(':')[1]}-pretrained" if str(weights).startswith("pretrain:") else str(weights)
+    """How a weight source names its weights in figures ('pretrain:glyphs:<hash>' -> 'glyphs-pretrained'; 'imagenet'
+    stays): the `label` in its registry entry."""
+    from .backbones import WEIGHTS, weight_source
+
+    return WEIGHTS.meta(weight_source(str(weights))).get("label", str)(str(weights))
 
 
 @figure("transfer_matrix")
