@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from transferbench import plots, report, tables
+from transferbench import analysis, plots, report, tables
 
 BASELINES = Path(__file__).parents[1] / "results" / "baselines"
 STUDIES = ("domain_gap", "smoke")
@@ -19,7 +19,7 @@ def reference(request):
     folder = BASELINES / request.param
     study = report.load_saved_study(folder)
     t = tables.read_tables(study, folder)
-    order, by = report.distance_order([c.condition for c in study.targets], t["domains"])
+    order, by = analysis.distance_order([c.condition for c in study.targets], t["domains"])
     return study, t, plots.make_style(t["runs"], order, by)
 
 
@@ -62,7 +62,7 @@ def test_one_colour_per_target_and_per_arm():
 def test_findings_carry_intervals_and_follow_measured_distance():
     study = report.load_saved_study(BASELINES / "domain_gap")
     t = tables.read_tables(study, BASELINES / "domain_gap")
-    order, by = report.distance_order([c.condition for c in study.targets], t["domains"])
+    order, by = analysis.distance_order([c.condition for c in study.targets], t["domains"])
     assert by.startswith("measured") and order != [c.condition for c in study.targets]  # FD reorders this study
     lines = report.findings(study, t)
     assert sum(" pp [" in line for line in lines) >= 2
@@ -73,7 +73,7 @@ def test_findings_carry_intervals_and_follow_measured_distance():
 def test_no_estimator_is_ranked_from_fewer_than_four_targets():
     study = report.load_saved_study(BASELINES / "smoke")
     t = tables.read_tables(study, BASELINES / "smoke")
-    assert t["selected"]["target"].nunique() < report.MIN_TARGETS_TO_RANK
+    assert t["selected"]["target"].nunique() < analysis.MIN_TARGETS_TO_RANK
     text = " ".join(report.findings(study, t) + report.failure_section(study, t))
     assert "Best predictor" not in text and "No estimator is ranked" in text and "+nan" not in text
 

@@ -35,6 +35,13 @@ def depth_label(frozen_depth, arm: str = "transfer") -> str:
     return "probe (all)" if str(frozen_depth) == "all" else f"frozen {frozen_depth}"
 
 
+def arm_labels(runs: pd.DataFrame) -> list[str]:
+    """Each run's arm as tables and figures name it: 'frozen 0' ... 'probe (all)', 'scratch', or 'pixels: <method>'
+    (a pixel baseline's method is kept in its `backbone` column)."""
+    return [f"pixels: {m}" if a == "pixels" else depth_label(d, a)
+            for d, a, m in zip(runs["frozen_depth"].astype(str), runs["arm"], runs["backbone"])]
+
+
 def t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
     """(low, high, two-sided p of mean = 0) of the Student-t interval of the mean; nan with fewer than 2 values.
     Identical values give a zero-width interval and p = 0 (or 1 when they are all 0)."""
@@ -69,8 +76,7 @@ def verdict_rule(fdr: float, min_effect: float, confidence: float) -> str:
     return (f"A gain is the mean over seeds of paired (same seed, same k-shot subset) transfer-minus-scratch test "
             f"accuracy, with a {confidence:.0%} Student-t interval over seeds; it is called positive or negative only "
             f"when its paired t-test survives Benjamini-Hochberg across all grid points of the study (q <= {fdr:g}) "
-            f"and "
-            f"its size is at least {100 * min_effect:g} pp; otherwise inconclusive.")
+            f"and its size is at least {100 * min_effect:g} pp; otherwise inconclusive.")
 
 
 def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -150,34 +156,38 @@ def gains(runs: pd.DataFrame, confidence: float = 0.95, fdr: float = 0.05, min_e
     return out[GAIN_COLUMNS]
 
 
+def mean_interval(df: pd.DataFrame, by: list[str], value: str, confidence: float = 0.95) -> pd.DataFrame:
+    """Per `by` group: the mean of `value` over its rows (one per seed) with its Student-t interval and p (NaN
+    interval with fewer than two rows)."""
+    rows = []
+    for key, g in df.groupby(by, sort=True):
+        lo, hi, p = t_interval(g[value].to_numpy(), confidence)
+        rows.append(dict(zip(by, key)) | dict(mean=g[value].mean(), ci_low=lo, ci_high=hi, p=p, n=len(g)))
+    return pd.DataFrame(rows, columns=by + ["mean", "ci_low", "ci_high", "p", "n"])
+
+
 def mean_gain(runs: pd.DataFrame, by: list[str], confidence: float = 0.95) -> pd.DataFrame:
     """The mean gain over the grid points of each `by` group, with its Student-t interval over seeds: each seed's
     gains (the same k-shot subsets in both arms) are averaged over the group's points first, so the interval is
     the seed-to-seed spread of that average, the unit a rerun with new seeds would vary."""
     m = paired(runs)
-    rows = []
-    for key, g in m.groupby(by, sort=True):
-        per_seed = g.groupby("seed")["gain"].mean().to_numpy()
-        lo, hi, p = t_interval(per_seed, confidence)
-        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,))) | dict(
-            gain=per_seed.mean(), ci_low=lo, ci_high=hi, p=p, n_points=g.groupby(POINT, dropna=False).ngroups,
-            n_seeds=len(per_seed), transfer=g["test_acc"].mean(), scratch=g["scratch_test_acc"].mean()))
-    return pd.DataFrame(rows, columns=by + ["gain", "ci_low", "ci_high", "p", "n_points", "n_seeds", "transfer",
-                                            "scratch"])
+    per_seed = m.groupby(by + ["seed"], as_index=False)["gain"].mean()
+    out = mean_interval(per_seed, by, "gain", confidence).rename(columns={"mean": "gain", "n": "n_seeds"})
+    extra = m.groupby(by).agg(transfer=("test_acc", "mean"), scratch=("scratch_test_acc", "mean")).reset_index()
+    extra["n_points"] = [g.groupby(POINT, dropna=False).ngroups for _, g in m.groupby(by, sort=True)]
+    return out.merge(extra, on=by)[by + ["gain", "ci_low", "ci_high", "p", "n_points", "n_seeds", "transfer",
+                                         "scratch"]]
 
 
 def depth_gap(runs: pd.DataFrame, a: str, b: str, confidence: float = 0.95) -> pd.DataFrame:
     """Per target: the mean test accuracy of frozen depth `a` minus depth `b` (each at its configuration chosen on
     validation, same k-shot subsets), with its t-interval over seeds ('gain' here is that difference)."""
-    m = paired(runs)
-    per_seed = m.groupby(["target", "frozen_depth", "seed"])["test_acc"].mean().unstack("frozen_depth")
+    per_seed = paired(runs).groupby(["target", "frozen_depth", "seed"])["test_acc"].mean().unstack("frozen_depth")
     if a not in per_seed or b not in per_seed:
         return pd.DataFrame(columns=["target", "gain", "ci_low", "ci_high"])
-    rows = []
-    for target, d in (per_seed[a] - per_seed[b]).dropna().groupby(level="target"):
-        lo, hi, _ = t_interval(d.to_numpy(), confidence)
-        rows.append(dict(target=target, gain=d.mean(), ci_low=lo, ci_high=hi))
-    return pd.DataFrame(rows, columns=["target", "gain", "ci_low", "ci_high"])
+    gap = (per_seed[a] - per_seed[b]).dropna().rename("gain").reset_index()
+    return mean_interval(gap, ["target"], "gain", confidence).rename(columns={"mean": "gain"})[
+        ["target", "gain", "ci_low", "ci_high"]]
 
 
 def point_flags(r) -> str:
@@ -207,8 +217,7 @@ def fairness(runs: pd.DataFrame) -> pd.DataFrame:
     runs = ok_runs(runs)
     if "converged" not in runs:
         return pd.DataFrame()
-    runs = runs.assign(arm_depth=[depth_label(d, a) if a != "pixels" else f"pixels: {m}"
-                                  for d, a, m in zip(runs["frozen_depth"], runs["arm"], runs["backbone"])])
+    runs = runs.assign(arm_depth=arm_labels(runs))
     return runs.groupby("arm_depth").agg(cells=("cell_id", "size"), converged=("converged", "mean"),
                                          collapsed=("collapsed", "mean"), early_stopped=("early_stopped", "mean"),
                                          median_steps=("steps_taken", "median")).reset_index()
@@ -235,8 +244,7 @@ def best_depth(selected: pd.DataFrame) -> pd.DataFrame:
     keys = ["backbone", "weights", "target", "n_per_class"]
     best = selected.loc[selected.groupby(keys, dropna=False)["transfer_val_mean"].idxmax()]
     return best[keys + ["frozen_depth", "frozen_groups", "frozen_fraction", "transfer_schedule", "transfer_mean",
-                        "gain",
-                        "ci_low", "ci_high"]].reset_index(drop=True)
+                        "gain", "ci_low", "ci_high"]].reset_index(drop=True)
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -251,6 +259,15 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 DISTANCES = tuple(measures(*LABEL_FREE))  # label-free: measured on the target's unlabelled images
+MIN_TARGETS_TO_RANK = 4  # a Kendall tau over 3 targets takes 4 values; no "best predictor" from so few
+
+
+def distance_order(conditions: list[str], domains: pd.DataFrame) -> tuple[list[str], str]:
+    """Target conditions from near to far as measured (Frechet distance, mean over backbones), else as listed."""
+    if domains.empty or "fd" not in domains:
+        return conditions, "the study file"
+    fd = domains.groupby("target")["fd"].mean()
+    return sorted(conditions, key=lambda c: fd.get(c, np.inf)), "measured distance to the source (FD)"
 
 
 def target_table(domains: pd.DataFrame, selected: pd.DataFrame, estimators: pd.DataFrame | None = None) -> pd.DataFrame:

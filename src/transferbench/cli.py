@@ -119,9 +119,7 @@ def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | Non
     from .store import read_domains
 
     t1 = time.perf_counter()
-    if skip:
-        pass
-    elif summary.ran or read_domains(out) is None or not (out / "estimators.csv").exists():
+    if not skip and (summary.ran or read_domains(out) is None or not (out / "estimators.csv").exists()):
         domains, estimators = domain_tables(study)
         write_text(out / "estimators.csv", estimators.to_csv(index=False))
         write_text(out / "domains.csv", domains.to_csv(index=False))  # last: its presence says both are whole

@@ -188,8 +188,7 @@ def _read_cached(key: str) -> dict | None:
 
 def _store(key: str, found: dict) -> dict:
     found = json.loads(json.dumps(found, default=_plain))  # exactly what a later read will return
-    _cache_path(key).parent.mkdir(parents=True, exist_ok=True)
-    write_text(_cache_path(key), json.dumps(found, allow_nan=True))
+    write_text(_cache_path(key), json.dumps(found, allow_nan=True))  # cache_dir made the folder
     return found
 
 

@@ -25,7 +25,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from . import atomic  # noqa: E402
-from .analysis import MEASURES, POINT, SCRATCH_POINT, choose, depth_label, ok_runs, t_interval  # noqa: E402
+from .analysis import MEASURES, POINT, SCRATCH_POINT, arm_labels, choose, depth_label, mean_interval, ok_runs  # noqa: E402
 from .measures import MEASURES as REGISTERED  # noqa: E402
 
 PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
@@ -54,12 +54,12 @@ class Style:
         return list(self.arms)
 
 
-def arm_labels(runs: pd.DataFrame) -> list[str]:
+def arm_order(runs: pd.DataFrame) -> list[str]:
     """Every arm label in a fixed order: transfer depths from fully trained to fully frozen, scratch, pixels."""
     runs = ok_runs(runs) if "status" in runs else runs
     transfer = runs[runs["arm"] == "transfer"].sort_values("frozen_groups")
     labels = list(dict.fromkeys(depth_label(d) for d in transfer["frozen_depth"].astype(str)))
-    pixels = sorted({f"pixels: {m}" for m in runs.loc[runs["arm"] == "pixels", "backbone"]})
+    pixels = sorted(set(arm_labels(runs[runs["arm"] == "pixels"])))
     return labels + (["scratch"] if (runs["arm"] == "scratch").any() else []) + pixels
 
 
@@ -67,7 +67,7 @@ def make_style(runs: pd.DataFrame, targets: list[str], ordered_by: str) -> Style
     """Targets (already near -> far) on viridis, dark = near; transfer depths on the colour-blind palette, scratch
     always vermillion, the pixel baselines in greys (drawn dashed)."""
     cb = sns.color_palette("colorblind", 10)
-    labels = arm_labels(runs)
+    labels = arm_order(runs)
     depths = [lbl for lbl in labels if lbl != "scratch" and not lbl.startswith("pixels")]
     depth_colours = [cb[i] for i in (0, 2, 4, 9, 5, 1, 6)]  # never near scratch's vermillion
     arms = dict(zip(depths, itertools.cycle(depth_colours)))
@@ -128,17 +128,6 @@ def finish(fig, axes, xlabel: str, ylabel: str, handles: list | None = None, *, 
 
 def line(colour, label: str, **kw) -> Line2D:
     return Line2D([], [], color=colour, label=label, marker=kw.pop("marker", "o"), markersize=3.5, lw=1.2, **kw)
-
-
-def mean_interval(df: pd.DataFrame, by: list[str], value: str, confidence: float = 0.95) -> pd.DataFrame:
-    """Mean of `value` over seeds per `by`, with its Student-t interval (the report's intervals, not a bootstrap)."""
-    rows = []
-    for key, g in df.groupby(by, sort=True):
-        lo, hi, _ = t_interval(g[value].to_numpy(), confidence)
-        v = g[value].mean()
-        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,))) | dict(mean=v, low=lo if lo == lo else v,
-                                                                                      high=hi if hi == hi else v))
-    return pd.DataFrame(rows, columns=by + ["mean", "low", "high"])
 
 
 def size_axis(ax, sizes) -> None:
@@ -239,12 +228,10 @@ def selected_runs(runs: pd.DataFrame) -> pd.DataFrame:
     tr = choose(runs[runs["arm"] == "transfer"], POINT)
     sc = choose(runs[runs["arm"] == "scratch"], SCRATCH_POINT)
     px = runs[runs["arm"] == "pixels"]
-    px = pd.concat([px.assign(method=px["backbone"], backbone=b) for b in sorted(set(tr["backbone"]))],
-                   ignore_index=True) if len(px) else px
-    df = pd.concat([tr, sc, px], ignore_index=True)
-    df["label"] = [f"pixels: {m}" if a == "pixels" else depth_label(d, a)
-                   for d, a, m in zip(df["frozen_depth"], df["arm"], df.get("method", df["arm"]))]
-    return df
+    px = px.assign(label=arm_labels(px))  # named by method before the backbone column is reused
+    px = pd.concat([px.assign(backbone=b) for b in sorted(set(tr["backbone"]))], ignore_index=True) if len(px) else px
+    networks = pd.concat([tr, sc], ignore_index=True)
+    return pd.concat([networks.assign(label=arm_labels(networks)), px], ignore_index=True)
 
 
 @figure("accuracy_vs_size")
@@ -256,6 +243,7 @@ def accuracy_vs_size(t: dict, style: Style):
     if df.empty:
         return None
     stats = mean_interval(df, ["backbone", "target", "label", "n_per_class"], "test_acc")
+    stats["low"], stats["high"] = stats["ci_low"].fillna(stats["mean"]), stats["ci_high"].fillna(stats["mean"])
     facets = _facets(df, style)
     sizes = sorted(df["n_per_class"].unique())
     fig, axes = panels(len(facets))
@@ -477,8 +465,7 @@ def fairness(t: dict, style: Style):
     runs = ok_runs(t["runs"])
     if runs.empty or "converged" not in runs:
         return None
-    runs = runs.assign(label=[f"pixels: {b}" if a == "pixels" else depth_label(d, a)
-                              for d, a, b in zip(runs["frozen_depth"], runs["arm"], runs["backbone"])])
+    runs = runs.assign(label=arm_labels(runs))
     share = runs.groupby(["label", "n_per_class"]).agg(converged=("converged", "mean"),
                                                       collapsed=("collapsed", "mean")).reset_index()
     sizes = sorted(share["n_per_class"].unique())

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from . import analysis, atomic, plots
-from .study import Study, safe_yaml
+from .study import Study, safe_yaml, scratch_lrs, transfer_lrs
 from .tables import write_tables
 
 
@@ -30,12 +30,9 @@ def interval(row) -> str:
     return f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}]"
 
 
-MIN_TARGETS_TO_RANK = 4  # a Kendall tau over 3 targets takes 4 values; no "best predictor" from so few
-
-
 def gain_text(row) -> str:
     flags = getattr(row, "flags", "")
-    return (f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}] ({row.verdict})"
+    return (f"{interval(row)} ({row.verdict})"
             + (f" [flagged: {flags}]" if isinstance(flags, str) and flags else ""))
 
 
@@ -44,8 +41,7 @@ def headlines(study: Study, t: dict) -> list[str]:
     selected = t["selected"]
     if selected.empty:
         return ["No transfer cell has a matched scratch cell yet: no gains to report."]
-    conditions, _ = distance_order([c.condition for c in study.targets], t["domains"])
-    near, far = conditions[0], conditions[-1]
+    near, far = t["order"][0], t["order"][-1]
     sizes = sorted(selected["n_per_class"].unique())
     lines = []
     for bb in sorted(selected["backbone"].unique()):
@@ -76,7 +72,7 @@ def findings(study: Study, t: dict) -> list[str]:
                + ", ".join(f"{interval(r)} at {per_class(r.n_per_class)}" for r in by_size.itertuples())
                + f" (over {sel['backbone'].nunique()} backbone(s), {sel['target'].nunique()} target condition(s), "
                f"{sel['frozen_depth'].nunique()} frozen depth(s)).")
-    order, ordered_by = distance_order([c.condition for c in study.targets], t["domains"])
+    order, ordered_by = t["order"], t["ordered_by"]
     by_target = analysis.mean_gain(runs, ["target"], a.confidence).set_index("target").reindex(
         [c for c in order if c in set(sel["target"])]).dropna(subset=["gain"])
     if len(by_target) > 1:
@@ -89,11 +85,9 @@ def findings(study: Study, t: dict) -> list[str]:
                    "does well, not that transfer does badly).")
     neg = sel[sel["negative"]]
     where = ", ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} n={r.n_per_class} "
-                      f"({interval(r)})"
-                      for r in neg.head(3).itertuples())
+                      f"({interval(r)})" for r in neg.head(3).itertuples())
     out.append(f"Negative transfer (BH q <= {a.fdr:g}, |gain| >= {100 * a.min_effect:g} pp) at {len(neg)} of "
-               f"{len(sel)} "
-               "grid points" + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
+               f"{len(sel)} grid points" + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
     best = analysis.best_depth(sel)
     if len(best) and sel["frozen_depth"].nunique() > 1:
         counts = best.groupby("target")["frozen_depth"].agg(lambda d: d.value_counts().index[0]).reindex(
@@ -104,38 +98,26 @@ def findings(study: Study, t: dict) -> list[str]:
     return [line for line in out if line][:6]
 
 
-def distance_order(conditions: list[str], domains: pd.DataFrame) -> tuple[list[str], str]:
-    """Target conditions from near to far as measured (Frechet distance, mean over backbones), else as listed."""
-    if domains.empty or "fd" not in domains:
-        return conditions, "the study file"
-    fd = domains.groupby("target")["fd"].mean()
-    return sorted(conditions, key=lambda c: fd.get(c, np.inf)), "measured distance to the source (FD)"
-
-
 def estimator_sentence(study: Study, t: dict) -> str:
     """Which measure ranked the targets best, and whether it is distinguishable from the runner-up; nothing is
-    ranked from fewer than MIN_TARGETS_TO_RANK targets or without domain measures."""
-    n_targets = t["selected"]["target"].nunique()
+    ranked from fewer than analysis.MIN_TARGETS_TO_RANK targets or without domain measures."""
+    n_targets, ranking, corr = t["selected"]["target"].nunique(), t["ranking"], t["correlations"]
     if t["domains"].empty:
         return ""
-    if n_targets < MIN_TARGETS_TO_RANK:
-        return (f"No estimator is ranked: {n_targets} target condition(s), fewer than the {MIN_TARGETS_TO_RANK} a rank "
-                "correlation across targets needs.")
-    ranking = analysis.measure_ranking(t["correlations"])
+    if n_targets < analysis.MIN_TARGETS_TO_RANK:
+        return (f"No estimator is ranked: {n_targets} target condition(s), fewer than the "
+                f"{analysis.MIN_TARGETS_TO_RANK} a rank correlation across targets needs.")
     if ranking.empty:
         return ""
     top = ranking.iloc[0]
-    corr = t["correlations"]
     own = corr[(corr["measure"] == top.measure) & (corr["outcome"] == "gain")]
     if not ((own["ci_low"] > 0) | (own["ci_high"] < 0)).any():
         return (f"No measure predicts the realized gain reliably across these {n_targets} targets: the best mean "
                 f"agreement is {top.measure}'s (sign-adjusted Kendall tau {top.mean_agreement:+.2f}), and none of its "
                 f"per-size {study.analysis.confidence:.0%} intervals excludes 0.")
     text = (f"Best predictor of the realized gain: {top.measure} (mean sign-adjusted Kendall tau "
-            f"{top.mean_agreement:+.2f} "
-            f"across {int(top.targets)} targets, over {int(top.sizes)} size(s))")
-    duel = analysis.top_two(t["domains"], t["selected"], ranking, study.analysis.n_bootstrap // 2,
-                            study.analysis.confidence, estimators=t["estimators"])
+            f"{top.mean_agreement:+.2f} across {int(top.targets)} targets, over {int(top.sizes)} size(s))")
+    duel = t["duel"]
     if duel is None:
         return text + "."
     word = "distinguishable" if duel["distinguishable"] else "not distinguishable"
@@ -164,8 +146,7 @@ def fairness_sentence(runs: pd.DataFrame, sel: pd.DataFrame) -> str:
     share = ok.groupby("arm")["converged"].mean()
     return (f"Converged: {', '.join(f'{arm} {100 * v:.0f}%' for arm, v in share.items())} of cells; "
             f"{int((sel['flags'] != '').sum())} of {len(sel)} grid points flagged, {int(sel['below_pixels'].sum())} "
-            f"with "
-            "transfer below the best pixel baseline.")
+            "with transfer below the best pixel baseline.")
 
 
 def anchors(study: Study, t: dict) -> list[str]:
@@ -189,17 +170,16 @@ def anchors(study: Study, t: dict) -> list[str]:
                      f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
                      + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
                         "**not shown**: no interval lies below 0."))
-    order, ordered_by = distance_order([c.condition for c in study.targets], t["domains"])
+    order, ordered_by = t["order"], t["ordered_by"]
     gap = analysis.depth_gap(t["runs"], "all", "0", study.analysis.confidence)
     gap = gap.set_index("target").reindex(order).dropna(subset=["gain"]) if len(gap) else gap
     if len(gap) > 1 and ordered_by != "the study file":
         near, far = gap.iloc[0], gap.iloc[-1]
         lines.append(f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe minus "
-                     f"full "
-                     f"fine-tuning {interval(near)} on the nearest target as measured ({near.name}), {interval(far)} "
-                     f"on "
-                     f"the farthest ({far.name}) -- " + ("**reproduces**." if far.gain < near.gain and far.ci_high < 0
-                                                         else "**does not reproduce** here."))
+                     f"full fine-tuning {interval(near)} on the nearest target as measured ({near.name}), "
+                     f"{interval(far)} on the farthest ({far.name}) -- "
+                     + ("**reproduces**." if far.gain < near.gain and far.ci_high < 0 else
+                        "**does not reproduce** here."))
     neg = sel[sel["verdict"] == "negative"]
     lines.append(f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
                  + (": " + "; ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} "
@@ -222,9 +202,8 @@ def fairness_section(study: Study, t: dict) -> list[str]:
     lines += ["Every arm trains under the budget and stopping rule in *The study as run* below, with its own LR and "
               "schedule chosen on validation. A network cell converged when validation stopped improving before its "
               "budget ran out or it fits its training subset (train accuracy >= 99%), and it does not predict one "
-              "class "
-              "for more than 90% of the test set; a convex fit (probe, pixel logistic regression) when its solver "
-              "converged.", "",
+              "class for more than 90% of the test set; a convex fit (probe, pixel logistic regression) when its "
+              "solver converged.", "",
               markdown_table(fair.assign(**{c: (100 * fair[c]).round(1) for c in ("converged", "collapsed",
                                                                                   "early_stopped")})
                              .rename(columns={"converged": "converged %", "collapsed": "collapsed %",
@@ -234,9 +213,8 @@ def fairness_section(study: Study, t: dict) -> list[str]:
         below = sel[sel["below_pixels"]]
         lines += [f"{len(flagged)} of {len(sel)} grid points are flagged (an arm not converged in every seed, or an "
                   f"arm below the best pixel baseline of the same subsets); {len(below)} have transfer below the "
-                  f"pixels, "
-                  f"{int(sel['scratch_below_pixels'].sum())} scratch. Flags are shown in the headline and the gains "
-                  "table.", ""]
+                  f"pixels, {int(sel['scratch_below_pixels'].sum())} scratch. Flags are shown in the headline and the "
+                  "gains table.", ""]
     return lines
 
 
@@ -252,15 +230,14 @@ def failure_section(study: Study, t: dict) -> list[str]:
     if len(neg):
         lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class",
                                                        "transfer", "gain_pp", "ci_pp"]])]
-    order, ordered_by = distance_order([c.condition for c in study.targets], domains)
+    order, ordered_by = t["order"], t["ordered_by"]
     by_target = analysis.mean_gain(t["runs"], ["target"], study.analysis.confidence).set_index("target")
     positive = selected.groupby("target")["verdict"].agg(lambda v: (v == "positive").mean())
     by_target = by_target.reindex([c for c in order if c in by_target.index])
     lines += ["", f"Mean gain per target condition (near -> far by {ordered_by}), its {study.analysis.confidence:.0%} "
               "t-interval over seeds, and the share of its grid points with a positive verdict:", ""]
     lines += [f"- {tg}: {interval(r)}, {100 * positive.get(tg, np.nan):.0f}% positive (transfer "
-              f"{100 * r.transfer:.1f}%, "
-              f"scratch {100 * r.scratch:.1f}%)" for tg, r in by_target.iterrows()]
+              f"{100 * r.transfer:.1f}%, scratch {100 * r.scratch:.1f}%)" for tg, r in by_target.iterrows()]
     if not domains.empty:
         d = domains.groupby("target")[[m for m in analysis.DISTANCES if m in domains]].mean().reindex(by_target.index)
         lines += ["", "Measured distance to the source reference (mean over backbones):", "",
@@ -272,11 +249,11 @@ def failure_section(study: Study, t: dict) -> list[str]:
                                  aggfunc="first").reset_index()
         pivot["target"] = pd.Categorical(pivot["target"], [c for c in order if c in set(pivot["target"])])
         lines.append(markdown_table(pivot.sort_values(["backbone", "target"]).astype(str)))
-    ranking = analysis.measure_ranking(corr)
+    ranking = t["ranking"]
     sentence = estimator_sentence(study, t)
     if sentence:
         lines += ["", sentence]
-    if len(ranking) and selected["target"].nunique() >= MIN_TARGETS_TO_RANK:
+    if len(ranking) and selected["target"].nunique() >= analysis.MIN_TARGETS_TO_RANK:
         lines += ["", "Per size, with a bootstrap over targets and the range of leave-one-target-out taus:", "",
                   markdown_table(corr[corr["outcome"] == "gain"].drop(columns=["outcome", "expected_sign"]).round(3)),
                   "", "Mean over sizes:", "", markdown_table(ranking.round(3))]
@@ -288,8 +265,7 @@ def failure_section(study: Study, t: dict) -> list[str]:
                   f"{pp(oracle['gain'].mean())} pp."]
     if len(t["schedules"]):
         lines += ["", "The schedule as a factor: mean test accuracy (%) per arm and schedule, each at its own LR "
-                      "chosen "
-                  "on validation:", "", markdown_table((100 * t["schedules"]).round(1).reset_index())]
+                  "chosen on validation:", "", markdown_table((100 * t["schedules"]).round(1).reset_index())]
     return lines
 
 
@@ -303,14 +279,16 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
             return "n/a"
         return ", ".join(sorted({str(v) for v in runs[col].dropna()}))
 
+    def lrs(candidates_of) -> str:  # the LR candidates over every schedule (a schedule may set its own)
+        return ", ".join(f"{x:g}" for x in sorted({x for s in g.schedule for x in candidates_of(s)}))
+
     arms = runs["arm"].value_counts().to_dict() if len(runs) else {}
-    every = tr.eval_every or (max(1, tr.steps // 20) if tr.steps else None)
     budget = (f"{tr.steps} optimizer steps per transfer cell, {round(tr.steps * sc.budget_factor)} per scratch cell "
-              f"(x{sc.budget_factor:g}); validation every {every} steps" if tr.steps else
+              f"(x{sc.budget_factor:g}); validation every {tr.validation_every} steps" if tr.steps else
               f"{tr.epochs} epochs per cell (scratch x{sc.budget_factor:g}); validation at epochs {tr.eval_at}-spaced")
     budget += ((" with precise BatchNorm statistics" if tr.precise_bn else "") +
                f"; early stopping after {tr.patience} validations without improvement, never before step "
-               f"{tr.min_steps}; " + ("the best-validation weights are tested" if tr.patience > 0 or tr.steps else
+               f"{tr.min_steps}; " + ("the best-validation weights are tested" if tr.keeps_best else
                                            "the last weights are tested"))
     halving = ("successive halving (every candidate trains the first fifth of the budget from the same start on the "
                "same batches; the best on validation goes on)")
@@ -329,10 +307,8 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
              f"- images {tr.image_size} px, batch {tr.batch_size}, {tr.optimizer} (weight decay {tr.weight_decay:g}), "
              f"augmentation {'on' if tr.augment else 'off'}",
              f"- budget: {budget}",
-             f"- learning rate chosen on validation per arm: transfer "
-             f"{', '.join(f'{x:g}' for x in (tr.lrs or [tr.lr]))}, "
-             f"scratch {', '.join(f'{x:g}' for x in (sc.lrs or tr.lrs or [sc.lr or tr.lr]))}; {search}; the schedule "
-             "chosen on validation per arm",
+             f"- learning rate chosen on validation per arm: transfer {lrs(lambda s: transfer_lrs(study, s))}, "
+             f"scratch {lrs(lambda s: scratch_lrs(study, s))}; {search}; the schedule chosen on validation per arm",
              "- linear probe (frozen all): " + ("logistic regression on the cached features fitted by L-BFGS, its L2 "
                                                 "strength chosen on validation" if tr.probe == "lbfgs" else
                                                 "the SGD loop on the cached features"),
@@ -344,8 +320,7 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
              f"{seen('timm_version')}, Python {seen('python_version')}; git commit {seen('git_commit')}"]
     wall = re.search(r"wall time: ([0-9.]+) s for (\d+) cells", timing or "")
     lines.append(f"- wall time of the run that trained the last cells: {float(wall[1]) / 60:.1f} min for {wall[2]} "
-                 f"cells"
-                 if wall else "- wall time: not recorded")
+                 "cells" if wall else "- wall time: not recorded")
     return lines + [""]
 
 
@@ -372,7 +347,7 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
         atomic.write_text(out / "timing.txt", timing + "\n")
     elif (out / "timing.txt").exists():
         timing = (out / "timing.txt").read_text(encoding="utf-8").strip()
-    order, ordered_by = distance_order([c.condition for c in study.targets], t["domains"])
+    order, ordered_by = t["order"], t["ordered_by"]
     figures = plots.draw_all(t, plots.make_style(runs, order, ordered_by), out / "figures") if len(runs) else []
     figures = {p.stem: p for p in figures}
     status = runs["status"].value_counts().to_dict() if len(runs) else {}

@@ -47,8 +47,7 @@ def ensure_checkpoints(study: Study, log=print) -> None:
             continue
         log(f"pretraining {model} on {cell.dataset}: {cell.epochs} epochs, {cell.n_per_class} per class")
         net, record = fit(cell)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as tmp:
+        with replacing(path) as tmp:  # source_checkpoint's folder comes from cache_dir, which makes it
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
                       metadata={"source": cell.dataset, "val_acc": f"{record['val_acc']:.4f}"})
         log(f"  source val accuracy {record['val_acc']:.3f} in {record['cell_seconds']:.0f} s -> {path}")

@@ -171,6 +171,16 @@ class Train(Strict):
                                                                 "the last")
 
 
+    @property
+    def validation_every(self) -> int | None:
+        """Steps between validations: `eval_every`, else a 20th of the step budget (None with an epoch budget)."""
+        return self.eval_every or (max(1, self.steps // 20) if self.steps else None)
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether cells test their best-validation weights (with early stopping or a step budget)."""
+        return self.patience > 0 or self.steps is not None
+
 class Pretraining(Strict):
     """Budget of `weights: pretrain:<dataset>` sources: scratch training on the source's whole train split."""
 
@@ -256,11 +266,11 @@ class Study(Strict):
 
 def n_cells(study: Study) -> int:
     """The number of cells `expand` will make, counted without making them."""
-    g, t = study.grid, study.train
+    g = study.grid
     lbfgs_probe = "all" in g.frozen_depth and probe_by_lbfgs(study)
     sgd_depths = len(g.frozen_depth) - lbfgs_probe
     seed = g.seed[0]  # every seed has as many cells
-    transfer = sum(len(lr_settings(study, t.lrs or [s.lr or t.lr], seed)) for s in g.schedule) * sgd_depths \
+    transfer = sum(len(lr_settings(study, transfer_lrs(study, s), seed)) for s in g.schedule) * sgd_depths \
         + lbfgs_probe
     scratch = sum(len(lr_settings(study, scratch_lrs(study, s), seed)) for s in g.schedule) \
         if study.scratch.enabled else 0
@@ -284,6 +294,11 @@ def lr_settings(study: Study, candidates: list[float], seed: int) -> list[dict]:
         reuse = dict(lr_from_seed=first) if search == "first_seed" and seed != first else {}
         return [dict(lr=0.0, lrs=list(candidates)) | reuse]
     return [dict(lr=lr) for lr in candidates]
+
+
+def transfer_lrs(study: Study, schedule: ScheduleSpec) -> list[float]:
+    t = study.train
+    return t.lrs or [schedule.lr or t.lr]
 
 
 def scratch_lrs(study: Study, schedule: ScheduleSpec) -> list[float]:
@@ -365,8 +380,7 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
     weights_map = weights_map or {}
     protocol = machine_protocol(t) | dict(
         epochs=t.epochs, batch_size=t.batch_size, augment=t.augment, steps=t.steps, min_steps=t.min_steps,
-        eval_every=t.eval_every or (max(1, t.steps // 20) if t.steps else None), patience=t.patience,
-        precise_bn=t.precise_bn, keep_best=t.patience > 0 or t.steps is not None)
+        eval_every=t.validation_every, patience=t.patience, precise_bn=t.precise_bn, keep_best=t.keeps_best)
     factor = study.scratch.budget_factor
     scratch_budget = dict(steps=math.ceil(t.steps * factor) if t.steps else None,
                           epochs=t.epochs if t.steps else math.ceil(t.epochs * factor))
@@ -386,7 +400,7 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
                 for depth in g.frozen_depth:
                     if depth == "all" and lbfgs:
                         continue
-                    for lr in lr_settings(study, t.lrs or [sch.lr or t.lr], seed):
+                    for lr in lr_settings(study, transfer_lrs(study, sch), seed):
                         add(arm="transfer", model=bb.model, weights=weights, frozen_depth=depth, schedule=sch.name,
                             **lr, **data, **protocol)
                 for lr in lr_settings(study, scratch_lrs(study, sch), seed) if study.scratch.enabled else []:

@@ -24,7 +24,7 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 def write_tables(study: Study, out: Path, use_domains: bool = True) -> dict[str, pd.DataFrame]:
     """runs.csv, curves.csv, gains.csv and correlations.csv from the records of this study's cells (records of
     other configurations in the folder stay out); returns every table the report and the figures read. The domain
-    measures are left out when `use_domains` is false (--skip-domains) and kept only for this study's pairs."""
+    measures are left out when `use_domains` is false (--skip-domains)."""
     wanted = {c.cell_id for c in cells_of(study)}
     records = [r for cid, r in read_records(out / "records").items() if cid in wanted]
     runs, curves = runs_table(records), curves_table(records)
@@ -46,20 +46,27 @@ def write_tables(study: Study, out: Path, use_domains: bool = True) -> dict[str,
 def read_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     """The same tables from the CSVs of a results folder (e.g. a committed baseline), without records."""
     runs = pd.read_csv(out / "runs.csv", dtype={"frozen_depth": str})
-    curves = pd.read_csv(out / "curves.csv") if (out / "curves.csv").exists() else pd.DataFrame(
-        columns=["cell_id", "epoch", "step", "split", "metric", "value", "images_seen"])
+    curves = pd.read_csv(out / "curves.csv") if (out / "curves.csv").exists() else curves_table([])
     domains = read_domains(out)
     estimators = pd.read_csv(out / "estimators.csv") if (out / "estimators.csv").exists() else None
     return derive(study, runs, curves, pd.DataFrame() if domains is None else domains, estimators)
 
 
 def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.DataFrame,
-           estimators: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
-    """Everything the report computes from the runs and the domain measures (pure)."""
+           estimators: pd.DataFrame | None) -> dict:
+    """Everything the report computes from the runs and the domain measures (pure), each once: the gains, the
+    target order (measured near -> far), the estimator ranking and its top-two bootstrap (only from enough
+    targets)."""
     a = study.analysis
     gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
     corr = analysis.correlations(domains, gains, a.n_bootstrap // 2, a.confidence, estimators=estimators)
+    order, ordered_by = analysis.distance_order([c.condition for c in study.targets], domains)
+    ranking = analysis.measure_ranking(corr)
+    enough = gains["target"].nunique() >= analysis.MIN_TARGETS_TO_RANK and not domains.empty and len(ranking)
+    duel = analysis.top_two(domains, gains, ranking, a.n_bootstrap // 2, a.confidence, estimators=estimators) \
+        if enough else None
     return dict(runs=runs, curves=curves, gains=gains, selected=gains,  # each arm's configuration chosen on val
                 oracle=analysis.gains(runs, a.confidence, a.fdr, a.min_effect, on="test_acc"), domains=domains,
                 correlations=corr, estimators=estimators, fairness=analysis.fairness(runs),
-                schedules=analysis.schedule_effect(runs))
+                schedules=analysis.schedule_effect(runs), order=order, ordered_by=ordered_by, ranking=ranking,
+                duel=duel)
