@@ -38,7 +38,7 @@ def main(model_name="tf_efficientnet_lite0", batch=256, size=224):
         opt.step()
 
     bare = bench(timm_style, x, y)
-    opt2 = make_optimizer(model.parameters(), "sgd", 0.01, 0.0)
+    opt2 = make_optimizer(model.named_parameters(), "sgd", 0.01, 0.0)
     harness = bench(Step(model, opt2, SCHEDULES.get("constant")(opt2, 10**6), dev, amp=True, channels_last=True), x, y)
     print(f"{torch.cuda.get_device_name()} {model_name} batch {batch} at {size}px bf16 channels_last: "
           f"timm-style {bare:.0f} img/s, harness Step {harness:.0f} img/s, ratio {bare / harness:.3f}")

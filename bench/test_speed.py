@@ -41,7 +41,7 @@ def _step(loop: str):
     model, x, y = _model_and_batch()
     if loop == "plain":
         use_plain_convs(model)
-    opt = make_optimizer(model.parameters(), "adamw", 1e-3, 0.01)
+    opt = make_optimizer(model.named_parameters(), "adamw", 1e-3, 0.01)
     if loop == "bare":
         def step():
             loss = F.cross_entropy(model(x), y)

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from transferbench.backbones import create_backbone, frozen_fraction, resolve_depth, split_at_depth
+from transferbench.backbones import create_backbone, group_sizes, resolve_depth, split_at_depth
 from transferbench.errors import ConfigError
 
 
@@ -28,8 +28,10 @@ def test_depth_groups_follow_timms_coarse_groups():
     assert resolve_depth("all", bb.n_groups) == 8
     with pytest.raises(ConfigError, match="beyond the backbone's 8 groups"):
         resolve_depth(9, bb.n_groups)
-    fractions = [frozen_fraction(bb, k) for k in range(9)]
-    assert fractions[0] == 0 and fractions[-1] == 1 and fractions == sorted(fractions)
+    sizes = group_sizes(bb)
+    assert len(sizes) == 8 and all(s > 0 for s in sizes)
+    assert sum(sizes) == sum(p.numel() for p in bb.model.parameters()) - sum(
+        p.numel() for p in bb.model.get_classifier().parameters())
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 8])

@@ -94,7 +94,8 @@ def test_a_frozen_prefix_left_trainable_fails(base, tmp_path, monkeypatch):
 
 def test_the_lr_multiplied_by_100_fails(base, tmp_path, monkeypatch):
     make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda params, name, lr, wd: make(params, name, 100 * lr, wd))
+    monkeypatch.setattr(train, "make_optimizer",
+                        lambda params, name, lr, wd, lrs=None: make(params, name, 100 * lr, wd, lrs))
     result = gate(base, run(tmp_path, OTHER_SEEDS))
     assert any("scratch accuracy dropped" in p or "failed" in p for p in result.problems), result.problems
 

@@ -21,18 +21,13 @@ import pandas as pd
 from scipy import stats
 
 from .measures import LABEL_FREE, measures, signs
+from .study import depth_label
 
 # A transfer grid point, without the seed and the configuration chosen for it.
 POINT = ["backbone", "weights", "target", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class"]
 # What a scratch cell shares with the transfer cells it is matched to (then paired by seed).
 SCRATCH_POINT = ["backbone", "target", "n_per_class"]
 CONFIG = ["schedule", "lr"]  # chosen per arm on validation
-
-
-def depth_label(frozen_depth, arm: str = "transfer") -> str:
-    if arm == "scratch":
-        return "scratch"
-    return "probe (all)" if str(frozen_depth) == "all" else f"frozen {frozen_depth}"
 
 
 def arm_labels(runs: pd.DataFrame) -> list[str]:

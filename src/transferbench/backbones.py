@@ -17,6 +17,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
 from timm.models import group_modules, group_parameters
 from torch import nn
 
@@ -266,12 +267,61 @@ def resolve_depth(depth, n_groups: int, field: str = "grid.frozen_depth") -> int
     return depth
 
 
-def frozen_fraction(bb: Backbone, k: int) -> float:
-    """Share of backbone parameters (the new head excluded) in the first k groups."""
+def group_sizes(bb: Backbone) -> list[int]:
+    """Parameters per depth group (the new head excluded)."""
     params = dict(bb.model.named_parameters())
     groups = group_parameters(bb.model, bb.model.group_matcher(coarse=True))
-    counts = [sum(params[n].numel() for n in names) for _, names in sorted(groups.items())][:bb.n_groups]
-    return sum(counts[:k]) / sum(counts)
+    return [sum(params[n].numel() for n in names) for _, names in sorted(groups.items())][:bb.n_groups]
+
+
+def resolve_groups(groups: list[int], n_groups: int, field: str = "grid.train_groups") -> list[int]:
+    """Trained groups as indices 0..n_groups-1 (-1 = the last), sorted."""
+    bad = [g for g in groups if not -n_groups <= g < n_groups]
+    if bad:
+        raise ConfigError(field, f"group(s) {bad} beyond the backbone's {n_groups} depth groups",
+                          f"use 0..{n_groups - 1}, or -1..-{n_groups} counted from the last")
+    return sorted({g % n_groups for g in groups})
+
+
+@dataclass
+class Split:
+    """A backbone cut for one cell: the frozen prefix (cacheable or not) and the suffix that trains."""
+
+    prefix: nn.Module
+    suffix: nn.Module
+    cacheable: bool
+    k: int  # groups in the prefix
+    trained: list[int]  # depth groups whose weights train (the head always does)
+    trained_fraction: float  # share of backbone parameters (head excluded) that train
+    depth_of: dict[str, int]  # the suffix's trainable parameters -> depth group (the head: n_groups)
+
+
+def split_for_training(bb: Backbone, frozen_depth, train_groups: list[int] | None, allow: bool = True) -> Split:
+    """Frozen depth k trains groups k.. (the prefix before them is cached); `train_groups` trains only those groups:
+    the prefix before the first of them is cached, and the groups after it that do not train are frozen in place,
+    their BatchNorm statistics too (FrozenBatchNorm2d)."""
+    n = bb.n_groups
+    trained = resolve_groups(train_groups, n) if train_groups is not None else \
+        list(range(resolve_depth(frozen_depth, n), n))
+    k = min(trained, default=n)
+    group_of = {id(p): g for g, names in enumerate(bb.groups) for name in names
+                for p in bb.model.get_submodule(name).parameters()}
+    sizes = group_sizes(bb)
+    frozen_inside = [bb.model.get_submodule(name) for g in range(k, n) if g not in trained for name in bb.groups[g]]
+    prefix, suffix, cacheable = split_at_depth(bb, k, allow)
+    freeze_modules(suffix, frozen_inside)
+    depth_of = {name: group_of.get(id(p), n) for name, p in suffix.named_parameters() if p.requires_grad}
+    return Split(prefix, suffix, cacheable, k, trained, sum(sizes[g] for g in trained) / sum(sizes), depth_of)
+
+
+def freeze_modules(root: nn.Module, modules: list[nn.Module]) -> None:
+    """Freeze these modules where `root` holds them: no gradients, BatchNorm replaced by FrozenBatchNorm2d (train
+    mode would otherwise keep updating its running statistics)."""
+    targets = {id(m) for m in modules}
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in targets:
+                setattr(parent, name, freeze_batch_norm_2d(child).requires_grad_(False))
 
 
 class Normalize(nn.Module):

@@ -83,13 +83,6 @@ class TargetSpec(Strict):
         return self.name or default_label(self.dataset, self.options)
 
     @property
-    def lr_source_id(self) -> str | None:
-        """The cell whose LR choice this one reuses (lr_from_seed), or None."""
-        if self.lr_from_seed is None:
-            return None
-        return self.model_copy(update=dict(seed=self.lr_from_seed, lr_from_seed=None)).cell_id
-
-    @property
     def condition(self) -> str:
         return condition_name(self.label, self.shift, self.severity)
 
@@ -123,6 +116,13 @@ class Grid(Strict):
     frozen_depth: list[Depth] = Field(description="groups frozen from the input side; 0 = fine-tune all, 'all' = "
                                                   "linear probe")
     n_per_class: list[PositiveInt] = Field(description="labelled target examples per class")
+    train_groups: list[list[int]] = Field(default_factory=list, description="more transfer arms, each training only "
+                                          "these depth groups and the head (0 = the first group, -1 = the last); the "
+                                          "other groups stay frozen, their BatchNorm statistics too (surgical "
+                                          "fine-tuning)")
+    recipes: list[str] = Field(default_factory=list, description="more transfer arms: full fine-tuning by a recipe "
+                               "registered in the schedule registry (lp_ft: linear probe first, then fine-tune; "
+                               "cosine_llrd: layer-wise LR decay); an arm of its own, not a schedule chosen on val")
     schedule: list[ScheduleSpec]
     seed: list[NonNegativeInt]
 
@@ -136,6 +136,14 @@ class Grid(Strict):
     def _no_dupes(cls, v, info):
         values = [s.name if isinstance(s, ScheduleSpec) else s for s in v]  # a schedule name is its identity
         return _unique(values, info.field_name) and v
+
+    @field_validator("train_groups", "recipes")
+    @classmethod
+    def _no_dupes_if_any(cls, v, info):
+        for groups in v if info.field_name == "train_groups" else []:
+            if not groups or len(set(groups)) != len(groups):
+                raise ValueError(f"train_groups entry {groups} must name each group once, at least one")
+        return _unique(v, info.field_name) if v else v  # optional axes: empty is allowed
 
 
 class Train(Strict):
@@ -270,7 +278,8 @@ def n_cells(study: Study) -> int:
     lbfgs_probe = "all" in g.frozen_depth and probe_by_lbfgs(study)
     sgd_depths = len(g.frozen_depth) - lbfgs_probe
     seed = g.seed[0]  # every seed has as many cells
-    transfer = sum(len(lr_settings(study, transfer_lrs(study, s), seed)) for s in g.schedule) * sgd_depths \
+    per_schedule = lambda schedules: sum(len(lr_settings(study, transfer_lrs(study, s), seed)) for s in schedules)
+    transfer = per_schedule(g.schedule) * (sgd_depths + len(g.train_groups)) + per_schedule(recipe_specs(g)) \
         + lbfgs_probe
     scratch = sum(len(lr_settings(study, scratch_lrs(study, s), seed)) for s in g.schedule) \
         if study.scratch.enabled else 0
@@ -294,6 +303,11 @@ def lr_settings(study: Study, candidates: list[float], seed: int) -> list[dict]:
         reuse = dict(lr_from_seed=first) if search == "first_seed" and seed != first else {}
         return [dict(lr=0.0, lrs=list(candidates)) | reuse]
     return [dict(lr=lr) for lr in candidates]
+
+
+def recipe_specs(g: Grid) -> list[ScheduleSpec]:
+    """Recipes as schedules (a recipe names a registered schedule) at the train LRs."""
+    return [ScheduleSpec(name=r) for r in g.recipes]
 
 
 def transfer_lrs(study: Study, schedule: ScheduleSpec) -> list[float]:
@@ -344,6 +358,7 @@ class Cell(Strict):
     solver: Literal["sgd", "lbfgs"] = "sgd"
     lrs: list[float] | None = None  # LR candidates raced inside the cell (successive halving); `lr` is then 0
     lr_from_seed: int | None = None  # train at the LR this seed's cell of the same point chose (raced if none)
+    train_groups: list[int] | None = None  # only these depth groups (and the head) train; None: all after the prefix
 
     @property
     def cell_id(self) -> str:
@@ -359,6 +374,21 @@ class Cell(Strict):
     @property
     def condition(self) -> str:
         return condition_name(self.target_name or self.dataset, self.shift, self.severity)
+
+
+def depth_label(frozen_depth, arm: str = "transfer") -> str:
+    if arm == "scratch":
+        return "scratch"
+    return "probe (all)" if str(frozen_depth) == "all" else f"frozen {frozen_depth}"
+
+
+def tuning_label(frozen_depth, trained: list[int] | None = None, recipe: str | None = None) -> str:
+    """A transfer arm as tables name it: which layers train ('frozen 6', 'probe (all)', 'groups 0' for
+    train_groups) and by which recipe ('LP-FT', or 'LP-FT (frozen 6)' beside a frozen prefix)."""
+    layers = depth_label(frozen_depth) if trained is None else "groups " + "+".join(map(str, trained))
+    if not recipe:
+        return layers
+    return recipe if layers == "frozen 0" else f"{recipe} ({layers})"
 
 
 def cell_hash(config: dict) -> str:
@@ -396,19 +426,20 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
         for n, seed in itertools.product(tg.n_per_class or g.n_per_class, g.seed):
             data = dict(dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n, seed=seed,
                         data_options=tg.options, target_name=tg.label if tg.label != tg.dataset else None)
+            transfer = dict(arm="transfer", model=bb.model, weights=weights, **data, **protocol)
             for sch in g.schedule:
-                for depth in g.frozen_depth:
-                    if depth == "all" and lbfgs:
-                        continue
-                    for lr in lr_settings(study, transfer_lrs(study, sch), seed):
-                        add(arm="transfer", model=bb.model, weights=weights, frozen_depth=depth, schedule=sch.name,
-                            **lr, **data, **protocol)
+                arms = [dict(frozen_depth=d) for d in g.frozen_depth if not (d == "all" and lbfgs)] + \
+                    [dict(frozen_depth=0, train_groups=groups) for groups in g.train_groups]
+                for arm, lr in itertools.product(arms, lr_settings(study, transfer_lrs(study, sch), seed)):
+                    add(schedule=sch.name, **arm, **lr, **transfer)
                 for lr in lr_settings(study, scratch_lrs(study, sch), seed) if study.scratch.enabled else []:
                     add(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name,  # shared by
                         **lr, **data, **(protocol | scratch_budget))  # the backbones of one model
+            for sch in recipe_specs(g):  # full fine-tuning by a recipe: an arm of its own, no scratch twin
+                for lr in lr_settings(study, transfer_lrs(study, sch), seed):
+                    add(frozen_depth=0, schedule=sch.name, **lr, **transfer)
             if "all" in g.frozen_depth and lbfgs:  # one convex fit; schedule and LR do not apply
-                add(arm="transfer", model=bb.model, weights=weights, frozen_depth="all", schedule="lbfgs", lr=0.0,
-                    solver="lbfgs", **data, **protocol)
+                add(frozen_depth="all", schedule="lbfgs", lr=0.0, solver="lbfgs", **transfer)
             for method in study.baselines.methods:  # shared by every backbone
                 add(arm="pixels", model=method, weights="none", frozen_depth=0, schedule="none", lr=0.0, **data,
                     **protocol)

@@ -12,17 +12,18 @@ import copy
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_backbone, frozen_fraction, resolve_depth, split_at_depth
+from .backbones import create_backbone, split_at_depth, split_for_training
 from .baselines import collapsed, fit_linear_probe, pixel_baseline
 from .data import load_target, nested_kshot
 from .features import FeatureCache, prefix_key
-from .schedules import SCHEDULES, make_optimizer
-from .study import Cell
+from .schedules import SCHEDULES, layer_lrs, make_optimizer, recipe
+from .study import Cell, tuning_label
 
 
 class Diverged(RuntimeError):
@@ -168,29 +169,48 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     if cell.arm == "pixels":
         return None, common | pixel_baseline(cell.model, target, idx) | dict(cell_seconds=time.perf_counter() - t_start)
     bb = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)
-    k = resolve_depth(cell.frozen_depth, bb.n_groups)
+    plan = recipe(cell.schedule)
     # Augmentation must pass through the frozen layers, so such cells pay full price (no cache).
-    prefix, suffix, cacheable = split_at_depth(bb, k, allow=use_prefix_cache and not cell.augment)
+    split = split_for_training(bb, cell.frozen_depth, cell.train_groups, allow=use_prefix_cache and not cell.augment)
+    k, suffix = split.k, split.suffix
     t0 = time.perf_counter()
-    feats, cache_state = prefix_features(cache, cell.model, bb, prefix, k if cacheable else 0, target, cell.image_size,
-                                         device, cell.amp, cell.channels_last)
+    feats, cache_state = prefix_features(cache, cell.model, bb, split.prefix, k if split.cacheable else 0, target,
+                                         cell.image_size, device, cell.amp, cell.channels_last)
     prefix_seconds = time.perf_counter() - t0 if cache_state == "miss" else 0.0
     feats = {s: v.to(device) for s, v in feats.items()}  # resident on the device for the whole cell
     ys = {s: v.to(device) for s, v in target.y.items()}
+    head = probe_head(cell, bb, target, cache, ys, idx.to(device), device) if plan.get("probe_first") else {}
     suffix = suffix.to(device)
     if cell.channels_last:
         suffix = suffix.to(memory_format=torch.channels_last)
     if cell.solver == "lbfgs":
-        if not (cacheable and k == bb.n_groups):
+        if not (split.cacheable and k == bb.n_groups):
             raise ValueError(f"{cell.model} cannot be cut before its head: solve its probe with train.probe: sgd")
         measured = fit_linear_probe(suffix, feats, ys, idx.to(device))
     else:
-        measured = train_loop(cell, suffix, feats, ys, idx.to(device), device, target.num_classes, lr)
-    return suffix, common | measured | dict(
-        frozen_groups=k, n_groups=bb.n_groups, frozen_fraction=round(frozen_fraction(bb, k), 6),
+        lrs = partial(layer_lrs, split.depth_of, decay=plan["layer_decay"]) if plan.get("layer_decay") else None
+        measured = train_loop(cell, suffix, feats, ys, idx.to(device), device, target.num_classes, lr, lrs)
+    tuning = tuning_label(cell.frozen_depth, split.trained if cell.train_groups is not None else None,
+                          plan.get("arm"))
+    return suffix, common | head | measured | dict(
+        tuning=tuning, frozen_groups=k, n_groups=bb.n_groups, trained_groups=split.trained,
+        frozen_fraction=round(1 - split.trained_fraction, 6), trained_fraction=round(split.trained_fraction, 6),
         weights_id=bb.weights_id, trainable_params=sum(p.numel() for p in suffix.parameters() if p.requires_grad),
         weights_digest=bb.weights_digest, prefix_seconds=prefix_seconds, cell_seconds=time.perf_counter() - t_start,
-        cache=cache_state if cacheable else "off")
+        cache=cache_state if split.cacheable else "off")
+
+
+def probe_head(cell: Cell, bb, target, cache: FeatureCache, ys: dict, idx: torch.Tensor, device) -> dict:
+    """LP-FT's first stage: the linear probe fitted to convergence on the pooled features of the frozen network (the
+    probe cells' cached features), written into the head that fine-tuning then starts from."""
+    t0 = time.perf_counter()
+    frozen = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)  # a copy to cut: bb trains
+    prefix = split_at_depth(frozen, frozen.n_groups)[0]
+    feats, _ = prefix_features(cache, cell.model, frozen, prefix, frozen.n_groups, target, cell.image_size, device,
+                               cell.amp, cell.channels_last)
+    fields = fit_linear_probe(bb.model.get_classifier(), {s: v.to(device) for s, v in feats.items()}, ys, idx)
+    return dict(probe_val_acc=fields["val_acc"], probe_test_acc=fields["test_acc"], probe_l2_C=fields["l2_C"],
+                probe_seconds=time.perf_counter() - t0)
 
 
 class Run:
@@ -200,10 +220,11 @@ class Run:
     better one, never before `min_steps`."""
 
     def __init__(self, cell: Cell, suffix: nn.Module, lr: float, data: dict, device, num_classes: int, total: int,
-                 evals: set[int]):
+                 evals: set[int], layer_lrs=None):
         self.cell, self.suffix, self.lr, self.data, self.device = cell, suffix, lr, data, device
         self.total, self.evals, self.num_classes = total, evals, num_classes
-        opt = make_optimizer(suffix.parameters(), cell.optimizer, lr, cell.weight_decay)
+        opt = make_optimizer(suffix.named_parameters(), cell.optimizer, lr, cell.weight_decay,
+                             layer_lrs(lr) if layer_lrs else None)
         sched = SCHEDULES.get(cell.schedule, "grid.schedule")(opt, total)  # the schedule spans the whole budget
         self.step = Step(suffix, opt, sched, device, cell.amp, cell.channels_last)
         self.g = torch.Generator().manual_seed(cell.seed)  # every LR candidate sees the same batches
@@ -272,20 +293,22 @@ class Run:
 
 
 def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.Tensor, device,
-               num_classes: int, lr: float | None = None) -> dict:
+               num_classes: int, lr: float | None = None, layer_lrs=None) -> dict:
     """The one SGD loop for every arm. With several LR candidates (`cell.lrs`), successive halving: each trains from
     the same initial weights on the same batches for the first rung of the budget, the best on validation goes on
-    to the whole budget (Hyperband-style: about 1.4x one run instead of 3x). Records what a convergence check needs."""
+    to the whole budget (Hyperband-style: about 1.4x one run instead of 3x). `layer_lrs(lr)`: each parameter's LR
+    for a base LR (layer-wise decay). Records what a convergence check needs."""
     data = dict(x_train=feats["train"][idx], y_train=ys["train"][idx], val=feats["val"], y_val=ys["val"],
                 test=feats["test"], y_test=ys["test"])
     total, evals = budget(cell, len(batch_bounds(len(idx), min(cell.batch_size, len(idx)))))
     t0 = time.perf_counter()
     candidates = [lr] if lr else cell.lrs or [cell.lr]
     if len(candidates) == 1:
-        run, rung, extra_seen = Run(cell, suffix, candidates[0], data, device, num_classes, total, evals), {}, 0
+        run, rung, extra_seen = Run(cell, suffix, candidates[0], data, device, num_classes, total, evals,
+                                    layer_lrs), {}, 0
     else:
         first = max(1, total // 5)
-        runs = [Run(cell, copy.deepcopy(suffix), lr, data, device, num_classes, total, evals | {first})
+        runs = [Run(cell, copy.deepcopy(suffix), lr, data, device, num_classes, total, evals | {first}, layer_lrs)
                 .advance(first) for lr in candidates]
         rung = {r.lr: r.best[0] for r in runs}
         run = max(runs, key=lambda r: r.best[:2])
