@@ -24,17 +24,26 @@ from .measures import LABEL_FREE, measures, signs
 from .study import depth_label
 
 # A transfer grid point, without the seed and the configuration chosen for it.
-POINT = ["backbone", "weights", "target", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class"]
+POINT = ["backbone", "weights", "target", "tuning", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class"]
 # What a scratch cell shares with the transfer cells it is matched to (then paired by seed).
 SCRATCH_POINT = ["backbone", "target", "n_per_class"]
 CONFIG = ["schedule", "lr"]  # chosen per arm on validation
 
 
+def with_tuning(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs with `frozen_depth` as text and every transfer run's `tuning` (which layers train, by which recipe);
+    records written before train_groups and recipes existed are named by their frozen depth."""
+    runs = runs.assign(frozen_depth=runs["frozen_depth"].astype(str))
+    named = runs["tuning"] if "tuning" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
+    fallback = pd.Series([depth_label(d, a) for d, a in zip(runs["frozen_depth"], runs["arm"])], index=runs.index)
+    return runs.assign(tuning=named.where(named.notna() & (runs["arm"] == "transfer"), fallback))
+
+
 def arm_labels(runs: pd.DataFrame) -> list[str]:
-    """Each run's arm as tables and figures name it: 'frozen 0' ... 'probe (all)', 'scratch', or 'pixels: <method>'
-    (a pixel baseline's method is kept in its `backbone` column)."""
-    return [f"pixels: {m}" if a == "pixels" else depth_label(d, a)
-            for d, a, m in zip(runs["frozen_depth"].astype(str), runs["arm"], runs["backbone"])]
+    """Each run's arm as tables and figures name it: its tuning ('frozen 0' ... 'probe (all)', 'groups 0', 'LP-FT'),
+    'scratch', or 'pixels: <method>' (a pixel baseline's method is kept in its `backbone` column)."""
+    return [f"pixels: {m}" if a == "pixels" else t
+            for t, a, m in zip(with_tuning(runs)["tuning"], runs["arm"], runs["backbone"])]
 
 
 def t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
@@ -75,9 +84,7 @@ def verdict_rule(fdr: float, min_effect: float, confidence: float) -> str:
 
 
 def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    runs = runs[runs["status"] == "ok"].copy()
-    runs["frozen_depth"] = runs["frozen_depth"].astype(str)
-    return runs
+    return with_tuning(runs[runs["status"] == "ok"])
 
 
 def choose(runs: pd.DataFrame, keys: list[str], on: str = "val_acc") -> pd.DataFrame:
@@ -174,15 +181,16 @@ def mean_gain(runs: pd.DataFrame, by: list[str], confidence: float = 0.95) -> pd
                                          "scratch"]]
 
 
-def depth_gap(runs: pd.DataFrame, a: str, b: str, confidence: float = 0.95) -> pd.DataFrame:
-    """Per target: the mean test accuracy of frozen depth `a` minus depth `b` (each at its configuration chosen on
-    validation, same k-shot subsets), with its t-interval over seeds ('gain' here is that difference)."""
-    per_seed = paired(runs).groupby(["target", "frozen_depth", "seed"])["test_acc"].mean().unstack("frozen_depth")
+def arm_gap(runs: pd.DataFrame, a: str, b: str, confidence: float = 0.95, by: tuple = ("target",)) -> pd.DataFrame:
+    """Per target: the mean test accuracy of arm `a` minus arm `b` (tunings, e.g. 'frozen 0' and 'probe (all)'; each
+    at its configuration chosen on validation, same k-shot subsets), with its t-interval over seeds ('gain' here is
+    that difference) and its paired p."""
+    by = list(by)
+    per_seed = paired(runs).groupby(by + ["tuning", "seed"])["test_acc"].mean().unstack("tuning")
     if a not in per_seed or b not in per_seed:
-        return pd.DataFrame(columns=["target", "gain", "ci_low", "ci_high"])
+        return pd.DataFrame(columns=by + ["gain", "ci_low", "ci_high", "p", "n"])
     gap = (per_seed[a] - per_seed[b]).dropna().rename("gain").reset_index()
-    return mean_interval(gap, ["target"], "gain", confidence).rename(columns={"mean": "gain"})[
-        ["target", "gain", "ci_low", "ci_high"]]
+    return mean_interval(gap, by, "gain", confidence).rename(columns={"mean": "gain"})
 
 
 def point_flags(r) -> str:
@@ -202,9 +210,8 @@ def schedule_effect(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs[runs["arm"].isin(["transfer", "scratch"]) & (runs["schedule"] != "lbfgs")]
     if runs.empty:
         return pd.DataFrame()
-    chosen = choose(runs, ["arm", "backbone", "weights", "target", "frozen_depth", "n_per_class", "schedule"])
-    chosen = chosen.assign(arm_depth=[depth_label(d, a) for d, a in zip(chosen["frozen_depth"], chosen["arm"])])
-    return chosen.pivot_table(index="arm_depth", columns="schedule", values="test_acc", aggfunc="mean")
+    chosen = choose(runs, ["arm", "backbone", "weights", "target", "tuning", "n_per_class", "schedule"])
+    return chosen.pivot_table(index="tuning", columns="schedule", values="test_acc", aggfunc="mean")
 
 
 def fairness(runs: pd.DataFrame) -> pd.DataFrame:
@@ -238,8 +245,8 @@ def best_depth(selected: pd.DataFrame) -> pd.DataFrame:
     """Per (backbone, target, size): the frozen depth with the best validation accuracy."""
     keys = ["backbone", "weights", "target", "n_per_class"]
     best = selected.loc[selected.groupby(keys, dropna=False)["transfer_val_mean"].idxmax()]
-    return best[keys + ["frozen_depth", "frozen_groups", "frozen_fraction", "transfer_schedule", "transfer_mean",
-                        "gain", "ci_low", "ci_high"]].reset_index(drop=True)
+    return best[keys + ["tuning", "frozen_depth", "frozen_groups", "frozen_fraction", "transfer_schedule",
+                        "transfer_mean", "gain", "ci_low", "ci_high"]].reset_index(drop=True)
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ runs (runs.csv) and asks, for every grid point and for aggregates of them, wheth
 (and each arm's accuracy: a broken scratch arm inflates the gain) is lower than the base's by more
 than a practical margin, with a one-sided Welch t-test over seeds. The point tests form one family
 under Benjamini-Hochberg, the aggregate tests another (q <= fdr); a test regresses when it is a
-discovery. Aggregates (per target, per frozen depth, and overall) take each seed's mean over the
+discovery. Aggregates (per target, per transfer arm, and overall) take each seed's mean over the
 group's points as one value, so that points sharing a seed's subset and scratch cell are not
 counted as independent evidence.
 
@@ -26,13 +26,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .analysis import SCRATCH_POINT, bh_q, paired
+from .analysis import SCRATCH_POINT, bh_q, paired, with_tuning
 from .errors import ConfigError
 
-POINT = ["backbone", "weights", "target", "frozen_depth", "n_per_class"]  # each arm's configuration chosen on val
+POINT = ["backbone", "weights", "target", "tuning", "n_per_class"]  # each arm's configuration chosen on val
 # Identical on every host for one code version: what a cell trains on, what it trains, what it starts from.
 STRUCTURE = ["n_train", "frozen_fraction", "trainable_params", "weights_digest"]
-AGGREGATES = {"target": ["target"], "frozen depth": ["frozen_depth"], "all points": []}
+AGGREGATES = {"target": ["target"], "transfer arm": ["tuning"], "all points": []}
 
 
 @dataclass
@@ -58,8 +58,7 @@ def read_runs(folder: Path) -> pd.DataFrame:
     if df.empty or missing:
         raise ConfigError("compare", f"{path} has no rows" if df.empty else f"{path} lacks columns {sorted(missing)}",
                           "compare folders of studies that ran cells")
-    df["frozen_depth"] = df["frozen_depth"].astype(str)
-    return df
+    return with_tuning(df)
 
 
 def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
@@ -103,7 +102,7 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
         keys = SCRATCH_POINT if name == "scratch accuracy" else POINT
         rows += _test_rows(b, n, keys, "point", name, col, margin)
         for kind, group in AGGREGATES.items():
-            if not (name == "scratch accuracy" and kind == "frozen depth"):  # scratch freezes nothing
+            if not (name == "scratch accuracy" and kind == "transfer arm"):  # scratch is no transfer arm
                 rows += _test_rows(b, n, group, kind, name, col, aggregate_margin)
     tests = pd.DataFrame(rows, columns=["kind", "measure", "what", "base", "new", "delta", "seeds_base", "seeds_new",
                                         "p"])

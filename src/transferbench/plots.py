@@ -25,7 +25,16 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from . import atomic  # noqa: E402
-from .analysis import MEASURES, POINT, SCRATCH_POINT, arm_labels, choose, depth_label, mean_interval, ok_runs  # noqa: E402
+from .analysis import (  # noqa: E402
+    MEASURES,
+    POINT,
+    SCRATCH_POINT,
+    arm_labels,
+    choose,
+    mean_interval,
+    ok_runs,
+    with_tuning,
+)
 from .measures import MEASURES as REGISTERED  # noqa: E402
 
 PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
@@ -58,7 +67,7 @@ def arm_order(runs: pd.DataFrame) -> list[str]:
     """Every arm label in a fixed order: transfer depths from fully trained to fully frozen, scratch, pixels."""
     runs = ok_runs(runs) if "status" in runs else runs
     transfer = runs[runs["arm"] == "transfer"].sort_values("frozen_groups")
-    labels = list(dict.fromkeys(depth_label(d) for d in transfer["frozen_depth"].astype(str)))
+    labels = list(dict.fromkeys(with_tuning(transfer)["tuning"]))
     pixels = sorted(set(arm_labels(runs[runs["arm"] == "pixels"])))
     return labels + (["scratch"] if (runs["arm"] == "scratch").any() else []) + pixels
 
@@ -285,7 +294,7 @@ def gain_forest(t: dict, style: Style):
         ax.axvline(0, color="black", lw=0.7)
         for j, lbl in enumerate(depths):
             sub = sel[(sel["backbone"] == bb) & (sel["n_per_class"] == n)]
-            sub = sub[[depth_label(d) == lbl for d in sub["frozen_depth"].astype(str)]]
+            sub = sub[sub["tuning"] == lbl]
             sub = sub.set_index("target").reindex(targets)
             yy = y - (j - (len(depths) - 1) / 2) * 0.22  # the first depth on top
             g, lo, hi = 100 * sub["gain"], 100 * sub["ci_low"], 100 * sub["ci_high"]
@@ -313,7 +322,7 @@ def gain_heatmap(t: dict, style: Style):
     depths = [lbl for lbl in style.arm_order if lbl != "scratch" and not lbl.startswith("pixels")]
     targets = [tg for tg in style.target_order if tg in set(sel["target"])]
     backbones = sorted(sel["backbone"].unique())
-    df = sel.assign(label=[depth_label(d) for d in sel["frozen_depth"].astype(str)], g=100 * sel["gain"])
+    df = sel.assign(label=sel["tuning"], g=100 * sel["gain"])
     lim = max(5.0, float(np.nanmax(np.abs(df["g"]))))
     cols = [(lbl, n) for lbl in depths for n in sorted(df["n_per_class"].unique())]
     fig, axes = plt.subplots(len(backbones), 1, squeeze=False,
@@ -346,7 +355,7 @@ def gain_vs_distance(t: dict, style: Style, distance: str = "fd"):
         return None
     depths = [lbl for lbl in style.arm_order if lbl != "scratch" and not lbl.startswith("pixels")]
     markers = dict(zip(depths, itertools.cycle("osD^vP")))
-    df["label"] = [depth_label(d) for d in df["frozen_depth"].astype(str)]
+    df["label"] = df["tuning"]
     facets = list(itertools.product(sorted(df["backbone"].unique()), sorted(df["n_per_class"].unique())))
     # each backbone measures distance in its own feature space: a shared x axis within a row only
     fig, axes = panels(len(facets), panel_w=2.2, panel_h=1.6, columns=df["n_per_class"].nunique(), sharex="row")
@@ -403,8 +412,7 @@ def estimators_vs_accuracy(t: dict, style: Style):
     n = sel["n_per_class"].max()
     probe = sel[(sel["frozen_depth"].astype(str) == "all") & (sel["n_per_class"] == n)]
     probe = probe if len(probe) else sel[sel["n_per_class"] == n]
-    depth = str(probe["frozen_depth"].iloc[0])
-    df = probe[probe["frozen_depth"].astype(str) == depth].merge(domains, on=["backbone", "weights", "target"])
+    df = probe[probe["tuning"] == probe["tuning"].iloc[0]].merge(domains, on=["backbone", "weights", "target"])
     measures = [m for m in MEASURES if m in df and df[m].notna().any()]
     if df.empty or not measures:
         return None
@@ -438,10 +446,9 @@ def accuracy_vs_compute(t: dict, style: Style):
     n = runs["n_per_class"].max()
     cells = runs[(runs["n_per_class"] == n) & (runs["arm"] != "pixels")]
     df = curves[(curves["split"] == "val") & (curves["metric"] == "acc")].merge(
-        cells[["cell_id", "arm", "frozen_depth", "target", "backbone"]], on="cell_id")
+        cells.assign(label=arm_labels(cells))[["cell_id", "label", "target", "backbone"]], on="cell_id")
     if df.empty:
         return None
-    df["label"] = [depth_label(d, a) for d, a in zip(df["frozen_depth"].astype(str), df["arm"])]
     facets = _facets(df, style)
     fig, axes = panels(len(facets))
     for ax, (bb, tg) in zip(axes, facets):
@@ -503,13 +510,13 @@ def transfer_matrix(t: dict, style: Style):
     if sel.empty or sel["weights"].nunique() < 2:
         return None
     df = sel.assign(source=sel["weights"].map(source_label))
-    keys = sorted(df.groupby(["backbone", "frozen_depth", "n_per_class"]).groups)
+    keys = sorted(df.groupby(["backbone", "tuning", "n_per_class"]).groups)
     cols = [tg for tg in style.target_order if tg in set(df["target"])]
     fig, axes = panels(len(keys), panel_w=max(1.6, 0.75 * len(cols) + 0.8), panel_h=0.45 * df["source"].nunique() + 0.9,
                        columns=3, sharex=False, sharey=True)
     lim = max(5.0, float(np.nanmax(np.abs(100 * df["gain"]))))
-    for ax, (bb, depth, n) in zip(axes, keys):
-        sub = df[(df["backbone"] == bb) & (df["frozen_depth"] == depth) & (df["n_per_class"] == n)]
+    for ax, (bb, tuning, n) in zip(axes, keys):
+        sub = df[(df["backbone"] == bb) & (df["tuning"] == tuning) & (df["n_per_class"] == n)]
         gain = sub.pivot_table(index="source", columns="target", values="gain").reindex(columns=cols) * 100
         text = sub.assign(t=[f"{100 * g:+.0f}\n[{100 * lo:+.0f},{100 * hi:+.0f}]" + ("\nNEG" if v == "negative" else "")
                              for g, lo, hi, v in zip(sub["gain"], sub["ci_low"], sub["ci_high"], sub["verdict"])]
@@ -517,7 +524,7 @@ def transfer_matrix(t: dict, style: Style):
         sns.heatmap(gain, ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, annot=text, fmt="",
                     annot_kws={"size": 5}, cbar=False)
         ax.set_xticks(np.arange(len(cols)) + 0.5, [short(c, 10) for c in cols], rotation=0)
-        ax.set_title(f"{bb.replace('tf_efficientnet_', '')}, {depth_label(str(depth))}, {n} per class")
+        ax.set_title(f"{bb.replace('tf_efficientnet_', '')}, {tuning}, {n} per class")
     return finish(fig, axes, "target", "source")
 
 

@@ -49,7 +49,7 @@ def headlines(study: Study, t: dict) -> list[str]:
             for n in dict.fromkeys([sizes[0], sizes[-1]]):
                 sub = selected[(selected["backbone"] == bb) & (selected["target"] == tg)
                                & (selected["n_per_class"] == n)]
-                parts = [f"{analysis.depth_label(r.frozen_depth)}: {gain_text(r)}"
+                parts = [f"{r.tuning}: {gain_text(r)}"
                          for r in sub.sort_values("frozen_groups").itertuples()]
                 if parts:
                     lines.append(f"**{bb}**, {tg}, {n} per class -- " + "; ".join(parts))
@@ -71,7 +71,7 @@ def findings(study: Study, t: dict) -> list[str]:
     out.append(f"Mean gain of transfer over scratch, {a.confidence:.0%} t-interval over seeds: "
                + ", ".join(f"{interval(r)} at {per_class(r.n_per_class)}" for r in by_size.itertuples())
                + f" (over {sel['backbone'].nunique()} backbone(s), {sel['target'].nunique()} target condition(s), "
-               f"{sel['frozen_depth'].nunique()} frozen depth(s)).")
+               f"{sel['tuning'].nunique()} transfer arm(s)).")
     order, ordered_by = t["order"], t["ordered_by"]
     by_target = analysis.mean_gain(runs, ["target"], a.confidence).set_index("target").reindex(
         [c for c in order if c in set(sel["target"])]).dropna(subset=["gain"])
@@ -84,15 +84,15 @@ def findings(study: Study, t: dict) -> list[str]:
                    f"{100 * low.transfer:.1f}% and scratch {100 * low.scratch:.1f}% (a small gain can mean scratch "
                    "does well, not that transfer does badly).")
     neg = sel[sel["negative"]]
-    where = ", ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} n={r.n_per_class} "
+    where = ", ".join(f"{r.backbone} {r.target} {r.tuning} n={r.n_per_class} "
                       f"({interval(r)})" for r in neg.head(3).itertuples())
     out.append(f"Negative transfer (BH q <= {a.fdr:g}, |gain| >= {100 * a.min_effect:g} pp) at {len(neg)} of "
                f"{len(sel)} grid points" + (f": {where}" + (" ..." if len(neg) > 3 else "") if len(neg) else "") + ".")
     best = analysis.best_depth(sel)
-    if len(best) and sel["frozen_depth"].nunique() > 1:
-        counts = best.groupby("target")["frozen_depth"].agg(lambda d: d.value_counts().index[0]).reindex(
+    if len(best) and sel["tuning"].nunique() > 1:
+        counts = best.groupby("target")["tuning"].agg(lambda d: d.value_counts().index[0]).reindex(
             by_target.index).dropna()
-        out.append("Most often best frozen depth (on validation; the gains table has each point's interval): " +
+        out.append("Most often best transfer arm (on validation; the gains table has each point's interval): " +
                    ", ".join(f"{tg}: {d}" for tg, d in counts.items()) + ".")
     out.append(estimator_sentence(study, t))
     return [line for line in out if line][:6]
@@ -171,7 +171,7 @@ def anchors(study: Study, t: dict) -> list[str]:
                      + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
                         "**not shown**: no interval lies below 0."))
     order, ordered_by = t["order"], t["ordered_by"]
-    gap = analysis.depth_gap(t["runs"], "all", "0", study.analysis.confidence)
+    gap = analysis.arm_gap(t["runs"], "probe (all)", "frozen 0", study.analysis.confidence)
     gap = gap.set_index("target").reindex(order).dropna(subset=["gain"]) if len(gap) else gap
     if len(gap) > 1 and ordered_by != "the study file":
         near, far = gap.iloc[0], gap.iloc[-1]
@@ -182,7 +182,7 @@ def anchors(study: Study, t: dict) -> list[str]:
                         "**does not reproduce** here."))
     neg = sel[sel["verdict"] == "negative"]
     lines.append(f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
-                 + (": " + "; ".join(f"{r.backbone} {r.target} {analysis.depth_label(r.frozen_depth)} "
+                 + (": " + "; ".join(f"{r.backbone} {r.target} {r.tuning} "
                                      f"n={r.n_per_class} {pp(r.gain)} pp" for r in neg.itertuples())
                     if len(neg) else "")
                  + ".")
@@ -228,7 +228,7 @@ def failure_section(study: Study, t: dict) -> list[str]:
                  "negative. " + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect,
                                                       study.analysis.confidence))
     if len(neg):
-        lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "frozen_depth", "n_per_class",
+        lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "tuning", "n_per_class",
                                                        "transfer", "gain_pp", "ci_pp"]])]
     order, ordered_by = t["order"], t["ordered_by"]
     by_target = analysis.mean_gain(t["runs"], ["target"], study.analysis.confidence).set_index("target")
@@ -244,8 +244,8 @@ def failure_section(study: Study, t: dict) -> list[str]:
                   markdown_table(d.round(3).reset_index())]
     best = analysis.best_depth(selected)
     if len(best):
-        lines += ["", "Best frozen depth per target (chosen on validation) at each size:", ""]
-        pivot = best.pivot_table(index=["backbone", "target"], columns="n_per_class", values="frozen_depth",
+        lines += ["", "Best transfer arm per target (chosen on validation) at each size:", ""]
+        pivot = best.pivot_table(index=["backbone", "target"], columns="n_per_class", values="tuning",
                                  aggfunc="first").reset_index()
         pivot["target"] = pd.Categorical(pivot["target"], [c for c in order if c in set(pivot["target"])])
         lines.append(markdown_table(pivot.sort_values(["backbone", "target"]).astype(str)))
@@ -378,7 +378,7 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
         shown = shown.assign(scratch=(100 * shown["scratch_mean"]).round(1))
         shown = shown.assign(pixels=(100 * shown["pixels_best"]).round(1))
         text += ["## Gains (each arm's schedule and LR chosen on validation)", "", markdown_table(shown[
-            ["backbone", "target", "frozen_depth", "n_per_class", "transfer_schedule", "transfer_lr", "scratch_lr",
+            ["backbone", "target", "tuning", "n_per_class", "transfer_schedule", "transfer_lr", "scratch_lr",
              "transfer", "scratch", "pixels", "gain_pp", "ci_pp", "seed_sd_pp", "test_se_pp", "q", "n_seeds",
              "verdict", "flags"]]), ""]
     text += ["## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})"]

@@ -32,7 +32,15 @@ def plan(study: Study) -> list[Cell]:
     """Every cell of the grid, after checking each name and range against what exists."""
     import timm
 
-    from .backbones import WEIGHTS, check_model_name, resolve_depth, resolve_weights, trained_here, weight_source
+    from .backbones import (
+        WEIGHTS,
+        check_model_name,
+        resolve_depth,
+        resolve_groups,
+        resolve_weights,
+        trained_here,
+        weight_source,
+    )
     from .data import DATASETS, SHIFTS, class_counts, load_raw
     from .schedules import OPTIMIZERS, SCHEDULES
     from .source import cells_of, source_cell
@@ -44,6 +52,15 @@ def plan(study: Study) -> list[Cell]:
             SHIFTS.get(t.shift, f"targets.{i}.shift")
     for i, s in enumerate(study.grid.schedule):
         SCHEDULES.get(s.name, f"grid.schedule.{i}.name")
+        if SCHEDULES.meta(s.name).get("arm"):
+            raise ConfigError(f"grid.schedule.{i}.name", f"'{s.name}' is a fine-tuning recipe, an arm of its own",
+                              f"list it under grid.recipes: [{s.name}]")
+    for i, r in enumerate(study.grid.recipes):
+        SCHEDULES.get(r, f"grid.recipes.{i}")
+        if not SCHEDULES.meta(r).get("arm"):
+            recipes = [n for n, _ in SCHEDULES.items() if SCHEDULES.meta(n).get("arm")]
+            raise ConfigError(f"grid.recipes.{i}", f"'{r}' is a plain schedule, not a recipe",
+                              f"list it under grid.schedule, or use a recipe: {', '.join(recipes)}")
     OPTIMIZERS.get(study.train.optimizer, "train.optimizer")
     for i, b in enumerate(study.backbones):
         check_model_name(b.model)
@@ -54,6 +71,8 @@ def plan(study: Study) -> list[Cell]:
         n_groups = len(_groups_of(timm, b.model))
         for d in study.grid.frozen_depth:
             resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
+        for groups in study.grid.train_groups:
+            resolve_groups(groups, n_groups, field=f"grid.train_groups (backbones.{i}: {b.model})")
     for i, t in enumerate(study.targets):
         raw = load_raw(t.dataset, t.options)
         counts = class_counts(raw.splits["train"][1])
@@ -161,7 +180,7 @@ def feature_groups(cells: list[Cell]) -> list[list[Cell]]:
     """Cells grouped by what their frozen prefix computes (weights, depth, target condition)."""
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
-        key = (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth), c.arm)
+        key = (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth), str(c.train_groups), c.arm)
         groups.setdefault(key, []).append(c)
     return [sorted(g, key=lambda c: (c.n_per_class, c.schedule, c.seed)) for _, g in sorted(groups.items())]
 
