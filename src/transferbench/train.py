@@ -179,7 +179,7 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     prefix_seconds = time.perf_counter() - t0 if cache_state == "miss" else 0.0
     feats = {s: v.to(device) for s, v in feats.items()}  # resident on the device for the whole cell
     ys = {s: v.to(device) for s, v in target.y.items()}
-    head = probe_head(cell, bb, target, cache, ys, idx.to(device), device) if plan.get("probe_first") else {}
+    head = probe_head(cell, bb, target, ys, idx.to(device), device) if plan.get("probe_first") else {}
     suffix = suffix.to(device)
     if cell.channels_last:
         suffix = suffix.to(memory_format=torch.channels_last)
@@ -191,7 +191,7 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
         lrs = partial(layer_lrs, split.depth_of, decay=plan["layer_decay"]) if plan.get("layer_decay") else None
         measured = train_loop(cell, suffix, feats, ys, idx.to(device), device, target.num_classes, lr, lrs)
     tuning = tuning_label(cell.frozen_depth, split.trained if cell.train_groups is not None else None,
-                          plan.get("arm"))
+                          plan.get("arm")) if cell.arm == "transfer" else cell.arm
     return suffix, common | head | measured | dict(
         tuning=tuning, frozen_groups=k, n_groups=bb.n_groups, trained_groups=split.trained,
         frozen_fraction=round(1 - split.trained_fraction, 6), trained_fraction=round(split.trained_fraction, 6),
@@ -200,14 +200,19 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
         cache=cache_state if split.cacheable else "off")
 
 
-def probe_head(cell: Cell, bb, target, cache: FeatureCache, ys: dict, idx: torch.Tensor, device) -> dict:
-    """LP-FT's first stage: the linear probe fitted to convergence on the pooled features of the frozen network (the
-    probe cells' cached features), written into the head that fine-tuning then starts from."""
+def probe_head(cell: Cell, bb, target, ys: dict, idx: torch.Tensor, device) -> dict:
+    """LP-FT's first stage: the linear probe fitted to convergence on the pooled features of the frozen network,
+    written into the head that fine-tuning then starts from. The features are the network's as fine-tuning sees it:
+    BatchNorm statistics of the training subset (train-mode batches, and precise BN before each validation), not
+    the source's. (Fitted on the source-statistics features the probe cells use, the head no longer matched the
+    network once training began: on noise@5 its validation accuracy fell from 0.52 to 0.27 in the first 30 steps
+    and one seed diverged.)"""
     t0 = time.perf_counter()
     frozen = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)  # a copy to cut: bb trains
-    prefix = split_at_depth(frozen, frozen.n_groups)[0]
-    feats, _ = prefix_features(cache, cell.model, frozen, prefix, frozen.n_groups, target, cell.image_size, device,
-                               cell.amp, cell.channels_last)
+    frozen.model.reset_classifier(0)  # pooled features out
+    network = nn.Sequential(split_at_depth(frozen, 0)[0], frozen.model).to(device)  # normalisation, then the net
+    precise_bn(network, target.x["train"][idx.cpu()].to(device), cell.channels_last)
+    feats = {s: forward_batched(network, x, device, cell.amp, cell.channels_last) for s, x in target.x.items()}
     fields = fit_linear_probe(bb.model.get_classifier(), {s: v.to(device) for s, v in feats.items()}, ys, idx)
     return dict(probe_val_acc=fields["val_acc"], probe_test_acc=fields["test_acc"], probe_l2_C=fields["l2_C"],
                 probe_seconds=time.perf_counter() - t0)
@@ -309,9 +314,12 @@ def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.
     else:
         first = max(1, total // 5)
         runs = [Run(cell, copy.deepcopy(suffix), lr, data, device, num_classes, total, evals | {first}, layer_lrs)
-                .advance(first) for lr in candidates]
-        rung = {r.lr: r.best[0] for r in runs}
-        run = max(runs, key=lambda r: r.best[:2])
+                for lr in candidates]
+        rung = {r.lr: race(r, first) for r in runs}
+        alive = [r for r in runs if rung[r.lr] is not None]
+        if not alive:
+            raise Diverged(f"every LR candidate {candidates} diverged in the first {first} steps; lower train.lrs")
+        run = max(alive, key=lambda r: r.best[:2])
         extra_seen = sum(r.seen for r in runs if r is not run)  # the losers' compute counts too
     run.advance(total)
     train_seconds = time.perf_counter() - t0
@@ -329,6 +337,14 @@ def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.
         lr_chosen=run.lr, lr_rung=rung or None, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
         test_loss=test_loss, train_seconds=train_seconds, images_per_second=seen / max(train_seconds, 1e-9),
         images_seen=seen, curves=run.curves)
+
+
+def race(run: Run, steps: int) -> float | None:
+    """A candidate's best validation accuracy after its rung; None when it diverged (it loses, the cell goes on)."""
+    try:
+        return run.advance(steps).best[0]
+    except Diverged:
+        return None
 
 
 def convergence(**facts) -> dict:
