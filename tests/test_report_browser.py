@@ -199,7 +199,7 @@ BASELINES = Path(__file__).parents[1] / "results" / "baselines"
 
 
 @needs_chromium
-@pytest.mark.parametrize("study", ["domain_gap", "smoke"])
+@pytest.mark.parametrize("study", ["domain_gap", "smoke", "which_layers"])
 def test_reference_report_at_1400_px(study):
     shot = SCREENSHOTS / f"{study}_report_1400px.png"
     shot.unlink(missing_ok=True)

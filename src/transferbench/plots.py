@@ -66,8 +66,11 @@ class Style:
 def arm_order(runs: pd.DataFrame) -> list[str]:
     """Every arm label in a fixed order: transfer depths from fully trained to fully frozen, scratch, pixels."""
     runs = ok_runs(runs) if "status" in runs else runs
-    transfer = runs[runs["arm"] == "transfer"].sort_values("frozen_groups")
-    labels = list(dict.fromkeys(with_tuning(transfer)["tuning"]))
+    transfer = with_tuning(runs[runs["arm"] == "transfer"])
+    trained = transfer["trained_fraction"] if "trained_fraction" in transfer else 1 - transfer["frozen_fraction"]
+    key = pd.DataFrame({"groups": transfer["frozen_groups"], "trained": -trained.round(6),  # most trained first,
+                        "prefix": ~transfer["tuning"].str.startswith("frozen"), "name": transfer["tuning"]})  # plain
+    labels = list(dict.fromkeys(transfer.loc[key.sort_values(list(key.columns)).index, "tuning"]))
     pixels = sorted(set(arm_labels(runs[runs["arm"] == "pixels"])))
     return labels + (["scratch"] if (runs["arm"] == "scratch").any() else []) + pixels
 
@@ -283,23 +286,41 @@ def gain_forest(t: dict, style: Style):
     sel = t["selected"]
     if sel.empty:
         return None
-    depths = [lbl for lbl in style.arm_order if lbl != "scratch" and not lbl.startswith("pixels")]
-    sizes, backbones = sorted(sel["n_per_class"].unique()), sorted(sel["backbone"].unique())
-    targets = [tg for tg in style.target_order if tg in set(sel["target"])]
+    return forest(sel, style, "gain of transfer over scratch (pp), 95% t-interval over seeds")
+
+
+@figure("arm_differences")
+def arm_differences(t: dict, style: Style):
+    """Which layers to train: each arm's test accuracy minus full fine-tuning's, paired by seed, with its t-interval
+    over seeds; target conditions from near (top) to far. Filled: better or worse after Benjamini-Hochberg (and at
+    least the minimum effect); open: inconclusive."""
+    d = t["arm_differences"]
+    if d.empty:
+        return None
+    return forest(d.rename(columns={"diff": "gain"}).assign(flags=""), style,
+                  "test accuracy minus full fine-tuning's (pp), 95% t-interval over seeds")
+
+
+def forest(rows: pd.DataFrame, style: Style, xlabel: str):
+    """Rows with backbone, n_per_class, target, tuning, gain, ci_low, ci_high, verdict and flags, one panel per
+    backbone and size, one line per arm and target."""
+    depths = [lbl for lbl in style.arm_order if lbl in set(rows["tuning"])]
+    sizes, backbones = sorted(rows["n_per_class"].unique()), sorted(rows["backbone"].unique())
+    targets = [tg for tg in style.target_order if tg in set(rows["target"])]
     facets = list(itertools.product(backbones, sizes))
-    fig, axes = panels(len(facets), panel_w=2.2, panel_h=0.28 * len(targets) * max(1, len(depths)) ** 0.5 + 0.4,
-                       columns=len(sizes), sharex=True, sharey=True)
+    fig, axes = panels(len(facets), panel_w=2.2 if len(facets) > 1 else 4.0,
+                       panel_h=0.28 * len(targets) * max(1, len(depths)) ** 0.5 + 0.4, columns=len(sizes),
+                       sharex=True, sharey=True)
     y = np.arange(len(targets))[::-1].astype(float)
     for ax, (bb, n) in zip(axes, facets):
         ax.axvline(0, color="black", lw=0.7)
         for j, lbl in enumerate(depths):
-            sub = sel[(sel["backbone"] == bb) & (sel["n_per_class"] == n)]
-            sub = sub[sub["tuning"] == lbl]
+            sub = rows[(rows["backbone"] == bb) & (rows["n_per_class"] == n) & (rows["tuning"] == lbl)]
             sub = sub.set_index("target").reindex(targets)
-            yy = y - (j - (len(depths) - 1) / 2) * 0.22  # the first depth on top
+            yy = y - (j - (len(depths) - 1) / 2) * min(0.22, 0.8 / len(depths))  # the first arm on top
             g, lo, hi = 100 * sub["gain"], 100 * sub["ci_low"], 100 * sub["ci_high"]
             ax.hlines(yy, lo, hi, color=style.arms[lbl], lw=1)
-            called = (sub["verdict"].fillna("inconclusive") != "inconclusive").to_numpy()
+            called = ~sub["verdict"].fillna("inconclusive").isin(["inconclusive"]).to_numpy()
             ax.scatter(g[called], yy[called], s=12, color=style.arms[lbl], zorder=3)
             ax.scatter(g[~called], yy[~called], s=12, facecolors="white", edgecolors=style.arms[lbl], zorder=3)
             flagged = (sub["flags"].fillna("") != "").to_numpy()
@@ -307,10 +328,11 @@ def gain_forest(t: dict, style: Style):
         ax.set_yticks(y, [short(tg, 22) for tg in targets])
         ax.set_title(f"{bb.replace('tf_efficientnet_', '')}, {n} per class" if len(backbones) > 1 else f"{n} per class")
     handles = [line(style.arms[lbl], lbl, ls="-") for lbl in depths] + [
-        Line2D([], [], ls="", marker="o", mfc="white", mec="0.2", ms=3.5, label="open: inconclusive"),
-        Line2D([], [], ls="", marker="o", mfc="none", mec="0.55", ms=7, label="ring: flagged")]
-    return finish(fig, axes, "gain of transfer over scratch (pp), 95% t-interval over seeds",
-                  f"target condition, near (top) to far, by {style.ordered_by}", handles, legend_columns=5)
+        Line2D([], [], ls="", marker="o", mfc="white", mec="0.2", ms=3.5, label="open: inconclusive")]
+    if (rows["flags"].fillna("") != "").any():
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="0.55", ms=7, label="ring: flagged"))
+    return finish(fig, axes, xlabel, f"target condition, near (top) to far, by {style.ordered_by}", handles,
+                  legend_columns=5)
 
 
 @figure("gain_heatmap")

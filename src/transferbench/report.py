@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import analysis, atomic, plots
+from . import analysis, arms, atomic, plots
 from .study import Study, safe_yaml, scratch_lrs, transfer_lrs
 from .tables import write_tables
 
@@ -192,6 +192,72 @@ def anchors(study: Study, t: dict) -> list[str]:
     return lines + [""]
 
 
+def arms_section(study: Study, t: dict) -> list[str]:
+    """'Which layers to train': each arm's accuracy, its difference from full fine-tuning, the best arm per
+    condition (chosen on validation) beside where the shift lives by depth, and the anchor claims."""
+    acc, diffs, best, claims = t["arm_accuracy"], t["arm_differences"], t["best_arms"], t["claims"]
+    if acc.empty:
+        return []
+    a = study.analysis
+    order = [c for c in t["order"] if c in set(acc["target"])]
+    arm_order = [x for x in plots.arm_order(t["runs"]) if x in set(acc["tuning"])]
+    lines = ["## Which layers to train", "",
+             "Every arm at its own LR chosen on validation, on the same k-shot subsets; differences from full "
+             f"fine-tuning (frozen 0) are paired by seed, with {a.confidence:.0%} t-intervals over seeds and "
+             f"Benjamini-Hochberg across all {len(diffs)} comparisons (* better, - worse: q <= {a.fdr:g} and at least "
+             f"{100 * a.min_effect:g} pp). The best arm is the one with the best validation accuracy.", ""]
+    depth = arms.shift_depth(t["domains"])
+    for (bb, n), sub in acc.groupby(["backbone", "n_per_class"]):
+        cell = lambda r: f"{100 * r.test:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"  # noqa: E731
+        table = sub.assign(v=[cell(r) for r in sub.itertuples()]).pivot(index="target", columns="tuning", values="v")
+        d = diffs[(diffs["backbone"] == bb) & (diffs["n_per_class"] == n)] if len(diffs) else diffs
+        mark = {"better": " *", "worse": " -"}
+        delta = d.assign(v=[f"{pp(r.diff)} [{pp(r.ci_low)}, {pp(r.ci_high)}]{mark.get(r.verdict, '')}"
+                            for r in d.itertuples()]).pivot(index="target", columns="tuning", values="v") \
+            if len(d) else pd.DataFrame(index=table.index)
+        b = best[(best["backbone"] == bb) & (best["n_per_class"] == n)].set_index("target")
+        where = depth[depth["backbone"] == bb].set_index("target") if len(depth) else pd.DataFrame()
+        extra = pd.DataFrame({"best (val)": b["best"]}, index=table.index)
+        if len(where):
+            extra["BN peak group (ratio)"] = [
+                f"{int(where.loc[tg, 'peak_group'])} ({where.loc[tg, 'peak_ratio']:.2f})" if tg in where.index else
+                "n/a" for tg in table.index]
+            extra["early share"] = [f"{where.loc[tg, 'early_share']:.2f}" if tg in where.index else "n/a"
+                                    for tg in table.index]
+        cols = [c for c in arm_order if c in table.columns]
+        lines += [f"Test accuracy (%) per arm, {bb}, {per_class(n)} (mean [{a.confidence:.0%} CI] over seeds):", "",
+                  markdown_table(table[cols].join(extra).reindex(order).reset_index()), "",
+                  "Difference from full fine-tuning (pp):", "",
+                  markdown_table(delta[[c for c in cols if c in delta.columns]].reindex(order).reset_index()), ""]
+    wins = best["best"].value_counts()
+    lines += ["Best arm on validation, counted over conditions and sizes: "
+              + ", ".join(f"{arm} {k}" for arm, k in wins.items()) + ".", ""]
+    pred = t["depth_prediction"]
+    if pred:
+        conds = pred["conditions"]
+        early = int((conds["peak"] < conds["n_groups"] / 2).sum())
+        lines += [f"Does the depth where the shift lives predict which end to tune? Over the {pred['n']} input-level "
+                  "conditions, the BatchNorm divergence (relative to the source reference's, group by group) peaks in "
+                  f"the first half of the network for {early}; "
+                  f"the half holding the peak names the better of the first-group and last-group arms (on validation) "
+                  f"in {pred['agree']} of {pred['n']}. Kendall tau between the early share of the excess divergence "
+                  f"and first-minus-last test accuracy: {pred['tau']:+.2f} (one-sided permutation p = "
+                  f"{pred['p']:.3f}; "
+                  f"expected positive if the peak predicts the block).", ""]
+    if len(claims):
+        lines += ["Anchor claims (pooled: each seed's difference averaged over the conditions named, then a "
+                  f"{a.confidence:.0%} t-interval over seeds):", ""]
+        lines += [f"- {r.claim} ({r.source}): {r.contrast} = {pp(r.diff)} pp [{pp(r.ci_low)}, {pp(r.ci_high)}] over "
+                  + (r.conditions if r.n_conditions == 1 else f"the {r.n_conditions} {r.kind} conditions" if r.kind
+                     else f"all {r.n_conditions} conditions")
+                  + f" -- **{r.verdict}**." for r in claims.itertuples()]
+        lines += ["", "The conditions of each claim are listed in claims.csv. LP-FT's own claim is about accuracy "
+                  "under a shift between fine-tuning and test data; here every arm is trained and tested on the same "
+                  "condition, so what is tested is its in-distribution half and its advantage far from the source.", ""]
+        lines.append("")
+    return lines
+
+
 def fairness_section(study: Study, t: dict) -> list[str]:
     """'Is the comparison fair?': what every later number rests on, before any of them."""
     fair, sel = t["fairness"], t["selected"]
@@ -301,7 +367,9 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
              "profile applied) and from the records.", "",
              f"- backbones: {', '.join(f'{b.model} ({b.weights})' for b in study.backbones)}",
              f"- target conditions, near to far by {ordered_by}: {', '.join(order)}",
-             f"- grid: frozen depth {', '.join(map(str, g.frozen_depth))}; {', '.join(map(str, g.n_per_class))} "
+             f"- grid: frozen depth {', '.join(map(str, g.frozen_depth))}"
+             + "".join(f"; train only groups {groups}" for groups in g.train_groups)
+             + (f"; recipes {', '.join(g.recipes)}" if g.recipes else "") + f"; {', '.join(map(str, g.n_per_class))} "
              f"labelled examples per class; schedules {', '.join(s.name for s in g.schedule)}; seeds "
              f"{', '.join(map(str, g.seed))}; {len(runs)} cells ({', '.join(f'{k} {v}' for k, v in arms.items())})",
              f"- images {tr.image_size} px, batch {tr.batch_size}, {tr.optimizer} (weight decay {tr.weight_decay:g}), "
@@ -325,7 +393,8 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
 
 
 # Where a figure appears: right after the section whose title is given; the rest under "Figures".
-PLACES = {"fairness": "## Is the comparison fair?", "gain_forest": "## Headline", "accuracy_vs_size": "## Findings"}
+PLACES = {"fairness": "## Is the comparison fair?", "gain_forest": "## Headline", "accuracy_vs_size": "## Findings",
+          "arm_differences": "## Which layers to train"}
 
 
 def figure_block(name: str, path: Path) -> list[str]:
@@ -363,6 +432,7 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
     found = findings(study, t)
     text += ["## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(found, 1)] + [""]
     text += anchors(study, t)
+    text += arms_section(study, t)
     if not selected.empty:
         text += failure_section(study, t) + [""]
     for name, title in PLACES.items():  # each placed figure goes at the end of its section

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import analysis, atomic
+from . import analysis, arms, atomic
 from .errors import ConfigError
 from .source import cells_of
 from .store import curves_table, read_domains, read_records, runs_table
@@ -40,6 +40,9 @@ def write_tables(study: Study, out: Path, use_domains: bool = True) -> dict[str,
     t = derive(study, runs, curves, domains, estimators)
     write_csv(t["gains"], out / "gains.csv")
     write_csv(t["correlations"], out / "correlations.csv")
+    for name in ("arm_accuracy", "arm_differences", "claims"):
+        if len(t[name]):
+            write_csv(t[name], out / f"{name}.csv")
     return t
 
 
@@ -50,6 +53,13 @@ def read_tables(study: Study, out: Path) -> dict[str, pd.DataFrame]:
     domains = read_domains(out)
     estimators = pd.read_csv(out / "estimators.csv") if (out / "estimators.csv").exists() else None
     return derive(study, runs, curves, pd.DataFrame() if domains is None else domains, estimators)
+
+
+def depth_prediction(runs: pd.DataFrame, domains: pd.DataFrame) -> dict | None:
+    names, kinds = arms.arm_names(runs), arms.condition_kinds(runs)
+    if not (names["first"] and names["last"]):
+        return None
+    return arms.depth_predicts(runs, domains, names["first"], names["last"], kinds["input"])
 
 
 def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.DataFrame,
@@ -65,7 +75,13 @@ def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.D
     enough = gains["target"].nunique() >= analysis.MIN_TARGETS_TO_RANK and not domains.empty and len(ranking)
     duel = analysis.top_two(domains, gains, ranking, a.n_bootstrap // 2, a.confidence, estimators=estimators) \
         if enough else None
+    compared = arms.several_arms(runs)  # which layers to train: the arms against full fine-tuning
+    accuracy = arms.arm_accuracy(runs, a.confidence) if compared else pd.DataFrame()
     return dict(runs=runs, curves=curves, gains=gains, selected=gains,  # each arm's configuration chosen on val
+                arm_accuracy=accuracy, best_arms=arms.best_arms(accuracy),
+                arm_differences=arms.differences(runs, a.confidence, a.fdr, a.min_effect) if compared else
+                pd.DataFrame(), claims=arms.claims(runs, a.confidence, a.min_effect) if compared else pd.DataFrame(),
+                depth_prediction=depth_prediction(runs, domains) if compared else None,
                 oracle=analysis.gains(runs, a.confidence, a.fdr, a.min_effect, on="test_acc"), domains=domains,
                 correlations=corr, estimators=estimators, fairness=analysis.fairness(runs),
                 schedules=analysis.schedule_effect(runs), order=order, ordered_by=ordered_by, ranking=ranking,
