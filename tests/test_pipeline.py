@@ -129,3 +129,21 @@ def test_skip_domains_builds_the_report_without_them(smoke):
     report = (smoke / "report.md").read_text()
     assert "domain measures skipped (--skip-domains)" in report and "near to far by the study file" in report
     assert not (smoke / "figures" / "gain_vs_fd.png").exists()  # no stale figure from the build before
+
+
+def test_which_layers_runs_end_to_end_and_reports_its_arms(tmp_path):
+    """The which_layers study, cut to two conditions and a few steps: every arm trains through the CLI, and the
+    report has its section, its figure and its claims table."""
+    args = ["study", str(STUDIES / "which_layers.yaml"), "--results", str(tmp_path), "--no-progress",
+            "targets=[{dataset: textures}, {dataset: textures, shift: contrast, severity: 5}]", "grid.seed=[0,1]",
+            "grid.n_per_class=[4]", "train.steps=6", "train.eval_every=3", "train.min_steps=3"]
+    assert main(args) == 0
+    out = tmp_path / "which_layers"
+    runs = pd.read_csv(out / "runs.csv")
+    assert (runs["status"] == "ok").all()
+    assert set(runs.loc[runs["arm"] == "transfer", "tuning"]) == {"frozen 0", "groups 0", "groups 7", "LP-FT",
+                                                                   "LLRD 0.75", "probe (all)"}
+    text = (out / "report.md").read_text()
+    assert "## Which layers to train" in text and "figures/arm_differences.png" in text
+    claims = pd.read_csv(out / "claims.csv")
+    assert "groups 0 - frozen 0" in set(claims["contrast"]) and claims["ci_low"].notna().all()
