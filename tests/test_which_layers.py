@@ -66,15 +66,17 @@ def test_lp_ft_starts_fine_tuning_from_the_converged_probe(monkeypatch, torch_si
     training subset (as validation computes them) it scores the probe's validation accuracy, and its head is the
     L-BFGS solution (a fitted probe is far better than the random head full fine-tuning starts from)."""
     seen = {}
-    loop = train.train_loop
+    together = train.train_together
 
-    def spy(c, suffix, feats, ys, idx, device, *args, **kw):
-        net = copy.deepcopy(suffix)
-        train.precise_bn(net, feats["train"][idx], c.channels_last)
-        seen.setdefault("val_acc", train.evaluate(net, feats["val"], ys["val"], device, False, c.channels_last)[0])
-        return loop(c, suffix, feats, ys, idx, device, *args, **kw)
+    def spy(trainings, *args, **kw):
+        t = trainings[0]
+        data, net = t.runs[0].data, copy.deepcopy(t.suffix)
+        train.precise_bn(net, data["x_train"], t.cell.channels_last)
+        seen.setdefault("val_acc", train.evaluate(net, data["val"], data["y_val"], torch.device("cpu"), False,
+                                                  t.cell.channels_last)[0])
+        return together(trainings, *args, **kw)
 
-    monkeypatch.setattr(train, "train_loop", spy)
+    monkeypatch.setattr(train, "train_together", spy)
     _, record = train.fit(cell(schedule="lp_ft", n_per_class=8), FeatureCache())
     _, plain = train.fit(cell(schedule="cosine"), FeatureCache())
     assert seen["val_acc"] == pytest.approx(record["probe_val_acc"], abs=1.5 / record["n_test"])

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
+
+from .train import Diverged, batch_bounds
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -42,7 +45,7 @@ class Pack:
         self.names, self.shapes = [n for n, _ in trainable], [p.shape for _, p in trainable]
         self.sizes = [p.numel() for _, p in trainable]
         params, buffers = stack_module_state(modules)  # copies along dim 0, detached
-        self.flat = torch.cat([params[n].reshape(len(runs), -1) for n in self.names], 1).requires_grad_(True)
+        self.flat = torch.cat([params[n].detach().reshape(len(runs), -1) for n in self.names], 1).requires_grad_()
         self.fixed = {n: v for n, v in params.items() if n not in self.names} | buffers  # frozen weights, BN stats
         self.template = copy.deepcopy(modules[0]).to("meta")
         self.optimizer = PackedOptimizer(self, [r.step.opt for r in runs], [dict(m.named_parameters())
@@ -77,10 +80,13 @@ class Pack:
             losses = self.step(*self._stack(batches), active)
             for i in active:
                 epoch, xb, yb, last = batches[i]
+                run = self.runs[i]
                 try:
-                    self.runs[i].after_step(losses[i], len(yb), epoch, last, until, sync=lambda i=i: self.write_back(i))
-                except Exception as e:  # a diverged run (train.Diverged) leaves the pack; the rest go on
+                    run.after_step(losses[i], len(yb), epoch, last, until, sync=lambda i=i: self.write_back(i))
+                except Diverged as e:  # it leaves the pack; the rest go on
                     self.failed[i] = e
+                if run.steps in run.evals:
+                    self.read_back(i)  # the BatchNorm statistics its validation recomputed (precise BN) go on
         for i in range(len(self.runs)):
             self.write_back(i)
         self.optimizer.hand_back()
@@ -102,15 +108,26 @@ class Pack:
                 logits = self.forward(x)
         else:
             logits = self.forward(x)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape).mean(1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast: loss in fp32
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
         losses.sum().backward()
         mask = torch.zeros(len(self.runs), 1, dtype=torch.bool, device=self.flat.device)
         mask[active] = True
         with torch.no_grad():
             self.optimizer.step(mask)
-        for i in active:
-            self.runs[i].step.sched.step()  # the run's own schedule sets its next LR
+        with warnings.catch_warnings():  # the run's own optimizer never steps: the pack steps for it
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\(\)` before")
+            for i in active:
+                self.runs[i].step.sched.step()  # the run's own schedule sets its next LR
         return losses.detach()
+
+    @torch.no_grad()
+    def read_back(self, i: int) -> None:
+        """Copy i's buffers from its run's module into the pack (after a validation changed them)."""
+        own = dict(self.runs[i].suffix.named_buffers())
+        for n, v in self.fixed.items():
+            if n in own:
+                v[i].copy_(own[n])
 
     @torch.no_grad()
     def write_back(self, i: int) -> None:
@@ -206,3 +223,36 @@ def pack_sizes(n: int, most: int) -> list[int]:
     """Split n runs into packs of at most `most`, as even as possible."""
     k = math.ceil(n / most) if n else 0
     return [n // k + (j < n % k) for j in range(k)]
+
+
+def signature(run) -> tuple:
+    """What runs must share to be stacked: the trainable layers and their LR groups, the optimizer, the batch shapes
+    (examples and batch size decide every batch's size), device, precision and layout."""
+    x = run.data["x_train"]
+    group_of = {id(p): k for k, g in enumerate(run.step.opt.param_groups) for p in g["params"]}  # layer-wise LRs
+    sizes = [j - i for i, j in batch_bounds(len(x), min(run.cell.batch_size, len(x)))]
+    where = run.steps % len(sizes) if len(set(sizes)) > 1 else 0  # with a short last batch, runs must be in step
+    return (tuple((n, tuple(p.shape), p.requires_grad, group_of.get(id(p))) for n, p in run.suffix.named_parameters()),
+            type(run.step.opt).__name__, len(x), min(run.cell.batch_size, len(x)), where, tuple(x.shape[1:]),
+            str(x.dtype), str(x.device), run.cell.amp, run.cell.channels_last)
+
+
+def packed(most: int = 16):
+    """An advancer for train.train_together: runs that can share a pack train in packs of at most `most` copies;
+    returns {index: error} of the runs that diverged."""
+    def advance(runs: list, until: int) -> dict[int, Exception]:
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(runs):
+            groups.setdefault(signature(r), []).append(i)
+        failed = {}
+        for members in groups.values():
+            start = 0
+            for size in pack_sizes(len(members), most):
+                chunk = members[start:start + size]
+                start += size
+                cell = runs[chunk[0]].cell
+                pack = Pack([runs[i] for i in chunk], cell.amp, cell.channels_last).advance(until)
+                failed |= {chunk[j]: e for j, e in pack.failed.items()}
+        return failed
+
+    return advance

@@ -152,6 +152,67 @@ class Step:
         return loss.detach()
 
 
+class Prepared:
+    """A cell ready to train: its data on the device, its suffix, and the record fields known before training."""
+
+    def __init__(self, cell: Cell, cache: FeatureCache, use_prefix_cache: bool = True, lr: float | None = None):
+        self.cell, self.lr, self.t_start = cell, lr, time.perf_counter()
+        self.device = device = resolve_device(cell.device)
+        target = load_target(cell.dataset, cell.shift, cell.severity, cell.image_size, cell.data_options,
+                             cell.target_name)
+        self.target, self.num_classes = target, target.num_classes
+        self.idx = torch.from_numpy(nested_kshot(target.y["train"].numpy(), cell.n_per_class, cell.seed))
+        self.fields = dict(n_train=len(self.idx), n_test=len(target.y["test"]), num_classes=target.num_classes,
+                           target=target.name, device_used=str(device))
+        self.suffix = self.training = None
+        if cell.arm == "pixels":
+            return
+        bb = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)
+        self.plan = recipe(cell.schedule)
+        # Augmentation must pass through the frozen layers, so such cells pay full price (no cache).
+        split = split_for_training(bb, cell.frozen_depth, cell.train_groups,
+                                   allow=use_prefix_cache and not cell.augment)
+        t0 = time.perf_counter()
+        feats, cache_state = prefix_features(cache, cell.model, bb, split.prefix, split.k if split.cacheable else 0,
+                                             target, cell.image_size, device, cell.amp, cell.channels_last)
+        prefix_seconds = time.perf_counter() - t0 if cache_state == "miss" else 0.0
+        self.feats = {s: v.to(device) for s, v in feats.items()}  # resident on the device for the whole cell
+        self.ys = {s: v.to(device) for s, v in target.y.items()}
+        head = probe_head(cell, bb, target, self.ys, self.idx.to(device), device) \
+            if self.plan.get("probe_first") else {}
+        suffix = split.suffix.to(device)
+        self.suffix = suffix.to(memory_format=torch.channels_last) if cell.channels_last else suffix
+        if cell.solver == "lbfgs" and not (split.cacheable and split.k == bb.n_groups):
+            raise ValueError(f"{cell.model} cannot be cut before its head: solve its probe with train.probe: sgd")
+        tuning = tuning_label(cell.frozen_depth, split.trained if cell.train_groups is not None else None,
+                              self.plan.get("arm")) if cell.arm == "transfer" else cell.arm
+        self.fields |= head | dict(
+            tuning=tuning, frozen_groups=split.k, n_groups=bb.n_groups, trained_groups=split.trained,
+            frozen_fraction=round(1 - split.trained_fraction, 6), trained_fraction=round(split.trained_fraction, 6),
+            weights_id=bb.weights_id, trainable_params=sum(p.numel() for p in self.suffix.parameters()
+                                                           if p.requires_grad),
+            weights_digest=bb.weights_digest, prefix_seconds=prefix_seconds,
+            cache=cache_state if split.cacheable else "off")
+        decay = self.plan.get("layer_decay")
+        self.layer_lrs = partial(layer_lrs, split.depth_of, decay=decay) if decay else None
+        if cell.solver != "lbfgs":
+            self.training = Training(cell, self.suffix, self.feats, self.ys, self.idx.to(device), device,
+                                     target.num_classes, lr, self.layer_lrs)
+
+    def measure(self) -> dict:
+        """The measured part of the record: a closed-form fit here, or the training's result (trained before)."""
+        cell = self.cell
+        if cell.arm == "pixels":
+            measured = pixel_baseline(cell.model, self.target, self.idx)
+        elif self.training is None:
+            measured = fit_linear_probe(self.suffix, self.feats, self.ys, self.idx.to(self.device))
+        elif self.training.error:
+            raise self.training.error
+        else:
+            measured = self.training.result()
+        return self.fields | measured | dict(cell_seconds=time.perf_counter() - self.t_start)
+
+
 def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True,
         lr: float | None = None) -> tuple[nn.Module | None, dict]:
     """Train and evaluate one cell: (the trained suffix, the measured part of its record).
@@ -159,45 +220,31 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     use_prefix_cache=False runs the frozen layers on every batch (the naive way; for benchmarks). `lr`: the LR
     another seed's cell chose (lr_from_seed), trained without a race.
     """
-    cache = cache or FeatureCache()
-    device = resolve_device(cell.device)
-    t_start = time.perf_counter()
-    target = load_target(cell.dataset, cell.shift, cell.severity, cell.image_size, cell.data_options, cell.target_name)
-    idx = torch.from_numpy(nested_kshot(target.y["train"].numpy(), cell.n_per_class, cell.seed))
-    common = dict(n_train=len(idx), n_test=len(target.y["test"]), num_classes=target.num_classes, target=target.name,
-                  device_used=str(device))
-    if cell.arm == "pixels":
-        return None, common | pixel_baseline(cell.model, target, idx) | dict(cell_seconds=time.perf_counter() - t_start)
-    bb = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)
-    plan = recipe(cell.schedule)
-    # Augmentation must pass through the frozen layers, so such cells pay full price (no cache).
-    split = split_for_training(bb, cell.frozen_depth, cell.train_groups, allow=use_prefix_cache and not cell.augment)
-    k, suffix = split.k, split.suffix
-    t0 = time.perf_counter()
-    feats, cache_state = prefix_features(cache, cell.model, bb, split.prefix, k if split.cacheable else 0, target,
-                                         cell.image_size, device, cell.amp, cell.channels_last)
-    prefix_seconds = time.perf_counter() - t0 if cache_state == "miss" else 0.0
-    feats = {s: v.to(device) for s, v in feats.items()}  # resident on the device for the whole cell
-    ys = {s: v.to(device) for s, v in target.y.items()}
-    head = probe_head(cell, bb, target, ys, idx.to(device), device) if plan.get("probe_first") else {}
-    suffix = suffix.to(device)
-    if cell.channels_last:
-        suffix = suffix.to(memory_format=torch.channels_last)
-    if cell.solver == "lbfgs":
-        if not (split.cacheable and k == bb.n_groups):
-            raise ValueError(f"{cell.model} cannot be cut before its head: solve its probe with train.probe: sgd")
-        measured = fit_linear_probe(suffix, feats, ys, idx.to(device))
-    else:
-        lrs = partial(layer_lrs, split.depth_of, decay=plan["layer_decay"]) if plan.get("layer_decay") else None
-        measured = train_loop(cell, suffix, feats, ys, idx.to(device), device, target.num_classes, lr, lrs)
-    tuning = tuning_label(cell.frozen_depth, split.trained if cell.train_groups is not None else None,
-                          plan.get("arm")) if cell.arm == "transfer" else cell.arm
-    return suffix, common | head | measured | dict(
-        tuning=tuning, frozen_groups=k, n_groups=bb.n_groups, trained_groups=split.trained,
-        frozen_fraction=round(1 - split.trained_fraction, 6), trained_fraction=round(split.trained_fraction, 6),
-        weights_id=bb.weights_id, trainable_params=sum(p.numel() for p in suffix.parameters() if p.requires_grad),
-        weights_digest=bb.weights_digest, prefix_seconds=prefix_seconds, cell_seconds=time.perf_counter() - t_start,
-        cache=cache_state if split.cacheable else "off")
+    prepared = Prepared(cell, cache or FeatureCache(), use_prefix_cache, lr)
+    if prepared.training:
+        train_together([prepared.training])
+    return prepared.suffix, prepared.measure()
+
+
+def fit_together(cells: list[tuple[Cell, float | None]], cache: FeatureCache, advance) -> list[tuple[dict, Exception]]:
+    """Train several cells at once, their runs moved forward together by `advance` (packed on a GPU): per cell,
+    (the measured part of its record, or None) and the error that failed it (or None)."""
+    prepared, out = [], []
+    for cell, lr in cells:
+        try:
+            prepared.append(Prepared(cell, cache, lr=lr))
+        except Exception as e:  # noqa: BLE001 - one cell's failure is its record, not the pack's
+            prepared.append(e)
+    train_together([p.training for p in prepared if isinstance(p, Prepared) and p.training], advance)
+    for p in prepared:
+        if isinstance(p, Exception):
+            out.append((None, p))
+            continue
+        try:
+            out.append((p.measure(), None))
+        except Exception as e:  # noqa: BLE001
+            out.append((None, e))
+    return out
 
 
 def probe_head(cell: Cell, bb, target, ys: dict, idx: torch.Tensor, device) -> dict:
@@ -236,6 +283,7 @@ class Run:
         self.batches = self._batches()
         self.steps, self.seen, self.since_best = 0, 0, 0
         self.best, self.best_state, self.curves, self.train_losses = None, None, [], []
+        self._losses, self._seen_in_epoch = [], 0  # the epoch so far
 
     @property
     def stopped(self) -> bool:
@@ -256,18 +304,32 @@ class Run:
                 yield epoch, xb, y[perm[i:j]], k == len(bounds) - 1
 
     def advance(self, until: int) -> Run:
-        losses, seen_in_epoch = [], 0
+        """Train alone to step `until` (or the budget, or an early stop)."""
         self.suffix.train()
-        while self.steps < min(until, self.total) and not self.stopped:
-            epoch, xb, yb, last = next(self.batches)
-            losses.append(self.step(xb, yb) * len(yb))
-            self.steps, self.seen, seen_in_epoch = self.steps + 1, self.seen + len(yb), seen_in_epoch + len(yb)
-            if self.steps in self.evals:
-                self._validate(epoch)
-            if last or self.stopped or self.steps >= until:  # one sync per epoch (or pause), not per step
-                self._record_loss(epoch, torch.stack(losses).sum().item() / seen_in_epoch)
-                losses, seen_in_epoch = [], 0
+        while self.active(until):
+            epoch, xb, yb, last = self.next_batch()
+            self.after_step(self.step(xb, yb), len(yb), epoch, last, until)
         return self
+
+    def active(self, until: int) -> bool:
+        return self.steps < min(until, self.total) and not self.stopped
+
+    def next_batch(self) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
+        """(epoch, x, y, last batch of its epoch) in this run's own data order."""
+        return next(self.batches)
+
+    def after_step(self, loss: torch.Tensor, n: int, epoch: int, last: bool, until: int, sync=None) -> None:
+        """The bookkeeping of one optimizer step taken on n examples with this loss (by Run.step, or by a pack that
+        calls `sync` to write this run's weights into its module before a validation)."""
+        self._losses.append(loss * n)
+        self.steps, self.seen, self._seen_in_epoch = self.steps + 1, self.seen + n, self._seen_in_epoch + n
+        if self.steps in self.evals:
+            if sync:
+                sync()
+            self._validate(epoch)
+        if last or self.stopped or self.steps >= until:  # one sync per epoch (or pause), not per step
+            self._record_loss(epoch, torch.stack(self._losses).sum().item() / self._seen_in_epoch)
+            self._losses, self._seen_in_epoch = [], 0
 
     def _record_loss(self, epoch: int, train_loss: float) -> None:
         if not math.isfinite(train_loss) or train_loss > 100 * max(1.0, math.log(self.num_classes)):
@@ -297,54 +359,95 @@ class Run:
         return evaluate(self.suffix, x, y, self.device, self.cell.amp, self.cell.channels_last)
 
 
+def alone(runs: list[Run], until: int) -> dict[int, Exception]:
+    """Advance each run by itself (its own optimizer step); returns {index: error} of the runs that diverged."""
+    failed = {}
+    for i, r in enumerate(runs):
+        try:
+            r.advance(until)
+        except Diverged as e:
+            failed[i] = e
+    return failed
+
+
+class Training:
+    """One cell's SGD training: a run per LR candidate, raced by successive halving when there are several (each
+    trains from the same initial weights on the same batches for the first fifth of the budget; the best on
+    validation goes on to the whole budget: Hyperband-style, about 1.4x one run instead of 3x). An advancer moves
+    runs forward (`alone`, or packed with other cells' runs on a GPU); the arithmetic of a run is the same."""
+
+    def __init__(self, cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.Tensor, device,
+                 num_classes: int, lr: float | None = None, layer_lrs=None):
+        self.cell, self.suffix = cell, suffix
+        data = dict(x_train=feats["train"][idx], y_train=ys["train"][idx], val=feats["val"], y_val=ys["val"],
+                    test=feats["test"], y_test=ys["test"])
+        self.total, evals = budget(cell, len(batch_bounds(len(idx), min(cell.batch_size, len(idx)))))
+        self.candidates = [lr] if lr else cell.lrs or [cell.lr]
+        self.first = max(1, self.total // 5) if len(self.candidates) > 1 else None
+        self.runs = [Run(cell, copy.deepcopy(suffix) if self.first else suffix, c, data, device, num_classes,
+                         self.total, evals | ({self.first} if self.first else set()), layer_lrs)
+                     for c in self.candidates]
+        self.winner, self.rung, self.error, self.t0 = None if self.first else self.runs[0], {}, None, None
+
+    def settle_race(self, failed: dict[int, Exception]) -> None:
+        """After the rung: the best candidate on validation goes on; a diverged candidate loses."""
+        self.rung = {r.lr: None if i in failed else r.best[0] for i, r in enumerate(self.runs)}
+        alive = [r for i, r in enumerate(self.runs) if i not in failed]
+        if not alive:
+            self.error = Diverged(f"every LR candidate {self.candidates} diverged in the first {self.first} steps; "
+                                  "lower train.lrs")
+        else:
+            self.winner = max(alive, key=lambda r: r.best[:2])
+
+    def result(self) -> dict:
+        """The measured part of the record, from the winner's best validation weights."""
+        run = self.winner
+        train_seconds = time.perf_counter() - self.t0
+        if run.best_state is not None:
+            run.suffix.load_state_dict(run.best_state)  # the best validation weights, with their BN statistics
+        if run.suffix is not self.suffix:
+            self.suffix.load_state_dict(run.suffix.state_dict())  # the caller's module holds the winner
+        val_acc, val_loss, _ = run.evaluate("val")
+        test_acc, test_loss, pred = run.evaluate("test")
+        seen = sum(r.seen for r in self.runs)  # the losers' compute counts too
+        return convergence(steps_taken=run.steps, budget_steps=self.total,
+                           best_step=run.best[2] if run.best else run.steps,
+                           early_stopped=run.stopped and run.steps < self.total,
+                           train_loss_first=run.train_losses[0], train_loss_last=run.train_losses[-1],
+                           train_acc=run.evaluate("train")[0], collapsed=collapsed(pred.numpy())) | dict(
+            lr_chosen=run.lr, lr_rung=self.rung or None, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
+            test_loss=test_loss, train_seconds=train_seconds, images_per_second=seen / max(train_seconds, 1e-9),
+            images_seen=seen, curves=run.curves)
+
+
+def train_together(trainings: list[Training], advance=alone) -> None:
+    """Race every training's candidates, then train each winner to its budget: each phase over all trainings at
+    once, so an advancer can step the runs of many cells together. A training that fails keeps its `error`."""
+    for t in trainings:
+        t.t0 = time.perf_counter()
+    racing = [t for t in trainings if t.first]
+    for first in sorted({t.first for t in racing}):
+        group = [t for t in racing if t.first == first]
+        runs = [(t, i, r) for t in group for i, r in enumerate(t.runs)]
+        failed = advance([r for _, _, r in runs], first)
+        for t in group:
+            t.settle_race({i for j, (owner, i, _) in enumerate(runs) if owner is t and j in failed})
+    going = [t for t in trainings if t.error is None]
+    failed = advance([t.winner for t in going], max((t.total for t in going), default=0))
+    for j, t in enumerate(going):
+        if j in failed:
+            t.error = failed[j]
+
+
 def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.Tensor, device,
                num_classes: int, lr: float | None = None, layer_lrs=None) -> dict:
-    """The one SGD loop for every arm. With several LR candidates (`cell.lrs`), successive halving: each trains from
-    the same initial weights on the same batches for the first rung of the budget, the best on validation goes on
-    to the whole budget (Hyperband-style: about 1.4x one run instead of 3x). `layer_lrs(lr)`: each parameter's LR
-    for a base LR (layer-wise decay). Records what a convergence check needs."""
-    data = dict(x_train=feats["train"][idx], y_train=ys["train"][idx], val=feats["val"], y_val=ys["val"],
-                test=feats["test"], y_test=ys["test"])
-    total, evals = budget(cell, len(batch_bounds(len(idx), min(cell.batch_size, len(idx)))))
-    t0 = time.perf_counter()
-    candidates = [lr] if lr else cell.lrs or [cell.lr]
-    if len(candidates) == 1:
-        run, rung, extra_seen = Run(cell, suffix, candidates[0], data, device, num_classes, total, evals,
-                                    layer_lrs), {}, 0
-    else:
-        first = max(1, total // 5)
-        runs = [Run(cell, copy.deepcopy(suffix), lr, data, device, num_classes, total, evals | {first}, layer_lrs)
-                for lr in candidates]
-        rung = {r.lr: race(r, first) for r in runs}
-        alive = [r for r in runs if rung[r.lr] is not None]
-        if not alive:
-            raise Diverged(f"every LR candidate {candidates} diverged in the first {first} steps; lower train.lrs")
-        run = max(alive, key=lambda r: r.best[:2])
-        extra_seen = sum(r.seen for r in runs if r is not run)  # the losers' compute counts too
-    run.advance(total)
-    train_seconds = time.perf_counter() - t0
-    if run.best_state is not None:
-        run.suffix.load_state_dict(run.best_state)  # the best validation weights, with their BN statistics
-    if run.suffix is not suffix:
-        suffix.load_state_dict(run.suffix.state_dict())  # the caller's module holds the winner
-    val_acc, val_loss, _ = run.evaluate("val")
-    test_acc, test_loss, pred = run.evaluate("test")
-    seen = run.seen + extra_seen
-    return convergence(steps_taken=run.steps, budget_steps=total, best_step=run.best[2] if run.best else run.steps,
-                       early_stopped=run.stopped and run.steps < total, train_loss_first=run.train_losses[0],
-                       train_loss_last=run.train_losses[-1], train_acc=run.evaluate("train")[0],
-                       collapsed=collapsed(pred.numpy())) | dict(
-        lr_chosen=run.lr, lr_rung=rung or None, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
-        test_loss=test_loss, train_seconds=train_seconds, images_per_second=seen / max(train_seconds, 1e-9),
-        images_seen=seen, curves=run.curves)
-
-
-def race(run: Run, steps: int) -> float | None:
-    """A candidate's best validation accuracy after its rung; None when it diverged (it loses, the cell goes on)."""
-    try:
-        return run.advance(steps).best[0]
-    except Diverged:
-        return None
+    """The one SGD loop for every arm, for one cell alone. `layer_lrs(lr)`: each parameter's LR for a base LR
+    (layer-wise decay). Records what a convergence check needs."""
+    training = Training(cell, suffix, feats, ys, idx, device, num_classes, lr, layer_lrs)
+    train_together([training])
+    if training.error:
+        raise training.error
+    return training.result()
 
 
 def convergence(**facts) -> dict:

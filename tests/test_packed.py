@@ -1,0 +1,113 @@
+"""Packed training (packed.py) equals separate training, in float64 on the CPU: per-copy outputs and gradients,
+optimizer steps (AdamW and Nesterov SGD, layer-wise LRs included), and whole cells (LR race, early stopping,
+precise BN, best weights, curves) trained in one pack against each trained alone."""
+
+import copy
+
+import pytest
+import torch
+
+from transferbench import train
+from transferbench.features import FeatureCache
+from transferbench.packed import Pack, pack_sizes, packed
+from transferbench.study import Cell
+
+BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
+            severity=0, frozen_depth=6, n_per_class=2, schedule="cosine", lr=3e-3, seed=0, epochs=1, steps=9,
+            eval_every=3, patience=2, min_steps=3, batch_size=8, image_size=32, optimizer="adamw",
+            weight_decay=0.01, augment=False, device="cpu", amp=False, channels_last=False, precise_bn=True,
+            keep_best=True)
+
+
+def float64(prepared: train.Prepared) -> train.Training:
+    """The prepared cell's training rebuilt in float64 (both sides of a comparison start from the same copy)."""
+    suffix = copy.deepcopy(prepared.suffix).double()
+    feats = {s: v.double() for s, v in prepared.feats.items()}
+    return train.Training(prepared.cell, suffix, feats, prepared.ys, prepared.idx, torch.device("cpu"),
+                          prepared.num_classes, prepared.lr, prepared.layer_lrs)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    """Equal up to rtol of the tensor's largest magnitude (an elementwise tolerance fails on weights near 0)."""
+    a, b = a.double(), b.double()
+    return bool((a - b).abs().max() <= rtol * a.abs().max() + 1e-15)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return FeatureCache()
+
+
+def prepare(cache, **kw) -> train.Prepared:
+    return train.Prepared(Cell(**(BASE | kw)), cache)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_pack_trains_each_cell_as_it_trains_alone(optimizer, cache, torch_single_thread):
+    """Four cells with their own seeds (data order), LRs (one races two), schedules (one with layer-wise decay)
+    and stopping, trained in one pack: the same curves, choices and weights as each trained alone."""
+    cells = [dict(seed=0, lr=0.0, lrs=[1e-3, 3e-3]), dict(seed=1, lr=3e-3), dict(seed=2, lr=1e-3,
+                                                                                  schedule="cosine_llrd"),
+             dict(seed=3, lr=1e-2, schedule="constant", patience=1)]
+    prepared = [prepare(cache, optimizer=optimizer, **c) for c in cells]
+    alone = [float64(p) for p in prepared]
+    together = [float64(p) for p in prepared]
+    train.train_together(alone)
+    train.train_together(together, packed(most=8))
+    for a, b in zip(alone, together):
+        ra, rb = a.result(), b.result()
+        assert ra["lr_chosen"] == rb["lr_chosen"] and ra["steps_taken"] == rb["steps_taken"]
+        assert ra["best_step"] == rb["best_step"] and ra["early_stopped"] == rb["early_stopped"]
+        assert ra["test_acc"] == rb["test_acc"] and ra["test_loss"] == pytest.approx(rb["test_loss"], rel=1e-9)
+        for pa, pb in zip(ra["curves"], rb["curves"]):
+            assert (pa["step"], pa["split"], pa["metric"]) == (pb["step"], pb["split"], pb["metric"])
+            assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
+        sa, sb = a.suffix.state_dict(), b.suffix.state_dict()
+        # Rounding differs (vmap sums in another order), and training grows it: AdamW's first step moves a weight by
+        # about lr * g / (|g| + eps), so a gradient that is rounding noise (|g| ~ 1e-17) already differs by 1e-9
+        # relative after one step; after nine, AdamW's weights agree to ~1e-7 and SGD's to ~3e-9 of each tensor's
+        # scale (measured), while every curve, LR choice, stopping step and test accuracy is the same.
+        for name in sa:
+            assert close(sa[name], sb[name], 1e-6), name
+
+
+def test_packed_outputs_and_gradients_equal_each_copy_alone(cache, torch_single_thread):
+    p = prepare(cache)
+    runs = []
+    for seed in range(3):
+        t = float64(prepare(cache, seed=seed))
+        runs.append(t.runs[0])
+    pack = Pack(runs)
+    x = torch.stack([r.data["x_train"][:6] for r in runs])
+    y = torch.stack([r.data["y_train"][:6] for r in runs])
+    for r in runs:
+        r.suffix.train()
+    pack.template.train()
+    logits = pack.forward(x)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 6).mean(1)
+    loss.sum().backward()
+    views = {n: g for n, g in zip(pack.names, pack.flat.grad.split(pack.sizes, 1))}
+    for i, r in enumerate(runs):
+        out = r.suffix(x[i])
+        assert torch.allclose(logits[i], out, rtol=1e-10, atol=1e-12)
+        torch.nn.functional.cross_entropy(out, y[i]).backward()
+        for n, param in r.suffix.named_parameters():
+            if param.requires_grad:
+                assert torch.allclose(views[n][i].view(param.shape), param.grad, rtol=1e-9, atol=1e-12), n
+    assert p.suffix is not None
+
+
+def test_a_run_moves_between_packs_and_alone_without_losing_its_optimizer_state(cache, torch_single_thread):
+    """Race in a pack, go on alone (and the other way): the same as one run throughout."""
+    prepared = prepare(cache, seed=4, lr=3e-3)
+    straight, moved = float64(prepared).runs[0], float64(prepared).runs[0]
+    straight.advance(9)
+    Pack([moved]).advance(4)
+    moved.advance(9)
+    for (n, a), b in zip(straight.suffix.state_dict().items(), moved.suffix.state_dict().values()):
+        assert close(a, b, 1e-6), n  # AdamW: see above
+
+
+def test_pack_sizes_are_even_and_bounded():
+    assert pack_sizes(10, 4) == [4, 3, 3] and pack_sizes(3, 8) == [3] and pack_sizes(0, 8) == []
+    assert all(sum(pack_sizes(n, m)) == n and max(pack_sizes(n, m)) <= m for n in range(1, 40) for m in (1, 5, 16))
