@@ -116,7 +116,7 @@ class Pack:
         with torch.no_grad():
             self.optimizer.step(mask)
         with warnings.catch_warnings():  # the run's own optimizer never steps: the pack steps for it
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\(\)` before")
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
             for i in active:
                 self.runs[i].step.sched.step()  # the run's own schedule sets its next LR
         return losses.detach()
