@@ -86,7 +86,7 @@ def test_packed_outputs_and_gradients_equal_each_copy_alone(cache, torch_single_
     logits = pack.forward(x)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 6).mean(1)
     loss.sum().backward()
-    views = {n: g for n, g in zip(pack.names, pack.flat.grad.split(pack.sizes, 1))}
+    views = {n: g for n, g in zip(pack.names, pack.grad().split(pack.sizes, 1))}
     for i, r in enumerate(runs):
         out = r.suffix(x[i])
         assert torch.allclose(logits[i], out, rtol=1e-10, atol=1e-12)
@@ -111,3 +111,30 @@ def test_a_run_moves_between_packs_and_alone_without_losing_its_optimizer_state(
 def test_pack_sizes_are_even_and_bounded():
     assert pack_sizes(10, 4) == [4, 3, 3] and pack_sizes(3, 8) == [3] and pack_sizes(0, 8) == []
     assert all(sum(pack_sizes(n, m)) == n and max(pack_sizes(n, m)) <= m for n in range(1, 40) for m in (1, 5, 16))
+
+
+def test_the_runner_writes_the_same_records_packed_or_not(tmp_path, torch_single_thread):
+    """A small study run cell by cell and packed (run.pack: always, to exercise on CPU what CUDA does by default):
+    the same cells, columns and statuses; the numbers agree up to float32 rounding grown by training."""
+    import pandas as pd
+
+    from transferbench.runner import run_cells
+    from transferbench.store import read_records, runs_table
+    from transferbench.study import expand, load_study, study_path
+
+    tables = {}
+    for mode in ("never", "always"):
+        study = load_study(study_path("smoke"), [
+            "backbones=[{model: tf_efficientnet_lite0}]", "targets=[{dataset: textures}, {dataset: digits}]", "scratch.enabled=false",
+            "grid.frozen_depth=[6, all]", "grid.n_per_class=[2]", "grid.schedule=[cosine, constant]",
+            "grid.seed=[0,1]", "train.steps=6", "train.eval_every=3", "train.min_steps=3",
+            "train.lrs=[0.001,0.003]", "train.lr_search=first_seed", "scratch.lr=0.01", f"run.pack={mode}"], None)
+        out = tmp_path / mode
+        run_cells(study, expand(study), out, jobs=1, backend="sequential", progress=False)
+        tables[mode] = runs_table(list(read_records(out).values())).set_index("cell_id").sort_index()
+    alone, together = tables["never"], tables["always"]
+    assert list(alone.index) == list(together.index) and list(alone.columns) == list(together.columns)
+    assert (alone["status"] == "ok").all() and (together["status"] == "ok").all()
+    nets = alone["arm"] != "pixels"
+    assert pd.Series(alone.loc[nets, "lr_source"].fillna("") == together.loc[nets, "lr_source"].fillna("")).all()
+    assert (alone.loc[nets, "test_acc"] - together.loc[nets, "test_acc"]).abs().max() <= 0.1

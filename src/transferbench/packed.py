@@ -26,10 +26,6 @@ from torch.func import functional_call, stack_module_state, vmap
 from .train import Diverged, batch_bounds
 
 
-def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
 class Pack:
     """Runs (train.Run) of one network shape, stepped together. `advance(until)` trains each run to step `until` or
     its early stop with Run's own bookkeeping (Run.after_step); a run whose loss diverges leaves the pack with the
@@ -45,7 +41,13 @@ class Pack:
         self.names, self.shapes = [n for n, _ in trainable], [p.shape for _, p in trainable]
         self.sizes = [p.numel() for _, p in trainable]
         params, buffers = stack_module_state(modules)  # copies along dim 0, detached
-        self.flat = torch.cat([params[n].detach().reshape(len(runs), -1) for n in self.names], 1).requires_grad_()
+        # One flat [copies, parameters] tensor holds every trainable weight; each parameter is a leaf view into it
+        # (its gradient its own tensor: gradients of slices of one leaf would each allocate the whole flat size).
+        self.flat = torch.cat([params[n].detach().reshape(len(runs), -1) for n in self.names], 1)
+        self.params, start = {}, 0
+        for n, shape, size in zip(self.names, self.shapes, self.sizes):
+            self.params[n] = self.flat[:, start:start + size].view(len(runs), *shape).requires_grad_()
+            start += size
         self.fixed = {n: v for n, v in params.items() if n not in self.names} | buffers  # frozen weights, BN stats
         self.template = copy.deepcopy(modules[0]).to("meta")
         self.optimizer = PackedOptimizer(self, [r.step.opt for r in runs], [dict(m.named_parameters())
@@ -54,20 +56,17 @@ class Pack:
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device.type == "cuda" \
             else None
 
-    def views(self) -> dict[str, torch.Tensor]:
-        """Each trainable parameter as a [copies, ...] view of the flat tensor (gradients land in flat.grad)."""
-        out, start = {}, 0
-        for n, shape, size in zip(self.names, self.shapes, self.sizes):
-            out[n] = self.flat[:, start:start + size].view(len(self.runs), *shape)
-            start += size
-        return out
+    def grad(self) -> torch.Tensor:
+        """Every copy's gradient as one flat [copies, parameters] tensor."""
+        return torch.cat([self.params[n].grad.reshape(len(self.runs), -1) for n in self.names], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [copies, batch, classes] of x [copies, batch, ...], each copy on its own batch."""
+        """Logits [copies, batch, classes] of x [copies, batch, ...], each copy on its own batch. (No channels_last
+        inside vmap: torch cannot query that layout of a batched tensor.)"""
         def one(params, fixed, xb):
-            return functional_call(self.template, (params, fixed), (_layout(xb, self.channels_last),))
+            return functional_call(self.template, (params, fixed), (xb,))
 
-        return vmap(one)(self.views(), self.fixed, x)
+        return vmap(one)(self.params, self.fixed, x)
 
     def advance(self, until: int) -> Pack:
         self.template.train()
@@ -102,7 +101,8 @@ class Pack:
     def step(self, x: torch.Tensor, y: torch.Tensor, active: list[int]) -> torch.Tensor:
         """One optimizer step of the active copies: each copy's loss is the mean over its own batch; the copies
         share no parameter, so the gradient of the summed loss is each copy's own gradient."""
-        self.flat.grad = None
+        for p in self.params.values():
+            p.grad = None
         if self.autocast:
             with self.autocast():
                 logits = self.forward(x)
@@ -134,7 +134,7 @@ class Pack:
         """Copy i's weights and buffers into its run's own module (before it validates, and at the end)."""
         module = self.runs[i].suffix
         own = dict(module.named_parameters()) | dict(module.named_buffers())
-        for n, v in (self.views() | self.fixed).items():
+        for n, v in (self.params | self.fixed).items():
             own[n].copy_(v[i])
 
 
@@ -162,20 +162,24 @@ class PackedOptimizer:
         self._take_state()
 
     def _per_element(self, key: str) -> torch.Tensor:
-        """[copies, parameters]: each copy's param-group value of `key` (lr, weight_decay) at each element."""
+        """Each copy's param-group value of `key` (lr, weight_decay): [copies, 1] where every group has the same
+        value (broadcast), else [copies, parameters]."""
         values = torch.tensor([[g[key] for g in o.param_groups] for o in self.opts], dtype=self.m.dtype)
-        return values.to(self.m.device)[:, self.group_index]
+        values = values.to(self.m.device)
+        return values[:, :1] if (values == values[:, :1]).all() else values[:, self.group_index]
 
     def step(self, mask: torch.Tensor) -> None:
-        p, g = self.pack.flat.data, self.pack.flat.grad
+        p, g = self.pack.flat, self.pack.grad()
+        every = bool(mask.all())  # the usual case: no copy is held still, no masking needed
+        keep = (lambda new, old: new) if every else (lambda new, old: torch.where(mask, new, old))  # noqa: E731
         lr = self._per_element("lr") * mask
         wd = self._per_element("weight_decay")
         self.t += mask
         if self.kind == "AdamW":
             b1, b2 = self.hyper["betas"]
             p.mul_(1 - lr * wd)
-            self.m.copy_(torch.where(mask, self.m.lerp(g, 1 - b1), self.m))
-            self.v.copy_(torch.where(mask, self.v * b2 + (1 - b2) * g * g, self.v))
+            self.m.copy_(keep(self.m.lerp(g, 1 - b1), self.m))
+            self.v.copy_(keep(self.v * b2 + (1 - b2) * g * g, self.v))
             t = self.t.clamp_min(1)
             denom = (self.v.sqrt() / (1 - b2 ** t).sqrt()).add_(self.hyper["eps"])
             p.sub_(lr / (1 - b1 ** t) * self.m / denom)
@@ -183,7 +187,7 @@ class PackedOptimizer:
             d = g + wd * p
             mom = self.hyper["momentum"]
             if mom:
-                self.m.copy_(torch.where(mask, self.m * mom + d, self.m))
+                self.m.copy_(keep(self.m * mom + d, self.m))
                 d = d + mom * self.m if self.hyper["nesterov"] else self.m
             p.sub_(lr * d)
 

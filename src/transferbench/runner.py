@@ -139,25 +139,43 @@ _WORKER_CACHE = None
 def run_one(cell: Cell, lr: float | None, study_name: str, records_dir: str, threads: int, context: dict) -> dict:
     """Train one cell (at `lr`, another seed's choice, where given) and write its record; a failure becomes a record
     too (status 'failed')."""
+    from .train import train_cell
+
+    record = start_record(cell, lr, study_name, threads, context)
+    try:
+        measured, error = train_cell(cell, worker_cache(threads), lr=lr), None
+    except Exception as e:  # kept, not raised: the study goes on and reports it
+        measured, error = None, e
+    return finish_record(record, measured, error, records_dir)
+
+
+def worker_cache(threads: int):
+    """This worker's feature cache (one per process), with its thread count set."""
     global _WORKER_CACHE
     import torch
 
     from .features import FeatureCache
-    from .train import train_cell
 
     torch.set_num_threads(threads)
     if _WORKER_CACHE is None:
         _WORKER_CACHE = FeatureCache.default()
-    record = dict(study=study_name, cell_id=cell.cell_id, **cell.model_dump(), **context,
-                  threads=threads, worker_pid=os.getpid(), started=_now(),
-                  lr_source=cell.lr_source_id if lr else None)  # None: the cell chose its own LR
-    try:
-        measured = train_cell(cell, _WORKER_CACHE, lr=lr)
+    return _WORKER_CACHE
+
+
+def start_record(cell: Cell, lr: float | None, study_name: str, threads: int, context: dict) -> dict:
+    return dict(study=study_name, cell_id=cell.cell_id, **cell.model_dump(), **context, threads=threads,
+                worker_pid=os.getpid(), started=_now(),
+                lr_source=cell.lr_source_id if lr else None)  # None: the cell chose its own LR
+
+
+def finish_record(record: dict, measured: dict | None, error: Exception | None, records_dir: str) -> dict:
+    """Write the record (a failure is a record too: status 'failed'); the summary line the runner keeps."""
+    if error is None:
         assert not set(measured) & set(Cell.model_fields), "a measurement must not overwrite the cell's config"
         record |= measured | dict(status="ok", error=None)
-    except Exception as e:  # kept, not raised: the study goes on and reports it
-        record |= dict(status="failed", error=f"{type(e).__name__}: {e}",
-                       traceback=traceback.format_exc(limit=5))
+    else:
+        trace = "".join(traceback.format_exception(error, limit=5))
+        record |= dict(status="failed", error=f"{type(error).__name__}: {error}", traceback=trace)
     record["ended"] = _now()
     write_record(Path(records_dir), record)
     return {k: record.get(k) for k in ("cell_id", "arm", "status", "error", "cell_seconds", "train_seconds",
@@ -168,6 +186,38 @@ def run_group(cells: list[tuple[Cell, float | None]], *args) -> list[dict]:
     """Cells (each with its given LR or None) that share frozen-prefix features, run in one worker: the features are
     computed once."""
     return [run_one(c, lr, *args) for c, lr in cells]
+
+
+def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_dir: str, threads: int, context: dict,
+             pack_size: int) -> list[dict]:
+    """Cells trained together in one worker, the runs of those of one network shape packed (packed.py); each still
+    gets its own record, written when the group ends."""
+    from .packed import packed
+    from .train import fit_together
+
+    starts = [start_record(c, lr, study_name, threads, context) for c, lr in cells]
+    results = fit_together(cells, worker_cache(threads), packed(pack_size))
+    return [finish_record(r, measured, error, records_dir) for r, (measured, error) in zip(starts, results)]
+
+
+def pack_groups(cells: list[Cell]) -> list[list[Cell]]:
+    """Cells that can share packs: one model and weights, the same trainable layers, arm, size and protocol; they
+    differ in target condition, schedule, LR and seed (packed.signature decides the exact packs)."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        key = (c.arm, c.model, c.weights, str(c.frozen_depth), str(c.train_groups), c.n_per_class, c.solver)
+        groups.setdefault(key, []).append(c)
+    return [sorted(g, key=lambda c: (c.dataset, str(c.shift), c.severity, c.schedule, c.seed))
+            for _, g in sorted(groups.items())]
+
+
+def packs(study: Study) -> bool:
+    """Whether this run packs cells: run.pack, where auto means on CUDA only."""
+    if study.run.pack != "auto":
+        return study.run.pack == "always"
+    from .train import resolve_device
+
+    return resolve_device(study.train.device).type == "cuda"
 
 
 def chosen_lr(cell: Cell, records: dict[str, dict]) -> float | None:
@@ -265,8 +315,13 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
         for i, phase in enumerate(p for p in phases if p):
             records = read_records(records_dir) if i else records
-            tasks = (delayed(run_group)([(c, chosen_lr(c, records)) for c in g], study.name, str(records_dir), threads,
-                                        context) for g in feature_groups(phase))
+            args = (study.name, str(records_dir), threads, context)
+            if packs(study):
+                tasks = (delayed(run_pack)([(c, chosen_lr(c, records)) for c in g], *args, run.pack_size)
+                         for g in pack_groups(phase))
+            else:
+                tasks = (delayed(run_group)([(c, chosen_lr(c, records)) for c in g], *args)
+                         for g in feature_groups(phase))
             for results in Parallel(n_jobs=1 if backend == "sequential" else jobs,
                                     return_as="generator_unordered")(tasks):
                 summary.ran += results

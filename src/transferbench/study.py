@@ -219,6 +219,10 @@ class Run(Strict):
     jobs: PositiveInt = 2
     threads_per_worker: PositiveInt = 1
     backend: Literal["loky", "dask", "sequential"] = "loky"
+    pack: Literal["auto", "always", "never"] = Field("auto", description="train cells of one network shape together "
+                                                     "as one vmapped model: auto = on CUDA only (on CPU it measured "
+                                                     "no faster), always, never")
+    pack_size: PositiveInt = Field(16, description="most cells' runs in one pack")
     scheduler: str | None = Field(None, description="dask scheduler address (backend: dask)")
 
 
