@@ -111,10 +111,10 @@ class Pack:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast: loss in fp32
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
         losses.sum().backward()
-        mask = torch.zeros(len(self.runs), 1, dtype=torch.bool, device=self.flat.device)
+        mask = torch.zeros(len(self.runs), 1, dtype=torch.bool)
         mask[active] = True
         with torch.no_grad():
-            self.optimizer.step(mask)
+            self.optimizer.step(mask.to(self.flat.device, non_blocking=True), len(active) == len(self.runs))
         with warnings.catch_warnings():  # the run's own optimizer never steps: the pack steps for it
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
             for i in active:
@@ -165,12 +165,13 @@ class PackedOptimizer:
         """Each copy's param-group value of `key` (lr, weight_decay): [copies, 1] where every group has the same
         value (broadcast), else [copies, parameters]."""
         values = torch.tensor([[g[key] for g in o.param_groups] for o in self.opts], dtype=self.m.dtype)
-        values = values.to(self.m.device)
-        return values[:, :1] if (values == values[:, :1]).all() else values[:, self.group_index]
+        same = bool((values == values[:, :1]).all())  # decided on the host: no device sync
+        values = values.to(self.m.device, non_blocking=True)
+        return values[:, :1] if same else values[:, self.group_index]
 
-    def step(self, mask: torch.Tensor) -> None:
+    def step(self, mask: torch.Tensor, every: bool) -> None:
+        """One update of the copies in `mask` ([copies, 1]); `every`: all of them (the usual case: no masking)."""
         p, g = self.pack.flat, self.pack.grad()
-        every = bool(mask.all())  # the usual case: no copy is held still, no masking needed
         keep = (lambda new, old: new) if every else (lambda new, old: torch.where(mask, new, old))  # noqa: E731
         lr = self._per_element("lr") * mask
         wd = self._per_element("weight_decay")
