@@ -52,9 +52,9 @@ class Pack:
         self.template = copy.deepcopy(modules[0]).to("meta")
         self.optimizer = PackedOptimizer(self, [r.step.opt for r in runs], [dict(m.named_parameters())
                                                                             for m in modules])
-        device = self.flat.device
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device.type == "cuda" \
-            else None
+        # No bf16 autocast inside vmap: BatchNorm's backward then fails on float32 running statistics (torch 2.11,
+        # H200); packs run in float32 (TF32 convolutions on the GPU).
+        self.autocast = None
 
     def grad(self) -> torch.Tensor:
         """Every copy's gradient as one flat [copies, parameters] tensor."""

@@ -235,7 +235,12 @@ def fit_together(cells: list[tuple[Cell, float | None]], cache: FeatureCache, ad
             prepared.append(Prepared(cell, cache, lr=lr))
         except Exception as e:  # noqa: BLE001 - one cell's failure is its record, not the pack's
             prepared.append(e)
-    train_together([p.training for p in prepared if isinstance(p, Prepared) and p.training], advance)
+    trainings = [p.training for p in prepared if isinstance(p, Prepared) and p.training]
+    try:
+        train_together(trainings, advance)
+    except Exception as e:  # noqa: BLE001 - a pack that breaks fails its cells, not the study
+        for t in trainings:
+            t.error = t.error or e
     for p in prepared:
         if isinstance(p, Exception):
             out.append((None, p))
