@@ -96,7 +96,8 @@ class Pack:
         is wasted work and its update is masked out)."""
         first = next(iter(batches.values()))
         pick = [batches.get(i, first) for i in range(len(self.runs))]
-        return torch.stack([b[1] for b in pick]), torch.stack([b[2] for b in pick])
+        # contiguous: cuDNN asks a batched tensor's memory format, which vmap cannot answer for channels_last
+        return torch.stack([b[1].contiguous() for b in pick]), torch.stack([b[2] for b in pick])
 
     def step(self, x: torch.Tensor, y: torch.Tensor, active: list[int]) -> torch.Tensor:
         """One optimizer step of the active copies: each copy's loss is the mean over its own batch; the copies
