@@ -63,12 +63,13 @@ def test_a_pack_trains_each_cell_as_it_trains_alone(optimizer, cache, torch_sing
             assert (pa["step"], pa["split"], pa["metric"]) == (pb["step"], pb["split"], pb["metric"])
             assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
         sa, sb = a.suffix.state_dict(), b.suffix.state_dict()
-        # Rounding differs (vmap sums in another order), and training grows it: AdamW's first step moves a weight by
-        # about lr * g / (|g| + eps), so a gradient that is rounding noise (|g| ~ 1e-17) already differs by 1e-9
-        # relative after one step; after nine, AdamW's weights agree to ~1e-7 and SGD's to ~3e-9 of each tensor's
-        # scale (measured), while every curve, LR choice, stopping step and test accuracy is the same.
+        # Rounding differs (vmap sums in another order; the pack's BatchNorm is plain tensor arithmetic), and
+        # training grows it: AdamW's first step moves a weight by about lr * g / (|g| + eps), so a gradient that is
+        # rounding noise (|g| ~ 1e-17) already differs by 1e-9 relative after one step; after nine, AdamW's weights
+        # agree to 4e-6 at LR 1e-2 (1e-7 at 3e-3) and SGD's to 1e-8 of each tensor's scale (measured), while every
+        # curve, LR choice, stopping step and test accuracy is the same.
         for name in sa:
-            assert close(sa[name], sb[name], 1e-6), name
+            assert close(sa[name], sb[name], 1e-5), name
 
 
 def test_packed_outputs_and_gradients_equal_each_copy_alone(cache, torch_single_thread):
@@ -125,7 +126,8 @@ def test_the_runner_writes_the_same_records_packed_or_not(tmp_path, torch_single
     tables = {}
     for mode in ("never", "always"):
         study = load_study(study_path("smoke"), [
-            "backbones=[{model: tf_efficientnet_lite0}]", "targets=[{dataset: textures}, {dataset: digits}]", "scratch.enabled=false",
+            "backbones=[{model: tf_efficientnet_lite0}]", "targets=[{dataset: textures}, {dataset: digits}]",
+            "scratch.enabled=false",
             "grid.frozen_depth=[6, all]", "grid.n_per_class=[2]", "grid.schedule=[cosine, constant]",
             "grid.seed=[0,1]", "train.steps=6", "train.eval_every=3", "train.min_steps=3",
             "train.lrs=[0.001,0.003]", "train.lr_search=first_seed", "scratch.lr=0.01", f"run.pack={mode}"], None)

@@ -21,9 +21,54 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .train import Diverged, batch_bounds
+
+
+def batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in plain tensor operations, as F.batch_norm computes it (biased variance to normalise, unbiased into
+    the running average): F.batch_norm on CUDA asks the input's memory format, which vmap cannot answer."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if bn.training:
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        if bn.track_running_stats:
+            n = x.numel() / x.shape[1]
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+                bn.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    return y * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else y
+
+
+class VmapBatchNorm2d(nn.BatchNorm2d):
+    def forward(self, x):
+        return batch_norm(self, x)
+
+
+class VmapBatchNormAct2d(BatchNormAct2d):
+    def forward(self, x):
+        return self.act(self.drop(batch_norm(self, x)))
+
+
+def vmappable(template: nn.Module) -> nn.Module:
+    """The template with its BatchNorm layers computed in plain tensor operations (same parameters and buffers) and
+    no in-place activations."""
+    for m in template.modules():
+        if getattr(m, "inplace", False):  # an in-place activation under vmap falls back to a slow per-copy loop
+            m.inplace = False
+        if type(m) is BatchNormAct2d:
+            m.__class__ = VmapBatchNormAct2d
+        elif type(m) is nn.BatchNorm2d:
+            m.__class__ = VmapBatchNorm2d
+    return template
 
 
 class Pack:
@@ -49,7 +94,7 @@ class Pack:
             self.params[n] = self.flat[:, start:start + size].view(len(runs), *shape).requires_grad_()
             start += size
         self.fixed = {n: v for n, v in params.items() if n not in self.names} | buffers  # frozen weights, BN stats
-        self.template = copy.deepcopy(modules[0]).to("meta")
+        self.template = vmappable(copy.deepcopy(modules[0]).to("meta"))
         self.optimizer = PackedOptimizer(self, [r.step.opt for r in runs], [dict(m.named_parameters())
                                                                             for m in modules])
         # No bf16 autocast inside vmap: BatchNorm's backward then fails on float32 running statistics (torch 2.11,
