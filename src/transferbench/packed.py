@@ -21,7 +21,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d
+from timm.layers import BatchNormAct2d, SelectAdaptivePool2d
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -58,6 +58,11 @@ class VmapBatchNormAct2d(BatchNormAct2d):
         return self.act(self.drop(batch_norm(self, x)))
 
 
+class VmapAvgPool(SelectAdaptivePool2d):
+    def forward(self, x):  # adaptive_avg_pool2d has no vmap batching rule (a per-copy fallback): a mean has one
+        return self.flatten(x.mean((-2, -1), keepdim=True))
+
+
 def vmappable(template: nn.Module) -> nn.Module:
     """The template with its BatchNorm layers computed in plain tensor operations (same parameters and buffers) and
     no in-place activations."""
@@ -68,6 +73,8 @@ def vmappable(template: nn.Module) -> nn.Module:
             m.__class__ = VmapBatchNormAct2d
         elif type(m) is nn.BatchNorm2d:
             m.__class__ = VmapBatchNorm2d
+        elif type(m) is SelectAdaptivePool2d and m.pool_type == "avg":
+            m.__class__ = VmapAvgPool
     return template
 
 
