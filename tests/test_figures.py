@@ -5,9 +5,11 @@ its guards (measured order, no ranking from too few targets, intervals in every 
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 
 from transferbench import analysis, plots, report, tables
+from transferbench.store import curves_table
 
 BASELINES = Path(__file__).parents[1] / "results" / "baselines"
 STUDIES = ("domain_gap", "smoke", "which_layers")
@@ -103,3 +105,14 @@ def test_study_as_run_names_every_lr_search(search):
     changed = study.model_copy(update={"train": study.train.model_copy(update={"lr_search": search})})
     text = "\n".join(report.study_as_run(changed, t, None, "the study file", ["a"]))
     assert {"halving": "inside each cell", "first_seed": "first seed's cell", "grid": "a full cell"}[search] in text
+
+
+def test_a_report_from_pixel_records_alone_draws_what_it_can(tmp_path):
+    """A run stopped before any network cell finished (as a timed-out GPU run was): the pixel baselines' records
+    alone still give tables, figures and a report, not a crash."""
+    study = report.load_saved_study(BASELINES / "smoke")
+    runs = tables.read_tables(study, BASELINES / "smoke")["runs"]
+    t = tables.derive(study, runs[runs["arm"] == "pixels"], curves_table([]), pd.DataFrame(), None)
+    order, by = analysis.distance_order([c.condition for c in study.targets], t["domains"])
+    drawn = plots.draw_all(t, plots.make_style(t["runs"], order, by), tmp_path)
+    assert t["gains"].empty and all(p.exists() for p in drawn)

@@ -241,7 +241,8 @@ def selected_runs(runs: pd.DataFrame) -> pd.DataFrame:
     sc = choose(runs[runs["arm"] == "scratch"], SCRATCH_POINT)
     px = runs[runs["arm"] == "pixels"]
     px = px.assign(label=arm_labels(px))  # named by method before the backbone column is reused
-    px = pd.concat([px.assign(backbone=b) for b in sorted(set(tr["backbone"]))], ignore_index=True) if len(px) else px
+    px = pd.concat([px.assign(backbone=b) for b in sorted(set(tr["backbone"]))], ignore_index=True) \
+        if len(px) and len(tr) else px
     networks = pd.concat([tr, sc], ignore_index=True)
     return pd.concat([networks.assign(label=arm_labels(networks)), px], ignore_index=True)
 
