@@ -16,7 +16,6 @@ CUDA: on 2 CPU cores vmap over 6 lite0 copies ran at 0.93x the speed of separate
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import torch
@@ -278,8 +277,8 @@ class PackedOptimizer:
 
 
 def pack_sizes(n: int, most: int) -> list[int]:
-    """Split n runs into packs of at most `most`, as even as possible."""
-    k = math.ceil(n / most) if n else 0
+    """Split n into parts of at most `most`, as even as possible."""
+    k = -(-n // most) if n else 0
     return [n // k + (j < n % k) for j in range(k)]
 
 

@@ -200,15 +200,24 @@ def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_di
     return [finish_record(r, measured, error, records_dir) for r, (measured, error) in zip(starts, results)]
 
 
-def pack_groups(cells: list[Cell]) -> list[list[Cell]]:
-    """Cells that can share packs: one model and weights, the same trainable layers, arm, size and protocol; they
-    differ in target condition, schedule, LR and seed (packed.signature decides the exact packs)."""
+def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
+    """Tasks of at most `most` cells that can share packs: one model and weights, the same trainable layers, arm,
+    size and protocol; they differ in target condition, schedule, LR and seed (packed.signature decides the exact
+    packs). A task writes its records when it ends, so tasks stay about one pack large."""
+    from .packed import pack_sizes
+
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         key = (c.arm, c.model, c.weights, str(c.frozen_depth), str(c.train_groups), c.n_per_class, c.solver)
         groups.setdefault(key, []).append(c)
-    return [sorted(g, key=lambda c: (c.dataset, str(c.shift), c.severity, c.schedule, c.seed))
-            for _, g in sorted(groups.items())]
+    tasks = []
+    for _, g in sorted(groups.items()):
+        g = sorted(g, key=lambda c: (c.dataset, str(c.shift), c.severity, c.schedule, c.seed))
+        start = 0
+        for size in pack_sizes(len(g), most):
+            tasks.append(g[start:start + size])
+            start += size
+    return tasks
 
 
 def packs(study: Study) -> bool:
@@ -318,7 +327,7 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
             args = (study.name, str(records_dir), threads, context)
             if packs(study):
                 tasks = (delayed(run_pack)([(c, chosen_lr(c, records)) for c in g], *args, run.pack_size)
-                         for g in pack_groups(phase))
+                         for g in pack_groups(phase, run.pack_size))
             else:
                 tasks = (delayed(run_group)([(c, chosen_lr(c, records)) for c in g], *args)
                          for g in feature_groups(phase))
