@@ -85,9 +85,9 @@ def test_random_weights_instead_of_pretrained_fail(base, tmp_path, monkeypatch):
 
 
 def test_a_frozen_prefix_left_trainable_fails(base, tmp_path, monkeypatch):
-    split = train.split_at_depth
+    split = backbones.split_at_depth
     # The frozen groups are handed to the optimizer with the rest (and the prefix cache is bypassed, as it must be).
-    monkeypatch.setattr(train, "split_at_depth", lambda bb, k, allow=True: (*split(bb, 0, allow)[:2], False))
+    monkeypatch.setattr(backbones, "split_at_depth", lambda bb, k, allow=True: (*split(bb, 0, allow)[:2], False))
     result = gate(base, run(tmp_path, OTHER_SEEDS))
     assert any("trainable_params changed" in p for p in result.problems), result.problems
 
