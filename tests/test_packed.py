@@ -116,7 +116,8 @@ def test_pack_sizes_are_even_and_bounded():
 
 def test_the_runner_writes_the_same_records_packed_or_not(tmp_path, torch_single_thread):
     """A small study run cell by cell and packed (run.pack: always, to exercise on CPU what CUDA does by default):
-    the same cells, columns and statuses; the numbers agree up to float32 rounding grown by training."""
+    the same cells, columns and statuses (and a `packed` flag); the numbers agree up to float32 rounding grown by
+    training."""
     import pandas as pd
 
     from transferbench.runner import run_cells
@@ -137,6 +138,7 @@ def test_the_runner_writes_the_same_records_packed_or_not(tmp_path, torch_single
     alone, together = tables["never"], tables["always"]
     assert list(alone.index) == list(together.index) and list(alone.columns) == list(together.columns)
     assert (alone["status"] == "ok").all() and (together["status"] == "ok").all()
+    assert not alone["packed"].any() and together["packed"].all()  # each record says how it trained
     nets = alone["arm"] != "pixels"
     assert pd.Series(alone.loc[nets, "lr_source"].fillna("") == together.loc[nets, "lr_source"].fillna("")).all()
     assert (alone.loc[nets, "test_acc"] - together.loc[nets, "test_acc"]).abs().max() <= 0.1

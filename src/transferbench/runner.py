@@ -163,8 +163,10 @@ def worker_cache(threads: int):
 
 
 def start_record(cell: Cell, lr: float | None, study_name: str, threads: int, context: dict) -> dict:
+    """The record's fields known before training; `packed` says whether its runs trained in a pack (float32 on the
+    GPU) or alone (bf16 autocast there)."""
     return dict(study=study_name, cell_id=cell.cell_id, **cell.model_dump(), **context, threads=threads,
-                worker_pid=os.getpid(), started=_now(),
+                worker_pid=os.getpid(), started=_now(), packed=False,
                 lr_source=cell.lr_source_id if lr else None)  # None: the cell chose its own LR
 
 
@@ -195,7 +197,7 @@ def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_di
     from .packed import packed
     from .train import fit_together
 
-    starts = [start_record(c, lr, study_name, threads, context) for c, lr in cells]
+    starts = [start_record(c, lr, study_name, threads, context) | dict(packed=True) for c, lr in cells]
     results = fit_together(cells, worker_cache(threads), packed(pack_size))
     return [finish_record(r, measured, error, records_dir) for r, (measured, error) in zip(starts, results)]
 
