@@ -54,7 +54,7 @@ def main(copies=(1, 4, 8, 16, 32)):
             for r in alone:
                 r.advance(WARMUP)
             t_alone = timed(lambda alone=alone: [r.advance(WARMUP + STEPS) for r in alone])
-            pack = Pack(runs(n, depth, cache), amp=True)
+            pack = Pack(runs(n, depth, cache))
             pack.advance(WARMUP)
             t_pack = timed(lambda pack=pack: pack.advance(WARMUP + STEPS))
             images = n * STEPS * batch

@@ -82,12 +82,12 @@ class Pack:
     its early stop with Run's own bookkeeping (Run.after_step); a run whose loss diverges leaves the pack with the
     exception recorded in `failed` (its index), the others go on."""
 
-    def __init__(self, runs: list, amp: bool = False, channels_last: bool = False):
+    def __init__(self, runs: list):
         modules = [r.suffix for r in runs]
         shapes = {tuple((n, tuple(p.shape), p.requires_grad) for n, p in m.named_parameters()) for m in modules}
         if len(shapes) != 1 or len({type(r.step.opt) for r in runs}) != 1:
             raise ValueError("a pack holds runs of one network shape and one optimizer")
-        self.runs, self.channels_last, self.failed = runs, channels_last, {}
+        self.runs, self.failed = runs, {}
         trainable = [(n, p) for n, p in modules[0].named_parameters() if p.requires_grad]
         self.names, self.shapes = [n for n, _ in trainable], [p.shape for _, p in trainable]
         self.sizes = [p.numel() for _, p in trainable]
@@ -103,17 +103,16 @@ class Pack:
         self.template = vmappable(copy.deepcopy(modules[0]).to("meta"))
         self.optimizer = PackedOptimizer(self, [r.step.opt for r in runs], [dict(m.named_parameters())
                                                                             for m in modules])
-        # No bf16 autocast inside vmap: BatchNorm's backward then fails on float32 running statistics (torch 2.11,
-        # H200); packs run in float32 (TF32 convolutions on the GPU).
-        self.autocast = None
 
     def grad(self) -> torch.Tensor:
         """Every copy's gradient as one flat [copies, parameters] tensor."""
         return torch.cat([self.params[n].grad.reshape(len(self.runs), -1) for n in self.names], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [copies, batch, classes] of x [copies, batch, ...], each copy on its own batch. (No channels_last
-        inside vmap: torch cannot query that layout of a batched tensor.)"""
+        """Logits [copies, batch, classes] of x [copies, batch, ...], each copy on its own batch, in the weights'
+        precision: no bf16 autocast inside vmap (BatchNorm's backward then failed on its float32 running statistics,
+        torch 2.11 on an H200; TF32 convolutions on the GPU), no channels_last (vmap cannot answer cuDNN's query of
+        a batched tensor's layout)."""
         def one(params, fixed, xb):
             return functional_call(self.template, (params, fixed), (xb,))
 
@@ -122,8 +121,7 @@ class Pack:
     def advance(self, until: int) -> Pack:
         self.template.train()
         while True:
-            active = [i for i, r in enumerate(self.runs)
-                      if i not in self.failed and r.steps < min(until, r.total) and not r.stopped]
+            active = [i for i, r in enumerate(self.runs) if i not in self.failed and r.active(until)]
             if not active:
                 break
             batches = {i: self.runs[i].next_batch() for i in active}
@@ -155,12 +153,7 @@ class Pack:
         share no parameter, so the gradient of the summed loss is each copy's own gradient."""
         for p in self.params.values():
             p.grad = None
-        if self.autocast:
-            with self.autocast():
-                logits = self.forward(x)
-        else:
-            logits = self.forward(x)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast: loss in fp32
+        logits = self.forward(x)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
         losses.sum().backward()
         mask = torch.zeros(len(self.runs), 1, dtype=torch.bool)
@@ -211,6 +204,7 @@ class PackedOptimizer:
         self.t = torch.zeros(shape[0], 1, dtype=pack.flat.dtype, device=pack.flat.device)
         self.m = torch.zeros(shape, dtype=pack.flat.dtype, device=pack.flat.device)
         self.v = torch.zeros_like(self.m) if self.kind == "AdamW" else None
+        self.weight_decay = self._per_element("weight_decay")  # no schedule touches it
         self._take_state()
 
     def _per_element(self, key: str) -> torch.Tensor:
@@ -225,8 +219,8 @@ class PackedOptimizer:
         """One update of the copies in `mask` ([copies, 1]); `every`: all of them (the usual case: no masking)."""
         p, g = self.pack.flat, self.pack.grad()
         keep = (lambda new, old: new) if every else (lambda new, old: torch.where(mask, new, old))  # noqa: E731
-        lr = self._per_element("lr") * mask
-        wd = self._per_element("weight_decay")
+        lr = self._per_element("lr") * mask  # the schedules move it every step
+        wd = self.weight_decay
         self.t += mask
         if self.kind == "AdamW":
             b1, b2 = self.hyper["betas"]
@@ -307,8 +301,7 @@ def packed(most: int = 16):
             for size in pack_sizes(len(members), most):
                 chunk = members[start:start + size]
                 start += size
-                cell = runs[chunk[0]].cell
-                pack = Pack([runs[i] for i in chunk], cell.amp, cell.channels_last).advance(until)
+                pack = Pack([runs[i] for i in chunk]).advance(until)
                 failed |= {chunk[j]: e for j, e in pack.failed.items()}
         return failed
 
