@@ -142,3 +142,68 @@ def test_the_runner_writes_the_same_records_packed_or_not(tmp_path, torch_single
     nets = alone["arm"] != "pixels"
     assert pd.Series(alone.loc[nets, "lr_source"].fillna("") == together.loc[nets, "lr_source"].fillna("")).all()
     assert (alone.loc[nets, "test_acc"] - together.loc[nets, "test_acc"]).abs().max() <= 0.1
+
+
+def test_only_layers_that_keep_copies_apart_are_stacked(cache, torch_single_thread):
+    """A layer that could mix the copies' channels (or draw dropout masks of its own) keeps its run out of packs:
+    it trains alone, with the same result."""
+    from torch import nn
+
+    from transferbench.packed import signature, stacked, unstackable
+
+    assert unstackable(prepare(cache).suffix) is None and unstackable(prepare(cache, frozen_depth=0).suffix) is None
+    mixing = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))
+    assert "GroupNorm" in unstackable(mixing)
+    with pytest.raises(ValueError, match="GroupNorm"):
+        stacked(mixing, 2)
+    odd = float64(prepare(cache, seed=5))
+    odd.suffix.add_module("drop", nn.Dropout(0.0))  # a module no forward calls, but not one a pack knows
+    run = odd.runs[0]
+    assert signature(run) is None
+    reference = float64(prepare(cache, seed=5))
+    reference.suffix.add_module("drop", nn.Dropout(0.0))
+    train.train_together([odd], packed(most=4))
+    train.train_together([reference])
+    assert odd.result()["curves"] == reference.result()["curves"]
+
+
+def test_a_pack_sheds_its_stopped_copies(cache, torch_single_thread, monkeypatch):
+    """Runs with budgets of 3, 6 and 9 steps: a pack of three, then of two, then the last run alone, each the same
+    as trained alone."""
+    from transferbench import packed as packed_module
+
+    sizes = []
+    init = packed_module.Pack.__init__
+    monkeypatch.setattr(packed_module.Pack, "__init__", lambda self, runs: sizes.append(len(runs)) or init(self, runs))
+    specs = [dict(seed=s, lr=3e-3, steps=n, patience=0) for s, n in ((0, 3), (1, 6), (2, 9))]
+    prepared = [prepare(cache, **c) for c in specs]
+    alone, together = [float64(p) for p in prepared], [float64(p) for p in prepared]
+    train.train_together(alone)
+    train.train_together(together, packed(most=8))
+    assert sizes == [3, 2]
+    for a, b in zip(alone, together):
+        ra, rb = a.result(), b.result()
+        assert ra["steps_taken"] == rb["steps_taken"] and ra["test_acc"] == rb["test_acc"]
+        for pa, pb in zip(ra["curves"], rb["curves"]):
+            assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
+
+
+def test_tasks_hold_one_network_shape():
+    """The runner's tasks: textures and digits (10 classes each) share a shape at 2 per class, glyphs (20 classes)
+    does not; scratch shares full fine-tuning's shape; every cell is in exactly one task of at most `most`."""
+    from transferbench.runner import pack_groups
+    from transferbench.study import expand, load_study, study_path
+
+    study = load_study(study_path("smoke"), [
+        "backbones=[{model: tf_efficientnet_lite0}]",
+        "targets=[{dataset: textures}, {dataset: digits}, {dataset: glyphs}]", "grid.frozen_depth=[0, all]",
+        "grid.n_per_class=[2]", "grid.schedule=[cosine, constant]", "grid.seed=[0,1,2]"], None)
+    cells = [c for c in expand(study) if c.arm != "pixels" and c.solver != "lbfgs"]
+    tasks = pack_groups(cells, most=16)
+    assert sorted(c.cell_id for t in tasks for c in t) == sorted(c.cell_id for c in cells)
+    assert all(len(t) <= 16 for t in tasks)
+    for t in tasks:
+        assert len({c.dataset == "glyphs" for c in t}) == 1
+    ten = [t for t in tasks if t[0].dataset != "glyphs"]
+    assert {c.arm for t in ten for c in t} == {"scratch", "transfer"}
+    assert len(ten) == -(-sum(len(t) for t in ten) // 16)  # as few tasks as the bound allows

@@ -7,7 +7,9 @@ backend. Each worker writes its cell's record itself, atomically, the moment the
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import platform
 import socket
@@ -163,8 +165,8 @@ def worker_cache(threads: int):
 
 
 def start_record(cell: Cell, lr: float | None, study_name: str, threads: int, context: dict) -> dict:
-    """The record's fields known before training; `packed` says whether its runs trained in a pack (float32 on the
-    GPU) or alone (bf16 autocast there)."""
+    """The record's fields known before training; `packed` says whether its runs trained in a pack (same precision
+    and arithmetic, summed in another order) or alone."""
     return dict(study=study_name, cell_id=cell.cell_id, **cell.model_dump(), **context, threads=threads,
                 worker_pid=os.getpid(), started=_now(), packed=False,
                 lr_source=cell.lr_source_id if lr else None)  # None: the cell chose its own LR
@@ -203,23 +205,33 @@ def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_di
 
 
 def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
-    """Tasks of at most `most` cells that can share packs: one model and weights, the same trainable layers, arm,
-    size and protocol; they differ in target condition, schedule, LR and seed (packed.signature decides the exact
-    packs). A task writes its records when it ends, so tasks stay about one pack large."""
+    """Tasks of at most `most` cells that can share packs: one network shape (model, trainable layers, number of
+    training examples: examples per class x classes) and solver; they differ in arm (scratch and full fine-tuning
+    share a shape), weights, target condition, schedule, LR and seed (packed.signature decides the exact packs).
+    Grouped by shape first, so that a task never holds a few cells of one shape beside a few of another (each a
+    pack of its own). A task writes its records when it ends, so tasks stay about one pack large."""
     from .packed import pack_sizes
 
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
-        key = (c.arm, c.model, c.weights, str(c.frozen_depth), str(c.train_groups), c.n_per_class, c.solver)
+        key = (c.arm == "pixels", c.model, str(c.frozen_depth), str(c.train_groups),
+               c.n_per_class * _num_classes(c.dataset, json.dumps(c.data_options, sort_keys=True)), c.solver)
         groups.setdefault(key, []).append(c)
     tasks = []
     for _, g in sorted(groups.items()):
-        g = sorted(g, key=lambda c: (c.dataset, str(c.shift), c.severity, c.schedule, c.seed))
+        g = sorted(g, key=lambda c: (c.arm, c.dataset, str(c.shift), c.severity, c.schedule, c.seed))
         start = 0
         for size in pack_sizes(len(g), most):
             tasks.append(g[start:start + size])
             start += size
     return tasks
+
+
+@functools.cache
+def _num_classes(dataset: str, options: str) -> int:
+    from .data import load_raw
+
+    return len(load_raw(dataset, json.loads(options)).classes)
 
 
 def packs(study: Study) -> bool:

@@ -220,8 +220,8 @@ class Run(Strict):
     threads_per_worker: PositiveInt = 1
     backend: Literal["loky", "dask", "sequential"] = "loky"
     pack: Literal["auto", "always", "never"] = Field("auto", description="train cells of one network shape together "
-                                                     "as one vmapped model: auto = on CUDA only (on CPU it measured "
-                                                     "no faster), always, never")
+                                                     "as one model, their copies stacked along the channels: auto = "
+                                                     "on CUDA only (on CPU it measured slower), always, never")
     pack_size: PositiveInt = Field(16, description="most cells' runs in one pack")
     scheduler: str | None = Field(None, description="dask scheduler address (backend: dask)")
 
