@@ -207,3 +207,50 @@ def test_tasks_hold_one_network_shape():
     ten = [t for t in tasks if t[0].dataset != "glyphs"]
     assert {c.arm for t in ten for c in t} == {"scratch", "transfer"}
     assert len(ten) == -(-sum(len(t) for t in ten) // 16)  # as few tasks as the bound allows
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_validation_in_the_pack_equals_each_run_validating_alone(chunk, cache, torch_single_thread, monkeypatch):
+    """Four runs in one pack validating every 3 steps (three of them) and every 2 (one): when most are due they
+    validate in stacked passes (precise BN, then the validation set), the one not due keeping its BatchNorm
+    statistics; a copy due alone validates by itself. Precise BN in one chunk and in several (the cumulative
+    average). Curves, best steps and best weights equal each run trained alone."""
+    from transferbench import packed as packed_module
+
+    monkeypatch.setattr(train, "PRECISE_BN_CHUNK", chunk)
+    stacked_passes = []
+    validate = packed_module.Pack.validate
+
+    def counted(self, due, active):
+        measured = validate(self, due, active)
+        stacked_passes.append(len(measured))
+        return measured
+
+    monkeypatch.setattr(packed_module.Pack, "validate", counted)
+    specs = [dict(seed=s, lr=3e-3, steps=6, patience=0, eval_every=e) for s, e in ((0, 3), (1, 3), (2, 3), (3, 2))]
+    prepared = [prepare(cache, n_per_class=2, batch_size=20, **c) for c in specs]
+    alone, together = [float64(p) for p in prepared], [float64(p) for p in prepared]
+    train.train_together(alone)
+    train.train_together(together, packed(most=8))
+    assert stacked_passes == [0, 0, 3, 0, 0, 4]  # steps 2 and 4: one copy due; 3: three of four; 6: all
+    for a, b in zip(alone, together):
+        ra, rb = a.result(), b.result()
+        assert ra["best_step"] == rb["best_step"]
+        assert [(p["step"], p["split"], p["metric"]) for p in ra["curves"]] == \
+            [(p["step"], p["split"], p["metric"]) for p in rb["curves"]]
+        for pa, pb in zip(ra["curves"], rb["curves"]):
+            assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
+        for name, v in a.suffix.state_dict().items():
+            assert close(v, b.suffix.state_dict()[name], 1e-6), name
+
+
+def test_a_stacked_validation_leaves_the_copies_not_due_as_they_were(cache, torch_single_thread):
+    runs = [float64(prepare(cache, seed=s)).runs[0] for s in range(3)]
+    pack = Pack(runs)
+    before = {n: v.clone() for n, v in pack.fixed.items()}
+    measured = pack.validate([0, 1], [0, 1, 2])
+    assert set(measured) == {0, 1}
+    stats = [n for n in pack.fixed if n.endswith("running_mean")]
+    assert stats and all(torch.equal(pack.fixed[n][2], before[n][2]) for n in pack.fixed)
+    assert all(not torch.equal(pack.fixed[n][i], before[n][i]) for n in stats for i in (0, 1))  # precise BN ran
+    assert pack.validate([0], [0, 1, 2]) == {}  # one of three due: it validates by itself

@@ -99,16 +99,22 @@ def test_early_stopping_fires_and_the_best_validation_weights_are_tested():
     assert r["steps_taken"] - r["best_step"] >= 3 * 10 and r["converged"]
 
 
-def test_precise_bn_gives_the_exact_statistics_of_the_training_set():
+@pytest.mark.parametrize("chunk", [50, 10])
+def test_precise_bn_gives_the_exact_statistics_of_the_training_set(chunk, monkeypatch):
+    """In one pass, and as the cumulative average over chunks (the mean exactly; the variance is then the average of
+    the chunks' own variances)."""
     from torch import nn
 
+    from transferbench import train
     from transferbench.train import precise_bn
 
+    monkeypatch.setattr(train, "PRECISE_BN_CHUNK", chunk)
     x = torch.randn(50, 4) * 3 + 1
     bn = nn.BatchNorm1d(4)
-    precise_bn(nn.Sequential(bn), x, channels_last=False, chunk=50)
+    precise_bn(nn.Sequential(bn), x, channels_last=False)
     assert torch.allclose(bn.running_mean, x.mean(0), atol=1e-5)
-    assert torch.allclose(bn.running_var, x.var(0), atol=1e-4)  # BatchNorm keeps the unbiased variance
+    variance = x.var(0) if chunk == 50 else torch.stack([c.var(0) for c in x.split(chunk)]).mean(0)
+    assert torch.allclose(bn.running_var, variance, atol=1e-4)  # BatchNorm keeps the unbiased variance
     assert bn.momentum == 0.1  # restored
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from . import train
 from .fastconv import FastConv2d
 from .train import Diverged, _autocast, _layout, alone, batch_bounds
 
@@ -135,16 +137,17 @@ class Pack:
         """Every copy's gradient as one flat [copies, parameters] tensor (into `out` when given)."""
         return torch.cat([self.params[n].grad.reshape(len(self.runs), -1) for n in self.names], 1, out=out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
         """Logits [copies, batch, classes] of x [copies, batch, channels, ...], each copy on its own batch, with the
-        runs' own precision (bf16 autocast on a GPU when train.amp) and layout."""
+        runs' own precision (bf16 autocast on a GPU when train.amp; `amp=False`: as precise BN, without) and
+        layout."""
         copies, batch = x.shape[:2]
         xs = _layout(x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]), self.channels_last)
         # [copies, n, ...] -> [copies * n, ...]: dimension 0 of every stacked weight and statistic is per channel
         tensors = {n: (v.flatten(0, 1) if v.dim() > 1 else v) for n, v in (self.params | self.fixed).items()}
         if self.channels_last:
             tensors = {n: _layout(v, True) for n, v in tensors.items()}
-        with self.autocast():
+        with self.autocast() if amp else nullcontext():
             logits = functional_call(self.template, tensors, (xs,), strict=True)
         return logits.to(self.flat.dtype).view(batch, copies, -1).transpose(0, 1)
 
@@ -163,19 +166,77 @@ class Pack:
                 break
             batches = {i: self.runs[i].next_batch() for i in active}
             losses = self.step(*self._stack(batches), active)
+            measured = self.validate([i for i in active if self.runs[i].steps + 1 in self.runs[i].evals], active)
             for i in active:
                 epoch, xb, yb, last = batches[i]
                 run = self.runs[i]
                 try:
-                    run.after_step(losses[i], len(yb), epoch, last, until, sync=lambda i=i: self.write_back(i))
+                    run.after_step(losses[i], len(yb), epoch, last, until, sync=lambda i=i: self.write_back(i),
+                                   measured=measured.get(i))
                 except Diverged as e:  # it leaves the pack; the rest go on
                     self.failed[i] = e
-                if run.steps in run.evals:
-                    self.read_back(i)  # the BatchNorm statistics its validation recomputed (precise BN) go on
+                if run.steps in run.evals and i not in measured:
+                    self.read_back(i)  # the BatchNorm statistics its own validation recomputed (precise BN) go on
         for i in live:
             self.write_back(i)
         self.optimizer.hand_back()
         return self
+
+    @torch.no_grad()
+    def validate(self, due: list[int], active: list[int]) -> dict[int, tuple[float, float]]:
+        """Validation (accuracy, loss) of the copies in `due`, measured in stacked passes as Run measures it alone:
+        precise BN over each copy's training subset (the cumulative average over chunks of PRECISE_BN_CHUNK, in the
+        weights' precision), then its validation set in eval mode. {} when they should validate one by one instead:
+        fewer than half the active copies due (a stacked pass computes every copy), or validation data or settings
+        that differ between copies. The copies not due keep their BatchNorm statistics."""
+        runs = [self.runs[i] for i in due]
+        if len(due) < max(2, len(active) / 2) or not self._same_validation(runs):
+            return {}
+        before = {n: v.clone() for n, v in self.fixed.items()}
+        if runs[0].cell.precise_bn:
+            self._precise_bn(due)
+        self.template.eval()
+        first = runs[0].data
+        size = len(first["val"])
+        chunk = 512 if first["val"].device.type == "cuda" else 64  # as forward_batched
+        logits = torch.cat([self.forward(torch.stack([self.runs[i].data["val"][j:j + chunk] if i in due
+                                                      else first["val"][j:j + chunk]
+                                                      for i in range(len(self.runs))])).float().cpu()
+                            for j in range(0, size, chunk)], 1)
+        self.template.train()
+        keep = torch.tensor([i not in due for i in range(len(self.runs))])
+        for n, v in self.fixed.items():  # the copies not due: their statistics as they were
+            v[keep] = before[n][keep]
+        out = {}
+        for i in due:
+            y = self.runs[i].data["y_val"].cpu()
+            out[i] = ((logits[i].argmax(1) == y).float().mean().item(), F.cross_entropy(logits[i], y).item())
+        return out
+
+    def _same_validation(self, runs: list) -> bool:
+        c = runs[0].cell
+        return all(r.data["val"].shape == runs[0].data["val"].shape and r.cell.precise_bn == c.precise_bn
+                   for r in runs)
+
+    def _precise_bn(self, due: list[int]) -> None:
+        """train.precise_bn for every copy (the caller restores those not due): statistics reset, then the
+        cumulative average over chunks of the training subset (momentum 1/j for chunk j)."""
+        norms = {name: m for name, m in self.template.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        for name in norms:
+            self.fixed[f"{name}.running_mean"].zero_()
+            self.fixed[f"{name}.running_var"].fill_(1)
+            self.fixed[f"{name}.num_batches_tracked"].zero_()
+        momenta = {name: m.momentum for name, m in norms.items()}
+        x = {i: self.runs[i].data["x_train"] for i in due}
+        first = x[due[0]]
+        self.template.train()
+        for j, (a, b) in enumerate(batch_bounds(len(first), train.PRECISE_BN_CHUNK)):
+            for m in norms.values():
+                m.momentum = 1.0 / (j + 1)
+            self.forward(torch.stack([x.get(i, first)[a:b] for i in range(len(self.runs))]), amp=False)
+        for name, m in norms.items():
+            m.momentum = momenta[name]
 
     def _stack(self, batches: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Every copy's batch in one tensor; a copy that is not training gets an active copy's batch (its forward

@@ -88,11 +88,14 @@ def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp,
     return (pred == y).float().mean().item(), F.cross_entropy(logits, y).item(), pred
 
 
+PRECISE_BN_CHUNK = 512  # examples per forward pass of precise BN
+
+
 @torch.no_grad()
-def precise_bn(module: nn.Module, x: torch.Tensor, channels_last: bool, chunk: int = 512) -> None:
+def precise_bn(module: nn.Module, x: torch.Tensor, channels_last: bool) -> None:
     """BatchNorm statistics recomputed over the training subset (Wu & Johnson 2021, "precise BN"): exact in one pass
-    when the subset fits `chunk` examples (k-shot subsets do), else the average of chunk statistics. With momentum
-    0.1, 6 steps leave 53% of the initial statistics in timm's running averages."""
+    when the subset fits PRECISE_BN_CHUNK examples (k-shot subsets do), else the average of chunk statistics. With
+    momentum 0.1, 6 steps leave 53% of the initial statistics in timm's running averages."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -102,7 +105,7 @@ def precise_bn(module: nn.Module, x: torch.Tensor, channels_last: bool, chunk: i
         m.momentum = None  # cumulative average over the batches below
     was_training = module.training
     module.train()
-    for i, j in batch_bounds(len(x), chunk):
+    for i, j in batch_bounds(len(x), PRECISE_BN_CHUNK):
         module(_layout(x[i:j], channels_last))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
@@ -323,15 +326,19 @@ class Run:
         """(epoch, x, y, last batch of its epoch) in this run's own data order."""
         return next(self.batches)
 
-    def after_step(self, loss: torch.Tensor, n: int, epoch: int, last: bool, until: int, sync=None) -> None:
+    def after_step(self, loss: torch.Tensor, n: int, epoch: int, last: bool, until: int, sync=None,
+                   measured: tuple[float, float] | None = None) -> None:
         """The bookkeeping of one optimizer step taken on n examples with this loss (by Run.step, or by a pack that
-        calls `sync` to write this run's weights into its module before a validation)."""
+        calls `sync` to write this run's weights into its module before the module is read, and may hand over the
+        validation it `measured` for this run: accuracy and loss)."""
         self._losses.append(loss * n)
         self.steps, self.seen, self._seen_in_epoch = self.steps + 1, self.seen + n, self._seen_in_epoch + n
         if self.steps in self.evals:
-            if sync:
-                sync()
-            self._validate(epoch)
+            if measured is None:
+                if sync:
+                    sync()
+                measured, sync = self._measure(), None  # the module holds the state measured
+            self._observe(epoch, *measured, sync)
         if last or self.stopped or self.steps >= until:  # one sync per epoch (or pause), not per step
             self._record_loss(epoch, torch.stack(self._losses).sum().item() / self._seen_in_epoch)
             self._losses, self._seen_in_epoch = [], 0
@@ -344,19 +351,26 @@ class Run:
         self.curves.append(dict(epoch=epoch, step=self.steps, split="train", metric="loss", value=train_loss,
                                 images_seen=self.seen))
 
-    def _validate(self, epoch: int) -> None:
-        c = self.cell
-        if c.precise_bn:
-            precise_bn(self.suffix, self.data["x_train"], c.channels_last)
+    def _measure(self) -> tuple[float, float]:
+        """Validation accuracy and loss of the module as it is (precise BN first, when asked)."""
+        if self.cell.precise_bn:
+            precise_bn(self.suffix, self.data["x_train"], self.cell.channels_last)
         acc, loss, _ = self.evaluate("val")
+        self.suffix.train()
+        return acc, loss
+
+    def _observe(self, epoch: int, acc: float, loss: float, sync=None) -> None:
+        """A validation's curves, best state (its module's, after `sync`) and patience."""
         self.curves += [dict(epoch=epoch, step=self.steps, split="val", metric=m, value=v, images_seen=self.seen)
                         for m, v in (("acc", acc), ("loss", loss))]
         if self.best is None or (acc, -loss) > self.best[:2]:
             self.best, self.since_best = (acc, -loss, self.steps), 0
-            self.best_state = copy.deepcopy(self.suffix.state_dict()) if c.keep_best else None
+            if self.cell.keep_best:
+                if sync:
+                    sync()
+                self.best_state = copy.deepcopy(self.suffix.state_dict())
         else:
             self.since_best += 1
-        self.suffix.train()
 
     def evaluate(self, split: str):
         d = self.data
