@@ -1,4 +1,5 @@
-"""Entry points: `transferbench study NAME [key=value ...]`, `transferbench report NAME`."""
+"""Entry points: `transferbench study NAME [key=value ...]`, `transferbench plan NAME [key=value ...]`,
+`transferbench report NAME`, `transferbench compare BASE NEW`."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--skip-domains", action="store_true", help="skip the domain measures (distances, estimators): "
                    "quicker iteration; the report then orders targets as listed and ranks no estimator")
+    pl = sub.add_parser("plan", help="what a study will cost, before it runs: cells, SGD runs, optimizer steps and "
+                        "images per arm (upper bounds), and how full the packs would be on a GPU")
+    pl.add_argument("study", help="a name in studies/ or a path to a YAML file")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, as for `study`")
+    pl.add_argument("--profile", help="a named override set from the study's `profiles:`")
     r = sub.add_parser("report", help="rebuild tables, figures and report from the records (no training)")
     r.add_argument("study", help="study name (its folder under --results)")
     r.add_argument("--results", type=Path, default=Path("results"))
@@ -129,6 +135,16 @@ def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | Non
                                     f"\ndomain measures: {time.perf_counter() - t1:.1f} s")
 
 
+def cmd_plan(args) -> int:
+    from .costs import plan_table
+    from .runner import plan
+    from .study import load_study, study_path
+
+    study = load_study(study_path(args.study), args.overrides, args.profile)
+    print(plan_table(study, plan(study)))
+    return 0
+
+
 def cmd_report(args) -> int:
     out = study_folder(args.results, args.study)
     if not (out / "study.resolved.yaml").exists():
@@ -153,12 +169,12 @@ def cmd_compare(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come after options too
-    if extra and (args.command != "study" or any(e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("study", "plan") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
     try:
-        return {"study": cmd_study, "report": cmd_report, "compare": cmd_compare}[args.command](args)
+        return {"study": cmd_study, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,6 @@ from .study import Cell, Study
 
 def plan(study: Study) -> list[Cell]:
     """Every cell of the grid, after checking each name and range against what exists."""
-    import timm
 
     from .backbones import (
         WEIGHTS,
@@ -70,7 +69,7 @@ def plan(study: Study) -> list[Cell]:
             source_cell(study, b.model, b.weights.split(":", 1)[1])  # the source dataset must exist
         elif not WEIGHTS.meta(weight_source(b.weights)).get("needs_network"):  # those are checked when a cell runs
             resolve_weights(b.model, b.weights)
-        n_groups = len(_groups_of(timm, b.model))
+        n_groups = depth_group_count(b.model)
         for d in study.grid.frozen_depth:
             resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
         for groups in study.grid.train_groups:
@@ -97,10 +96,14 @@ def check_device(device: str) -> None:
                           "use device: auto (CUDA when present, else CPU) or cpu")
 
 
-def _groups_of(timm, model_name: str):
+@functools.cache
+def depth_group_count(model_name: str) -> int:
+    """How many depth groups the model has (an untrained instance is built once per process to count them)."""
+    import timm
+
     from .backbones import depth_groups
 
-    return depth_groups(timm.create_model(model_name, pretrained=False))
+    return len(depth_groups(timm.create_model(model_name, pretrained=False)))
 
 
 # ------------------------------------------------------------------ provenance ------------------------------
@@ -215,7 +218,7 @@ def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         key = (c.arm == "pixels", c.model, str(c.frozen_depth), str(c.train_groups),
-               c.n_per_class * _num_classes(c.dataset, json.dumps(c.data_options, sort_keys=True)), c.solver)
+               c.n_per_class * num_classes(c), c.solver)
         groups.setdefault(key, []).append(c)
     tasks = []
     for _, g in sorted(groups.items()):
@@ -227,8 +230,13 @@ def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
     return tasks
 
 
+def num_classes(cell: Cell) -> int:
+    """The classes of a cell's target (read once per dataset and options)."""
+    return _classes(cell.dataset, json.dumps(cell.data_options, sort_keys=True))
+
+
 @functools.cache
-def _num_classes(dataset: str, options: str) -> int:
+def _classes(dataset: str, options: str) -> int:
     from .data import load_raw
 
     return len(load_raw(dataset, json.loads(options)).classes)

@@ -1,0 +1,117 @@
+"""What a study will cost before it runs (`transferbench plan`): per arm, the cells, the SGD runs (LR candidates
+included), optimizer steps and training images, all upper bounds (early stopping only shortens a run); and how
+full the runner's packs would be on a GPU (copies per pack step). Nothing is trained or loaded but the datasets'
+class lists."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from .study import Cell, Study, tuning_label
+
+
+@dataclass(frozen=True)
+class CellCost:
+    runs: int  # SGD runs: its LR candidates, or one at another seed's choice (lr_from_seed)
+    first: int  # steps of the LR race (0: no race)
+    total: int  # the winner's budget in optimizer steps
+    batch: float  # training examples per step, on average over an epoch
+
+    @property
+    def steps(self) -> int:
+        return self.total + (self.runs - 1) * self.first
+
+    @property
+    def images(self) -> float:
+        return self.steps * self.batch
+
+
+def cell_cost(cell: Cell) -> CellCost | None:
+    """A cell's SGD training as train.Training plans it; None for a closed-form cell (pixels, L-BFGS probe)."""
+    from .runner import num_classes
+    from .train import batch_bounds, budget
+
+    if cell.arm == "pixels" or cell.solver == "lbfgs":
+        return None
+    n = cell.n_per_class * num_classes(cell)
+    batches = len(batch_bounds(n, min(cell.batch_size, n)))
+    total, _ = budget(cell, batches)
+    runs = 1 if cell.lr_from_seed is not None else len(cell.lrs or [cell.lr])
+    return CellCost(runs, max(1, total // 5) if runs > 1 else 0, total, n / batches)
+
+
+def arm_of(cell: Cell) -> str:
+    """The arm as tables name it ('transfer frozen 6', 'transfer groups 7', 'transfer LP-FT', 'scratch')."""
+    if cell.arm != "transfer":
+        return cell.arm
+    from .backbones import resolve_groups
+    from .runner import depth_group_count
+    from .schedules import recipe
+
+    groups = cell.train_groups
+    trained = resolve_groups(groups, depth_group_count(cell.model)) if groups is not None else None
+    return "transfer " + tuning_label(cell.frozen_depth, trained, recipe(cell.schedule).get("arm"))
+
+
+def shed(steps: list[int], refill: float) -> tuple[int, int]:
+    """(pack steps, steps of the run finished alone) of runs of these lengths in one pack that sheds its stopped
+    copies as packed.train_pack does: repacked when fewer than `refill` of its copies are active, a last run alone."""
+    left, taken = sorted(s for s in steps if s > 0), 0
+    while len(left) > 1:
+        until = left[len(left) - max(2, math.ceil(refill * len(left)))]  # fewer than that many active after it
+        taken += until
+        left = [s - until for s in left if s > until]
+    return taken, left[0] if left else 0
+
+
+def gpu_packing(cells: list[Cell], most: int, refill: float = 0.75) -> tuple[int, int]:
+    """(run-steps trained in packs, pack steps) of the runner's tasks on a GPU: each task's LR races (the
+    candidates of its cells with one race length, in packs of at most `most`), then its winners to their budgets.
+    As if every run of a task shared one shape (packed.signature may split a few more)."""
+    from .packed import pack_sizes
+    from .runner import pack_groups
+
+    in_packs = taken = 0
+    phases = [[c for c in cells if c.lr_from_seed is None], [c for c in cells if c.lr_from_seed is not None]]
+    for phase in phases:
+        for task in pack_groups([c for c in phase if cell_cost(c)], most):
+            costs = [cell_cost(c) for c in task]
+            groups = [[first] * sum(k.runs for k in costs if k.first == first)
+                      for first in sorted({k.first for k in costs if k.first})]
+            for steps in groups + [[k.total - k.first for k in costs]]:
+                start = 0
+                for size in pack_sizes(len(steps), most):
+                    chunk, start = steps[start:start + size], start + size
+                    if size > 1:
+                        pack, alone = shed(chunk, refill)
+                        taken, in_packs = taken + pack, in_packs + sum(chunk) - alone
+    return in_packs, taken
+
+
+def plan_table(study: Study, cells: list[Cell]) -> str:
+    """The cost of a study's cells, as `transferbench plan` prints it."""
+    rows: dict[str, list] = {}
+    for c in cells:
+        k = cell_cost(c)
+        row = rows.setdefault(arm_of(c), [0, 0, 0, 0.0, k is None])
+        row[0] += 1
+        if k:
+            row[1], row[2], row[3] = row[1] + k.runs, row[2] + k.steps, row[3] + k.images
+    arms = Counter(c.arm for c in cells)
+    lines = [f"{study.name}: {len(cells)} cells (" + ", ".join(f"{a} {n}" for a, n in sorted(arms.items())) + ")",
+             "SGD training, upper bounds (early stopping only shortens a run; LR races included):",
+             f"{'arm':<28}{'cells':>7}{'runs':>8}{'optimizer steps':>17}{'images':>14}"]
+    for arm, (n, runs, steps, images, closed) in sorted(rows.items()):
+        lines.append(f"{arm:<28}{n:>7}" + (f"{'closed form':>39}" if closed else
+                                            f"{runs:>8}{steps:>17,}{images / 1e6:>13.1f}M"))
+    total = sum(r[3] for r in rows.values())
+    lines.append(f"{'total':<28}{len(cells):>7}{sum(r[1] for r in rows.values()):>8}"
+                 f"{sum(r[2] for r in rows.values()):>17,}{total / 1e6:>13.1f}M")
+    in_packs, taken = gpu_packing(cells, study.run.pack_size)
+    steps = sum(r[2] for r in rows.values())
+    if taken:
+        lines.append(f"packed on a GPU (run.pack_size {study.run.pack_size}): {in_packs / max(steps, 1):.0%} of the "
+                     f"optimizer steps in packs, {in_packs / taken:.1f} copies per pack step on average")
+    return "\n".join(lines)
