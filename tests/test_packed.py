@@ -72,11 +72,12 @@ def test_a_pack_trains_each_cell_as_it_trains_alone(optimizer, cache, torch_sing
             assert close(sa[name], sb[name], 1e-5), name
 
 
-def test_packed_outputs_and_gradients_equal_each_copy_alone(cache, torch_single_thread):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_outputs_and_gradients_equal_each_copy_alone(channels_last, cache, torch_single_thread):
     p = prepare(cache)
     runs = []
     for seed in range(3):
-        t = float64(prepare(cache, seed=seed))
+        t = float64(prepare(cache, seed=seed, channels_last=channels_last))
         runs.append(t.runs[0])
     pack = Pack(runs)
     x = torch.stack([r.data["x_train"][:6] for r in runs])

@@ -166,7 +166,10 @@ class Pack:
                 break
             batches = {i: self.runs[i].next_batch() for i in active}
             losses = self.step(*self._stack(batches), active)
-            measured = self.validate([i for i in active if self.runs[i].steps + 1 in self.runs[i].evals], active)
+            due = [i for i in active if self.runs[i].steps + 1 in self.runs[i].evals]
+            if due or any(batches[i][3] or self.runs[i].steps + 1 >= until for i in active):
+                losses = losses.cpu()  # a run reads its loss now (epoch end, pause): one sync for all, not one each
+            measured = self.validate(due, active)
             for i in active:
                 epoch, xb, yb, last = batches[i]
                 run = self.runs[i]
@@ -204,7 +207,7 @@ class Pack:
                                                       for i in range(len(self.runs))])).float().cpu()
                             for j in range(0, size, chunk)], 1)
         self.template.train()
-        keep = torch.tensor([i not in due for i in range(len(self.runs))])
+        keep = torch.tensor([i not in due for i in range(len(self.runs))], device=self.flat.device)
         for n, v in self.fixed.items():  # the copies not due: their statistics as they were
             v[keep] = before[n][keep]
         out = {}
