@@ -40,7 +40,7 @@ from torch.func import functional_call, stack_module_state
 
 from . import train
 from .fastconv import FastConv2d
-from .train import Diverged, _autocast, _layout, alone, batch_bounds
+from .train import Diverged, alone, as_layout, autocast, batch_bounds
 
 
 class StackedLinear(nn.Linear):
@@ -51,7 +51,7 @@ class StackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.view(self.copies, -1, self.in_features)
         y = torch.einsum("bki,koi->bko", x.view(len(x), self.copies, self.in_features), w)
-        return (y if self.bias is None else y + self.bias.view(self.copies, -1)).flatten(1)
+        return (y if self.bias is None else y + self.bias.view(self.copies, -1).to(y.dtype)).flatten(1)  # as F.linear
 
 
 def _stack_conv(m: nn.Conv2d, copies: int) -> None:
@@ -129,7 +129,7 @@ class Pack:
         self.fixed = {n: v for n, v in params.items() if n not in self.names} | buffers  # frozen weights, BN stats
         self.template = stacked(modules[0], len(runs))
         cell = runs[0].cell
-        self.autocast, self.channels_last = lambda: _autocast(runs[0].device, cell.amp), cell.channels_last
+        self.autocast, self.channels_last = lambda: autocast(runs[0].device, cell.amp), cell.channels_last
         self.optimizer = PackedOptimizer(self, [r.step.opt for r in runs], [dict(m.named_parameters())
                                                                             for m in modules])
 
@@ -142,11 +142,11 @@ class Pack:
         runs' own precision (bf16 autocast on a GPU when train.amp; `amp=False`: as precise BN, without) and
         layout."""
         copies, batch = x.shape[:2]
-        xs = _layout(x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]), self.channels_last)
+        xs = as_layout(x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]), self.channels_last)
         # [copies, n, ...] -> [copies * n, ...]: dimension 0 of every stacked weight and statistic is per channel
         tensors = {n: (v.flatten(0, 1) if v.dim() > 1 else v) for n, v in (self.params | self.fixed).items()}
         if self.channels_last:
-            tensors = {n: _layout(v, True) for n, v in tensors.items()}
+            tensors = {n: as_layout(v, True) for n, v in tensors.items()}
         with self.autocast() if amp else nullcontext():
             logits = functional_call(self.template, tensors, (xs,), strict=True)
         return logits.to(self.flat.dtype).view(batch, copies, -1).transpose(0, 1)
@@ -166,10 +166,7 @@ class Pack:
                 break
             batches = {i: self.runs[i].next_batch() for i in active}
             losses = self.step(*self._stack(batches), active)
-            due = [i for i in active if self.runs[i].steps + 1 in self.runs[i].evals]
-            if due or any(batches[i][3] or self.runs[i].steps + 1 >= until for i in active):
-                losses = losses.cpu()  # a run reads its loss now (epoch end, pause): one sync for all, not one each
-            measured = self.validate(due, active)
+            measured = self.validate([i for i in active if self.runs[i].steps + 1 in self.runs[i].evals], active)
             for i in active:
                 epoch, xb, yb, last = batches[i]
                 run = self.runs[i]
@@ -368,21 +365,27 @@ class PackedOptimizer:
 
     def hand_back(self) -> None:
         """Write each copy's state into its run's torch optimizer, in torch's format."""
+        steps = self.t[:, 0].tolist()  # one device sync
         for i, (opt, params) in enumerate(zip(self.opts, self.params)):
-            if self.t[i].item() == 0:
+            if steps[i] == 0:
                 continue
             start = 0
-            for n, shape, size in zip(self.pack.names, self.pack.shapes, self.pack.sizes):
+            for n, size in zip(self.pack.names, self.pack.sizes):
                 state = opt.state[params[n]]
                 if self.kind == "AdamW":  # where torch keeps the step: on the device when fused or capturable
                     on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
-                    state["step"] = torch.tensor(float(self.t[i].item()), device=params[n].device if on_device
-                                                 else "cpu")
-                    state["exp_avg"] = self.m[i, start:start + size].view(shape).clone()
-                    state["exp_avg_sq"] = self.v[i, start:start + size].view(shape).clone()
+                    state["step"] = torch.tensor(steps[i], device=params[n].device if on_device else "cpu")
+                    state["exp_avg"] = like(params[n], self.m[i, start:start + size])
+                    state["exp_avg_sq"] = like(params[n], self.v[i, start:start + size])
                 else:
-                    state["momentum_buffer"] = self.m[i, start:start + size].view(shape).clone()
+                    state["momentum_buffer"] = like(params[n], self.m[i, start:start + size])
                 start += size
+
+
+def like(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Flat values as a tensor of the parameter's shape and memory layout (torch's fused optimizers pair state and
+    parameter elements in memory order: a contiguous state beside a channels_last weight would be misread)."""
+    return torch.empty_like(param).copy_(values.view(param.shape))
 
 
 def pack_sizes(n: int, most: int) -> list[int]:
@@ -423,8 +426,9 @@ def packed(most: int = 16, refill: float = 0.75):
             for size in pack_sizes(len(members), most):
                 chunk = members[start:start + size]
                 start += size
-                failed |= train_pack([runs[i] for i in chunk], until, refill) if key is not None \
-                    else {chunk[j]: e for j, e in alone([runs[i] for i in chunk], until).items()}
+                chunk_runs = [runs[i] for i in chunk]
+                errors = train_pack(chunk_runs, until, refill) if key is not None else alone(chunk_runs, until)
+                failed |= {chunk[j]: e for j, e in errors.items()}  # by the caller's index
         return failed
 
     return advance

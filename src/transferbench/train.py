@@ -38,11 +38,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on a GPU when train.amp; nothing on the CPU (it trains in the weights' precision)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
 
 
-def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A 4-D tensor in channels_last memory format when asked (the weights must match, or conv takes a slow path)."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
@@ -56,8 +58,8 @@ def forward_batched(module: nn.Module, x: torch.Tensor, device: torch.device, am
         module = module.to(memory_format=torch.channels_last)
     outs = []
     for i in range(0, len(x), batch_size):
-        xb = _layout(x[i:i + batch_size].to(device, non_blocking=True), channels_last)
-        with _autocast(device, amp):
+        xb = as_layout(x[i:i + batch_size].to(device, non_blocking=True), channels_last)
+        with autocast(device, amp):
             outs.append(module(xb).float().cpu())
     return torch.cat(outs)
 
@@ -106,7 +108,7 @@ def precise_bn(module: nn.Module, x: torch.Tensor, channels_last: bool) -> None:
     was_training = module.training
     module.train()
     for i, j in batch_bounds(len(x), PRECISE_BN_CHUNK):
-        module(_layout(x[i:j], channels_last))
+        module(as_layout(x[i:j], channels_last))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     module.train(was_training)
@@ -142,12 +144,12 @@ class Step:
 
     def __init__(self, module, opt, sched, device, amp: bool, channels_last: bool):
         self.module, self.opt, self.sched = module, opt, sched
-        self.autocast = lambda: _autocast(device, amp)
+        self.autocast = lambda: autocast(device, amp)
         self.channels_last = channels_last
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            loss = F.cross_entropy(self.module(_layout(xb, self.channels_last)), yb)
+            loss = F.cross_entropy(self.module(as_layout(xb, self.channels_last)), yb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -168,6 +170,7 @@ class Prepared:
         self.fields = dict(n_train=len(self.idx), n_test=len(target.y["test"]), num_classes=target.num_classes,
                            target=target.name, device_used=str(device))
         self.suffix = self.training = None
+        self.t_ready = time.perf_counter()
         if cell.arm == "pixels":
             return
         bb = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)
@@ -201,10 +204,12 @@ class Prepared:
         if cell.solver != "lbfgs":
             self.training = Training(cell, self.suffix, self.feats, self.ys, self.idx.to(device), device,
                                      target.num_classes, lr, self.layer_lrs)
+        self.t_ready = time.perf_counter()
 
     def measure(self) -> dict:
-        """The measured part of the record: a closed-form fit here, or the training's result (trained before)."""
-        cell = self.cell
+        """The measured part of the record: a closed-form fit here, or the training's result (trained before).
+        cell_seconds: preparation + training (a packed cell's share of its task's) + this measurement."""
+        cell, t0 = self.cell, time.perf_counter()
         if cell.arm == "pixels":
             measured = pixel_baseline(cell.model, self.target, self.idx)
         elif self.training is None:
@@ -213,7 +218,9 @@ class Prepared:
             raise self.training.error
         else:
             measured = self.training.result()
-        return self.fields | measured | dict(cell_seconds=time.perf_counter() - self.t_start)
+        trained = measured["train_seconds"] if self.training else 0.0
+        return self.fields | measured | dict(
+            cell_seconds=self.t_ready - self.t_start + trained + time.perf_counter() - t0)
 
 
 def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True,
@@ -239,11 +246,15 @@ def fit_together(cells: list[tuple[Cell, float | None]], cache: FeatureCache, ad
         except Exception as e:  # noqa: BLE001 - one cell's failure is its record, not the pack's
             prepared.append(e)
     trainings = [p.training for p in prepared if isinstance(p, Prepared) and p.training]
+    t0 = time.perf_counter()
     try:
         train_together(trainings, advance)
     except Exception as e:  # noqa: BLE001 - a pack that breaks fails its cells, not the study
         for t in trainings:
             t.error = t.error or e
+    wall = time.perf_counter() - t0
+    for t in trainings:  # trained at once: each its share of the wall time (they sum to it, as cells alone do)
+        t.seconds = wall / len(trainings)
     for p in prepared:
         if isinstance(p, Exception):
             out.append((None, p))
@@ -407,6 +418,7 @@ class Training:
                          self.total, evals | ({self.first} if self.first else set()), layer_lrs)
                      for c in self.candidates]
         self.winner, self.rung, self.error, self.t0 = None if self.first else self.runs[0], {}, None, None
+        self.seconds: float | None = None  # its share of the wall time, when trained together with others
 
     def settle_race(self, failed: dict[int, Exception]) -> None:
         """After the rung: the best candidate on validation goes on; a diverged candidate loses."""
@@ -421,7 +433,7 @@ class Training:
     def result(self) -> dict:
         """The measured part of the record, from the winner's best validation weights."""
         run = self.winner
-        train_seconds = time.perf_counter() - self.t0
+        train_seconds = self.seconds if self.seconds is not None else time.perf_counter() - self.t0
         if run.best_state is not None:
             run.suffix.load_state_dict(run.best_state)  # the best validation weights, with their BN statistics
         if run.suffix is not self.suffix:
