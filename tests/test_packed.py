@@ -199,24 +199,27 @@ def test_a_pack_sheds_its_stopped_copies(cache, torch_single_thread, monkeypatch
 
 
 def test_tasks_hold_one_network_shape():
-    """The runner's tasks: textures and digits (10 classes each) share a shape at 2 per class, glyphs (20 classes)
-    does not; scratch shares full fine-tuning's shape; every cell is in exactly one task of at most `most`."""
+    """The runner's tasks: textures and digits (10 classes each) share a shape, glyphs (20 classes) does not, not
+    even at half the examples per class (the same number of examples, another head); layer-wise LR decay (an LR
+    group per depth) packs apart; scratch shares full fine-tuning's shape; every cell is in exactly one task of at
+    most `most`."""
     from transferbench.runner import pack_groups
     from transferbench.study import expand, load_study, study_path
 
     study = load_study(study_path("smoke"), [
         "backbones=[{model: tf_efficientnet_lite0}]",
-        "targets=[{dataset: textures}, {dataset: digits}, {dataset: glyphs}]", "grid.frozen_depth=[0, all]",
-        "grid.n_per_class=[2]", "grid.schedule=[cosine, constant]", "grid.seed=[0,1,2]"], None)
+        "targets=[{dataset: textures, n_per_class: [4]}, {dataset: digits, n_per_class: [4]}, "
+        "{dataset: glyphs, n_per_class: [2]}]", "grid.frozen_depth=[0, all]", "grid.recipes=[cosine_llrd]",
+        "grid.schedule=[cosine, constant]", "grid.seed=[0,1,2]"], None)
     cells = [c for c in expand(study) if c.arm != "pixels" and c.solver != "lbfgs"]
     tasks = pack_groups(cells, most=16)
     assert sorted(c.cell_id for t in tasks for c in t) == sorted(c.cell_id for c in cells)
     assert all(len(t) <= 16 for t in tasks)
     for t in tasks:
-        assert len({c.dataset == "glyphs" for c in t}) == 1
-    ten = [t for t in tasks if t[0].dataset != "glyphs"]
-    assert {c.arm for t in ten for c in t} == {"scratch", "transfer"}
-    assert len(ten) == -(-sum(len(t) for t in ten) // 16)  # as few tasks as the bound allows
+        assert len({(c.dataset == "glyphs", c.schedule == "cosine_llrd") for c in t}) == 1
+    plain = [t for t in tasks if t[0].dataset != "glyphs" and t[0].schedule != "cosine_llrd"]
+    assert {c.arm for t in plain for c in t} == {"scratch", "transfer"}
+    assert len(plain) == -(-sum(len(t) for t in plain) // 16)  # as few tasks as the bound allows
 
 
 @pytest.mark.parametrize("chunk", [512, 7])
@@ -293,13 +296,16 @@ def test_a_run_that_diverges_in_a_pack_fails_its_own_cell(cache, torch_single_th
 
 
 def test_cells_trained_together_each_take_their_share_of_the_time(cache, torch_single_thread):
-    """Per cell, train_seconds is its share of the task's training wall time (so they sum to it, as the times of
-    cells trained one by one do), and cell_seconds holds it."""
+    """Per cell, train_seconds is its share of the task's training wall time by the examples it saw (so they sum to
+    the wall time, as the times of cells trained one by one do, and every cell of a task shows the task's images/s),
+    and cell_seconds holds it. The second cell trains twice as many steps."""
     import time
 
-    cells = [(Cell(**(BASE | dict(seed=s, steps=3, eval_every=3))), None) for s in range(2)]
+    cells = [(Cell(**(BASE | dict(seed=s, steps=3 * (s + 1), eval_every=3))), None) for s in range(2)]
     t0 = time.perf_counter()
     (a, _), (b, _) = train.fit_together(cells, cache, packed(most=2))
     wall = time.perf_counter() - t0
-    assert a["train_seconds"] == b["train_seconds"] and a["train_seconds"] + b["train_seconds"] <= wall
+    assert b["images_seen"] == 2 * a["images_seen"] and b["train_seconds"] == pytest.approx(2 * a["train_seconds"])
+    assert a["images_per_second"] == pytest.approx(b["images_per_second"])
+    assert a["train_seconds"] + b["train_seconds"] <= wall
     assert a["cell_seconds"] > a["train_seconds"] and a["cell_seconds"] + b["cell_seconds"] <= wall

@@ -1,7 +1,7 @@
 """What a study will cost before it runs (`transferbench plan`): per arm, the cells, the SGD runs (LR candidates
-included), optimizer steps and training images, all upper bounds (early stopping only shortens a run); and how
-full the runner's packs would be on a GPU (copies per pack step). Nothing is trained or loaded but the datasets'
-class lists."""
+included), optimizer steps and training images before early stopping (which only shortens a run); and how full
+the runner's packs would be on a GPU (copies per pack step). Nothing is trained or loaded but the datasets' class
+lists."""
 
 from __future__ import annotations
 
@@ -17,29 +17,35 @@ class CellCost:
     runs: int  # SGD runs: its LR candidates, or one at another seed's choice (lr_from_seed)
     first: int  # steps of the LR race (0: no race)
     total: int  # the winner's budget in optimizer steps
-    batch: float  # training examples per step, on average over an epoch
+    batches: tuple[int, ...]  # the sizes of an epoch's batches, in order
 
     @property
     def steps(self) -> int:
         return self.total + (self.runs - 1) * self.first
 
     @property
-    def images(self) -> float:
-        return self.steps * self.batch
+    def images(self) -> int:
+        """Examples seen: every run starts an epoch at its first step (the losers stop at the end of the race)."""
+        return self.seen(self.total) + (self.runs - 1) * self.seen(self.first)
+
+    def seen(self, steps: int) -> int:
+        whole, part = divmod(steps, len(self.batches))
+        return whole * sum(self.batches) + sum(self.batches[:part])
 
 
 def cell_cost(cell: Cell) -> CellCost | None:
-    """A cell's SGD training as train.Training plans it; None for a closed-form cell (pixels, L-BFGS probe)."""
+    """A cell's SGD training as train.Training plans it, before early stopping; None for a closed-form cell
+    (pixels, L-BFGS probe). A cell that reuses another seed's LR counts one run (it races if that cell failed)."""
     from .runner import num_classes
     from .train import batch_bounds, budget
 
     if cell.arm == "pixels" or cell.solver == "lbfgs":
         return None
     n = cell.n_per_class * num_classes(cell)
-    batches = len(batch_bounds(n, min(cell.batch_size, n)))
-    total, _ = budget(cell, batches)
+    batches = tuple(j - i for i, j in batch_bounds(n, min(cell.batch_size, n)))
+    total, _ = budget(cell, len(batches))
     runs = 1 if cell.lr_from_seed is not None else len(cell.lrs or [cell.lr])
-    return CellCost(runs, max(1, total // 5) if runs > 1 else 0, total, n / batches)
+    return CellCost(runs, max(1, total // 5) if runs > 1 else 0, total, batches)
 
 
 def arm_of(cell: Cell) -> str:
@@ -69,7 +75,8 @@ def shed(steps: list[int], refill: float) -> tuple[int, int]:
 def gpu_packing(cells: list[Cell], most: int, refill: float = 0.75) -> tuple[int, int]:
     """(run-steps trained in packs, pack steps) of the runner's tasks on a GPU: each task's LR races (the
     candidates of its cells with one race length, in packs of at most `most`), then its winners to their budgets.
-    As if every run of a task shared one shape (packed.signature may split a few more)."""
+    As if every run of a task shared one shape (packed.signature may split a few more: runs at different offsets of
+    an epoch whose last batch is short, such as scratch and fine-tuning winners after races of different lengths)."""
     from .packed import pack_sizes
     from .runner import pack_groups
 
@@ -101,7 +108,8 @@ def plan_table(study: Study, cells: list[Cell]) -> str:
             row[1], row[2], row[3] = row[1] + k.runs, row[2] + k.steps, row[3] + k.images
     arms = Counter(c.arm for c in cells)
     lines = [f"{study.name}: {len(cells)} cells (" + ", ".join(f"{a} {n}" for a, n in sorted(arms.items())) + ")",
-             "SGD training, upper bounds (early stopping only shortens a run; LR races included):",
+             "SGD training before early stopping (which only shortens runs), LR races included (a cell that reuses "
+             "another seed's LR counts one run):",
              f"{'arm':<28}{'cells':>7}{'runs':>8}{'optimizer steps':>17}{'images':>14}"]
     for arm, (n, runs, steps, images, closed) in sorted(rows.items()):
         lines.append(f"{arm:<28}{n:>7}" + (f"{'closed form':>39}" if closed else
@@ -112,6 +120,7 @@ def plan_table(study: Study, cells: list[Cell]) -> str:
     in_packs, taken = gpu_packing(cells, study.run.pack_size)
     steps = sum(r[2] for r in rows.values())
     if taken:
-        lines.append(f"packed on a GPU (run.pack_size {study.run.pack_size}): {in_packs / max(steps, 1):.0%} of the "
-                     f"optimizer steps in packs, {in_packs / taken:.1f} copies per pack step on average")
+        lines.append(f"packed on a GPU (run.pack_size {study.run.pack_size}), before early stopping: "
+                     f"{in_packs / max(steps, 1):.0%} of the optimizer steps in packs, {in_packs / taken:.1f} copies "
+                     "per pack step on average (early stopping empties packs: fewer)")
     return "\n".join(lines)

@@ -208,17 +208,19 @@ def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_di
 
 
 def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
-    """Tasks of at most `most` cells that can share packs: one network shape (model, trainable layers, number of
-    training examples: examples per class x classes) and solver; they differ in arm (scratch and full fine-tuning
-    share a shape), weights, target condition, schedule, LR and seed (packed.signature decides the exact packs).
-    Grouped by shape first, so that a task never holds a few cells of one shape beside a few of another (each a
-    pack of its own). A task writes its records when it ends, so tasks stay about one pack large."""
+    """Tasks of at most `most` cells that can share packs: one network shape (model, trainable layers, examples per
+    class and classes: the batch and head shapes), solver and LR grouping (layer-wise decay gives each depth its
+    own LR group); they differ in arm (scratch and full fine-tuning share a shape), weights, target condition,
+    schedule, LR and seed (packed.signature decides the exact packs). Grouped by shape first, so that a task does
+    not hold a few cells of one shape beside a few of another (each a pack of its own). A task writes its records
+    when it ends, so tasks stay about one pack large."""
     from .packed import pack_sizes
+    from .schedules import recipe
 
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
-        key = (c.arm == "pixels", c.model, str(c.frozen_depth), str(c.train_groups),
-               c.n_per_class * num_classes(c), c.solver)
+        key = (c.arm == "pixels", c.model, str(c.frozen_depth), str(c.train_groups), c.n_per_class, num_classes(c),
+               c.solver, bool(recipe(c.schedule).get("layer_decay")))
         groups.setdefault(key, []).append(c)
     tasks = []
     for _, g in sorted(groups.items()):

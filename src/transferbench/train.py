@@ -252,9 +252,9 @@ def fit_together(cells: list[tuple[Cell, float | None]], cache: FeatureCache, ad
     except Exception as e:  # noqa: BLE001 - a pack that breaks fails its cells, not the study
         for t in trainings:
             t.error = t.error or e
-    wall = time.perf_counter() - t0
-    for t in trainings:  # trained at once: each its share of the wall time (they sum to it, as cells alone do)
-        t.seconds = wall / len(trainings)
+    wall, seen = time.perf_counter() - t0, [sum(r.seen for r in t.runs) for t in trainings]
+    for t, n in zip(trainings, seen):  # trained at once: each its share of the wall time by the examples it saw
+        t.seconds = wall * (n / sum(seen) if sum(seen) else 1 / len(trainings))  # (they sum to it, as cells alone do)
     for p in prepared:
         if isinstance(p, Exception):
             out.append((None, p))
