@@ -22,7 +22,7 @@ grid: {frozen_depth: [0, all], n_per_class: [2, 4], schedule: [constant, {name: 
 """
 
 
-@pytest.mark.parametrize("name", ["smoke", "domain_gap"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES.glob("*.yaml")))
 def test_shipped_studies_load(name):
     study = load_study(study_path(name, STUDIES))
     assert study.name == name

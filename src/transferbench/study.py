@@ -88,8 +88,9 @@ class TargetSpec(Strict):
 
 
 def default_label(dataset: str, options: dict) -> str:
-    """A folder-based target is named by its folder: two ImageFolders are never both "imagefolder"."""
-    folder = options.get("path") or options.get("root")
+    """A folder-based target is named by its folder: two ImageFolders are never both "imagefolder". (Not by a
+    download `root`: torchvision datasets share one, and each is its dataset.)"""
+    folder = options.get("path")
     return Path(str(folder)).resolve().name if folder else dataset
 
 
