@@ -7,8 +7,8 @@
 # (cells/s) with pytest-benchmark (bench/test_packed.py, JSON in $OUT); harness vs timm's loop at 224 px and at
 # 64 px batch 64 (bench/gpu_throughput.py); then one domain_gap GPU sub-grid (lite0, 8 per class, 3 seeds, 100
 # steps: 135 cells) run to completion per cell and packed, each with a fresh cache: wall time and cells/s.
-# (The whole `domain_gap --profile gpu` is ~66 M training images: hours at the packed rates measured so far, not a
-# check; see the README.) Needs the wheels that machine lacks in .whl/: see README.
+# (The whole `domain_gap --profile gpu` is 56 M training images before early stopping (`transferbench plan`):
+# over an hour at the packed rates measured so far, not a check; see the README.) Needs the wheels that machine lacks in .whl/: see README.
 set -u
 mode=${1:-full}
 PY=${PY:-python3}

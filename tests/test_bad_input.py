@@ -73,6 +73,11 @@ CASES = [
     ("unknown profile", GOOD, ["--profile", "gpuu"], None, "no profile 'gpuu'"),
     ("dask without a scheduler", GOOD, ["--backend", "dask"], None, "run.scheduler"),
     ("non-positive lr", GOOD.replace("epochs: 1", "epochs: 1, lr: 0"), [], None, "train.lr"),
+    ("frozen depth misspelt", GOOD.replace("frozen_depth: [0, all]", "frozen_depth: [0, al]"), [], None,
+     "grid.frozen_depth.1: Value error, a frozen depth is a number of groups frozen (0 = fine-tune everything) or "
+     "'all', not 'al'"),
+    ("a profile where none is defined", GOOD.replace("profiles: {fast: {train.epochs: 1}}\n", ""),
+     ["--profile", "gpu"], None, "this study defines no profiles"),
 ]
 
 
@@ -114,3 +119,19 @@ def test_unknown_study_name(capsys):
 
 def test_there_are_at_least_twenty_cases():
     assert len(CASES) >= 20
+
+
+def test_a_download_without_a_network_says_so(monkeypatch, capsys):
+    """A torchvision dataset or network weights on a machine without a network: one line that says a download
+    failed (not a disk error), exit 2."""
+    from urllib.error import URLError
+
+    from transferbench import runner
+
+    def offline(study):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(runner, "plan", offline)
+    assert main(["plan", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: download failed") and "fix:" in err and len(err.splitlines()) == 1

@@ -9,6 +9,7 @@ import stat
 import sys
 import time
 from pathlib import Path
+from urllib.error import URLError
 
 from .errors import ConfigError
 
@@ -18,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("study", help="run a study (cells already done are skipped) and write its report")
     s.add_argument("study", help="a name in studies/ or a path to a YAML file")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grid.seed=[0,1] train.epochs=3")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grid.seed=[0,1] train.steps=300")
     s.add_argument("--profile", help="a named override set from the study's `profiles:`")
     s.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results/)")
     s.add_argument("--jobs", type=int, help="parallel workers (default: the study's run.jobs)")
@@ -69,7 +70,8 @@ def study_folder(results: Path, name: str) -> Path:
 def cmd_study(args) -> int:
     from .study import load_study, study_path
 
-    # Validated before torch, pandas or matplotlib are imported: bad input is refused in well under a second.
+    # The file is validated before torch, pandas or matplotlib are imported: a bad file is refused in well under a
+    # second (what needs the data or the model is checked by plan()).
     study = load_study(study_path(args.study), args.overrides, args.profile)
     out = study_folder(args.results, study.name)
 
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         return {"study": cmd_study, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except URLError as e:  # a download (a torchvision dataset, network weights) on a machine without a network
+        print(f"error: download failed ({e.reason}) -- fix: connect this machine to the network, or point the "
+              "target's options (root, path) at files already on disk (finished cells are kept)", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a vanished folder: one line, and what was finished stays on disk
         where = e.filename or "I/O"

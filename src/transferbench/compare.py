@@ -128,7 +128,7 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
     missing = b_points.index.difference(n_points.index)
     if len(missing):
         problems.append(f"{len(missing)} grid point(s) of the base are missing from the new results "
-                        f"(e.g. {list(missing[0])})")
+                        f"(e.g. {[v.item() if hasattr(v, 'item') else v for v in missing[0]]})")
     shared = b_points.index.intersection(n_points.index)
     for col in STRUCTURE:
         if col in b_points and col in n_points:

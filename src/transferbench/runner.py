@@ -434,5 +434,6 @@ def timing_table(summary: RunSummary) -> str:
         seen = sum(r.get("images_seen") or 0 for r in rs)
         lines.append(f"{arm:<10}{len(rs):>7}{secs:>14.1f}{sum(r.get('prefix_seconds') or 0 for r in rs):>10.1f}"
                      f"{seen / max(train, 1e-9):>10.0f}")
-    lines.append("feature cache: " + ", ".join(f"{k}={v}" for k, v in sorted(cache.items(), key=str)))
+    lines.append("feature cache: " + ", ".join(f"{k or 'none (pixels)'}={v}" for k, v in sorted(cache.items(),
+                                                                                                key=str)))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     NonNegativeInt,
+    PlainValidator,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -31,7 +32,15 @@ from pydantic import (
 
 from .errors import ConfigError, did_you_mean
 
-Depth = NonNegativeInt | Literal["all"]
+
+def _depth(value: Any) -> int | str:
+    """A frozen depth: a number of groups (0, 1, ...) or 'all'; one error message, not one per union member."""
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"a frozen depth is a number of groups frozen (0 = fine-tune everything) or 'all', not {value!r}")
+
+
+Depth = Annotated[int | Literal["all"], PlainValidator(_depth)]
 
 # Names that become folders or labels: plain identifiers, so no `../`, no `/`, no markup.
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -573,7 +582,8 @@ def load_study(path: Path | str, overrides: list[str] = (), profile: str | None 
     if profile:
         profiles = raw.get("profiles") or {}
         if profile not in profiles:
-            raise ConfigError("profile", f"no profile '{profile}' in {path}", did_you_mean(profile, profiles))
+            raise ConfigError("profile", f"no profile '{profile}' in {path}", did_you_mean(profile, profiles)
+                              if profiles else "this study defines no profiles: drop --profile, or add `profiles:`")
         raw = apply_overrides(raw, profiles[profile], source=f"profiles.{profile}")
     raw = apply_overrides(raw, list(overrides))
     try:
