@@ -77,21 +77,18 @@ def gpu_packing(cells: list[Cell], most: int, refill: float = 0.75) -> tuple[int
     candidates of its cells with one race length, in packs of at most `most`), then its winners to their budgets.
     As if every run of a task shared one shape (packed.signature may split a few more: runs at different offsets of
     an epoch whose last batch is short, such as scratch and fine-tuning winners after races of different lengths)."""
-    from .packed import pack_sizes
-    from .runner import pack_groups
+    from .packed import chunks
+    from .runner import lr_phases, pack_groups
 
     in_packs = taken = 0
-    phases = [[c for c in cells if c.lr_from_seed is None], [c for c in cells if c.lr_from_seed is not None]]
-    for phase in phases:
+    for phase in lr_phases(cells):
         for task in pack_groups([c for c in phase if cell_cost(c)], most):
             costs = [cell_cost(c) for c in task]
             groups = [[first] * sum(k.runs for k in costs if k.first == first)
                       for first in sorted({k.first for k in costs if k.first})]
             for steps in groups + [[k.total - k.first for k in costs]]:
-                start = 0
-                for size in pack_sizes(len(steps), most):
-                    chunk, start = steps[start:start + size], start + size
-                    if size > 1:
+                for chunk in chunks(steps, most):
+                    if len(chunk) > 1:
                         pack, alone = shed(chunk, refill)
                         taken, in_packs = taken + pack, in_packs + sum(chunk) - alone
     return in_packs, taken

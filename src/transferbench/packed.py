@@ -192,26 +192,17 @@ class Pack:
         runs = [self.runs[i] for i in due]
         if len(due) < max(2, len(active) / 2) or not self._same_validation(runs):
             return {}
-        before = {n: v.clone() for n, v in self.fixed.items()}
         if runs[0].cell.precise_bn:
             self._precise_bn(due)
         self.template.eval()
         first = runs[0].data
-        size = len(first["val"])
-        chunk = 512 if first["val"].device.type == "cuda" else 64  # as forward_batched
+        chunk = train.eval_batch_size(first["val"].device)
         logits = torch.cat([self.forward(torch.stack([self.runs[i].data["val"][j:j + chunk] if i in due
                                                       else first["val"][j:j + chunk]
                                                       for i in range(len(self.runs))])).float().cpu()
-                            for j in range(0, size, chunk)], 1)
+                            for j in range(0, len(first["val"]), chunk)], 1)
         self.template.train()
-        keep = torch.tensor([i not in due for i in range(len(self.runs))], device=self.flat.device)
-        for n, v in self.fixed.items():  # the copies not due: their statistics as they were
-            v[keep] = before[n][keep]
-        out = {}
-        for i in due:
-            y = self.runs[i].data["y_val"].cpu()
-            out[i] = ((logits[i].argmax(1) == y).float().mean().item(), F.cross_entropy(logits[i], y).item())
-        return out
+        return {i: train.scores(logits[i], self.runs[i].data["y_val"])[:2] for i in due}
 
     def _same_validation(self, runs: list) -> bool:
         c = runs[0].cell
@@ -219,10 +210,12 @@ class Pack:
                    for r in runs)
 
     def _precise_bn(self, due: list[int]) -> None:
-        """train.precise_bn for every copy (the caller restores those not due): statistics reset, then the
-        cumulative average over chunks of the training subset (momentum 1/j for chunk j)."""
-        norms = {name: m for name, m in self.template.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        """train.precise_bn for the copies in `due`: statistics reset, then the cumulative average over chunks of the
+        training subset (momentum 1/j for chunk j). The pass computes every copy; the others get their statistics
+        back."""
+        norms = train.tracked_norms(self.template)
+        stats = [f"{name}.{b}" for name in norms for b in ("running_mean", "running_var", "num_batches_tracked")]
+        before = {n: self.fixed[n].clone() for n in stats}
         for name in norms:
             self.fixed[f"{name}.running_mean"].zero_()
             self.fixed[f"{name}.running_var"].fill_(1)
@@ -237,6 +230,9 @@ class Pack:
             self.forward(torch.stack([x.get(i, first)[a:b] for i in range(len(self.runs))]), amp=False)
         for name, m in norms.items():
             m.momentum = momenta[name]
+        keep = torch.tensor([i not in due for i in range(len(self.runs))], device=self.flat.device)
+        for n in stats:  # the copies not due: their statistics as they were
+            self.fixed[n][keep] = before[n][keep]
 
     def _stack(self, batches: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Every copy's batch in one tensor; a copy that is not training gets an active copy's batch (its forward
@@ -394,6 +390,15 @@ def pack_sizes(n: int, most: int) -> list[int]:
     return [n // k + (j < n % k) for j in range(k)]
 
 
+def chunks(items: list, most: int) -> list[list]:
+    """`items` in consecutive parts of at most `most`, as even as possible (pack_sizes)."""
+    out, start = [], 0
+    for size in pack_sizes(len(items), most):
+        out.append(items[start:start + size])
+        start += size
+    return out
+
+
 def signature(run) -> tuple | None:
     """What runs must share to be stacked (None: this run cannot be packed and trains alone): the trainable layers
     and their LR groups, the optimizer and its fixed hyperparameters, the batch shapes (examples and batch size
@@ -422,10 +427,7 @@ def packed(most: int = 16, refill: float = 0.75):
             groups.setdefault(signature(r), []).append(i)
         failed = {}
         for key, members in groups.items():
-            start = 0
-            for size in pack_sizes(len(members), most):
-                chunk = members[start:start + size]
-                start += size
+            for chunk in chunks(members, most):
                 chunk_runs = [runs[i] for i in chunk]
                 errors = train_pack(chunk_runs, until, refill) if key is not None else alone(chunk_runs, until)
                 failed |= {chunk[j]: e for j, e in errors.items()}  # by the caller's index

@@ -214,7 +214,7 @@ def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
     schedule, LR and seed (packed.signature decides the exact packs). Grouped by shape first, so that a task does
     not hold a few cells of one shape beside a few of another (each a pack of its own). A task writes its records
     when it ends, so tasks stay about one pack large."""
-    from .packed import pack_sizes
+    from .packed import chunks
     from .schedules import recipe
 
     groups: dict[tuple, list[Cell]] = {}
@@ -222,14 +222,9 @@ def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
         key = (c.arm == "pixels", c.model, str(c.frozen_depth), str(c.train_groups), c.n_per_class, num_classes(c),
                c.solver, bool(recipe(c.schedule).get("layer_decay")))
         groups.setdefault(key, []).append(c)
-    tasks = []
-    for _, g in sorted(groups.items()):
-        g = sorted(g, key=lambda c: (c.arm, c.dataset, str(c.shift), c.severity, c.schedule, c.seed))
-        start = 0
-        for size in pack_sizes(len(g), most):
-            tasks.append(g[start:start + size])
-            start += size
-    return tasks
+    return [task for _, g in sorted(groups.items())
+            for task in chunks(sorted(g, key=lambda c: (c.arm, c.dataset, str(c.shift), c.severity, c.schedule,
+                                                        c.seed)), most)]
 
 
 def num_classes(cell: Cell) -> int:
@@ -251,6 +246,12 @@ def packs(study: Study) -> bool:
     from .train import resolve_device
 
     return resolve_device(study.train.device).type == "cuda"
+
+
+def lr_phases(cells: list[Cell]) -> list[list[Cell]]:
+    """The cells that choose their LR, then those that reuse another seed's choice (lr_from_seed): run in that
+    order, so that every reuse reads a finished record."""
+    return [[c for c in cells if c.lr_from_seed is None], [c for c in cells if c.lr_from_seed is not None]]
 
 
 def chosen_lr(cell: Cell, records: dict[str, dict]) -> float | None:
@@ -344,9 +345,8 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     bar = tqdm(total=len(todo), desc=f"{study.name}: cells", unit="cell", disable=not progress, smoothing=0.05)
     # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
     # every reuse reads a finished record and the result never depends on which worker ran first.
-    phases = [[c for c in todo if c.lr_from_seed is None], [c for c in todo if c.lr_from_seed is not None]]
     with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
-        for i, phase in enumerate(p for p in phases if p):
+        for i, phase in enumerate(p for p in lr_phases(todo) if p):
             records = read_records(records_dir) if i else records
             args = (study.name, str(records_dir), threads, context)
             if packs(study):
