@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-domains", action="store_true", help="skip the domain measures (distances, estimators): "
                    "quicker iteration; the report then orders targets as listed and ranks no estimator")
     pl = sub.add_parser("plan", help="what a study will cost, before it runs: cells, SGD runs, optimizer steps and "
-                        "images per arm (upper bounds), and how full the packs would be on a GPU")
+                        "images per arm before early stopping, and how full the packs would be on a GPU")
     pl.add_argument("study", help="a name in studies/ or a path to a YAML file")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, as for `study`")
     pl.add_argument("--profile", help="a named override set from the study's `profiles:`")
