@@ -86,7 +86,12 @@ def load_weights_file(path: Path) -> dict:
                           "give an existing .pth/.safetensors path, 'imagenet', 'hub' or 'none'")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+            raise ConfigError("backbones.weights", f"{path} cannot be read as safetensors ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})",
+                              "check the file (a complete .safetensors, e.g. re-download or re-save it)") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused it: code would have to run to load it
@@ -154,10 +159,12 @@ def _load(model: nn.Module, sd: dict, weights: str) -> None:
         sd = dict(zip(own, sd.values()))  # same order and shapes, one to one; checked below
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in sd]
-    if bad or missing:
-        raise ConfigError("backbones.weights", f"{weights} does not fit {type(model).__name__}: "
-                          f"{len(bad)} shape mismatches (e.g. {bad[:2]}), {len(missing)} missing keys (e.g. "
-                          f"{missing[:2]})",
+    extra = [k for k in sd if k not in own]
+    if bad or missing or extra:
+        found = [f"{len(keys)} {what} (e.g. {keys[:2]})" for keys, what in ((bad, "shape mismatches"),
+                                                                            (missing, "missing keys"),
+                                                                            (extra, "unexpected keys")) if keys]
+        raise ConfigError("backbones.weights", f"{weights} does not fit {type(model).__name__}: {', '.join(found)}",
                           "use weights saved from the same timm architecture")
     model.load_state_dict(sd)
 

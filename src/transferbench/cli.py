@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 import sys
 import time
 from pathlib import Path
 from urllib.error import URLError
 
 from .errors import ConfigError
+from .paths import check_writable, refuse_links
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,20 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse before anything is written. Mode bits are checked too: root may write anywhere."""
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK) or not probe.stat().st_mode & stat.S_IWUSR:
-        raise ConfigError("--results", f"{probe} is read-only", "choose a writable --results folder or fix its "
-                                                                "permissions")
-
-
 def study_folder(results: Path, name: str) -> Path:
     """results/<name>, refused unless it resolves inside results/ (a name is never a path)."""
     from .study import IDENTIFIER
 
+    if IDENTIFIER.fullmatch(name):
+        refuse_links(results / name)  # before resolving: a linked study folder is named as a link
     out = (results / name).resolve()
-    if not IDENTIFIER.match(name) or out.parent != results.resolve():
+    if not IDENTIFIER.fullmatch(name) or out.parent != results.resolve():
         raise ConfigError("study name", f"{name!r} would write outside {results}/",
                           "use a plain name: letters, digits, '_' and '-'")
     return out
@@ -82,7 +75,7 @@ def cmd_study(args) -> int:
     if (args.backend or study.run.backend) == "dask":
         dask_address(args.scheduler or study.run.scheduler)  # refused before anything is written
     cells = plan(study)
-    _check_writable(out)
+    check_writable(out, "--results", "choose a writable --results folder or fix its permissions")
     read_records(out / "records")  # a corrupted record is refused before anything is written
     with results_lock(out):
         removed = remove_orphans(out)

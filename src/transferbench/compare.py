@@ -15,6 +15,12 @@ failed, and the structure of every point (training examples, frozen fraction, tr
 and the digest of the pretrained weights a transfer cell started from).
 Speed fails when an arm's median images/s falls below a fraction of the base's: across two hosts
 of one kind the median moved by a factor of up to 1.6 (README), so the default fraction is 0.5.
+
+Untestable is never "no regression": every check the gate is asked to make and cannot make (a value
+that is missing or not finite, a side with fewer than 2 seeds, nothing in common to test) is listed
+as UNTESTABLE and fails the gate like a regression. Input that makes the whole comparison
+meaningless (an option out of range, an unreadable table, a missing column, no usable row) is
+refused as a ConfigError.
 """
 
 from __future__ import annotations
@@ -37,33 +43,77 @@ AGGREGATES = {"target": ["target"], "transfer arm": ["tuning"], "all points": []
 
 @dataclass
 class Comparison:
-    tests: pd.DataFrame  # one row per point or aggregate: delta, p, q, regressed
-    problems: list[str] = field(default_factory=list)
+    tests: pd.DataFrame  # one row per point or aggregate: delta, p, q, regressed, untestable (why, or "")
+    problems: list[str] = field(default_factory=list)  # regressions
+    untestable: list[str] = field(default_factory=list)  # checks asked for that could not be made
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.untestable
+
+
+# Every column the gate reads: a table without one is refused, never half-compared.
+REQUIRED = ["cell_id", "arm", "status", "seed", *(c for c in POINT if c != "tuning"),  # tuning: derived by with_tuning
+            "frozen_depth", "schedule", "lr", "val_acc", "test_acc", "images_per_second"]
+# The gate's options, each a check that must stay able to fail: (flag, low, high, low included, high included).
+OPTIONS = {"margin": ("--margin", 0.0, 1.0, True, False), "fdr": ("--fdr", 0.0, 1.0, False, False),
+           "speed_fraction": ("--speed-fraction", 0.0, 1.0, False, True),
+           "aggregate_margin": ("--margin (aggregates: half of it)", 0.0, 1.0, True, False)}
+OPTION_DEFAULTS = dict(margin=0.02, fdr=0.05, speed_fraction=0.5, aggregate_margin=0.01)
+
+
+def check_options(**values: float) -> None:
+    """Refuse an option that cannot be tested against (nan) or that switches its check off (--fdr 0, a margin no
+    accuracy can exceed, --speed-fraction 0)."""
+    for name, value in values.items():
+        flag, low, high, low_in, high_in = OPTIONS[name]
+        inside = np.isfinite(value) and (low <= value if low_in else low < value) and \
+            (value <= high if high_in else value < high)
+        if not inside:
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ConfigError(flag, f"{value} is outside {interval}: that check could not fail",
+                              f"give a value in {interval} (default {OPTION_DEFAULTS[name]:g})")
 
 
 def read_runs(folder: Path) -> pd.DataFrame:
     path = folder / "runs.csv"
-    if not path.exists():
-        raise ConfigError("compare", f"{path} does not exist", "give result folders written by `transferbench study`")
+    if not path.is_file():
+        raise ConfigError("compare", f"{path} does not exist" if not path.exists() else f"{path} is not a regular "
+                          "file", "give result folders written by `transferbench study`")
     try:
         df = pd.read_csv(path)
     except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
         raise ConfigError("compare", f"{path} is not a readable table ({type(e).__name__})",
                           "rebuild it with `transferbench report STUDY`") from None
-    missing = {"cell_id", "arm", "status", "seed", "test_acc", "val_acc"} - set(df.columns) - set(POINT)
+    missing = [c for c in REQUIRED if c not in df.columns]
     if df.empty or missing:
-        raise ConfigError("compare", f"{path} has no rows" if df.empty else f"{path} lacks columns {sorted(missing)}",
-                          "compare folders of studies that ran cells")
+        raise ConfigError("compare", f"{path} has no rows" if df.empty else f"{path} lacks columns {missing}",
+                          "compare folders of studies that ran cells (rebuild a damaged table with `transferbench "
+                          "report STUDY`)")
+    usable = (df["status"] == "ok") & np.isfinite(pd.to_numeric(df["test_acc"], errors="coerce"))
+    if not usable.any():
+        raise ConfigError("compare", f"{path} has no cell recorded ok with a finite test accuracy: nothing to compare",
+                          "compare folders of studies whose cells trained")
     return with_tuning(df)
 
 
+def value_problems(runs: pd.DataFrame, side: str) -> list[str]:
+    """Cells recorded ok whose accuracies are missing or not finite: whatever they would show cannot be tested."""
+    ok = runs[runs["status"] == "ok"]
+    values = ok[["val_acc", "test_acc"]].apply(pd.to_numeric, errors="coerce")
+    bad = ok[~np.isfinite(values).all(axis=1)]
+    if bad.empty:
+        return []
+    first = bad.iloc[0]
+    return [f"{len(bad)} cell(s) recorded ok in the {side} results have a missing or non-finite val_acc/test_acc "
+            f"(e.g. {first['cell_id']}: {first['arm']} {first['backbone']} {first['target']} seed {first['seed']}): "
+            "their points cannot be tested"]
+
+
 def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
-    """One-sided p of H0: mean(new) - mean(base) >= -margin (Welch). nan where a side has < 2 values."""
-    if len(base) < 2 or len(new) < 2:
+    """One-sided p of H0: mean(new) - mean(base) >= -margin (Welch). nan where a side has < 2 values or a value is
+    not finite (the caller reports why: `untestable_reason`)."""
+    if untestable_reason(base, new):
         return float("nan")
     delta = new.mean() - base.mean() + margin
     a, b = base.var(ddof=1) / len(base), new.var(ddof=1) / len(new)
@@ -73,18 +123,33 @@ def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
     return float(stats.t.cdf(delta / np.sqrt(a + b), df))
 
 
+def untestable_reason(base: np.ndarray, new: np.ndarray) -> str:
+    """Why a one-sided test of these per-seed values cannot be made ("" when it can)."""
+    for side, values in (("base", base), ("new", new)):
+        if not np.isfinite(values).all():
+            return f"a non-finite value in the {side} results"
+        if len(values) < 2:
+            return f"{len(values)} seed(s) in the {side} results (a t-test over seeds needs at least 2)"
+    return ""
+
+
+def _per_seed(g: pd.DataFrame, value: str) -> np.ndarray:
+    """Each seed's mean over the group's rows; a missing value makes its seed's mean nan, never a smaller mean."""
+    return g.groupby("seed")[value].agg(lambda v: v.mean(skipna=False)).to_numpy(dtype=float)
+
+
 def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, measure: str, value: str,
                margin: float) -> list[dict]:
     rows = []
     for key, gb in b.groupby(keys, sort=True) if keys else [((), b)]:
         key = key if isinstance(key, tuple) else (key,)
         gn = n.merge(pd.DataFrame([key], columns=keys), on=keys) if keys else n
-        vb, vn = gb.groupby("seed")[value].mean().to_numpy(), gn.groupby("seed")[value].mean().to_numpy()
+        vb, vn = _per_seed(gb, value), _per_seed(gn, value)
         if not len(vn):
             continue  # a missing point is reported once, as structure
         rows.append(dict(kind=kind, measure=measure, what=" ".join(map(str, key)) or "all", base=vb.mean(),
                          new=vn.mean(), delta=vn.mean() - vb.mean(), seeds_base=len(vb), seeds_new=len(vn),
-                         p=welch_drop(vb, vn, margin)))
+                         p=welch_drop(vb, vn, margin), untestable=untestable_reason(vb, vn)))
     return rows
 
 
@@ -94,9 +159,15 @@ VALUES = {"gain": "gain", "transfer accuracy": "test_acc", "scratch accuracy": "
 
 def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, speed_fraction: float = 0.5,
             aggregate_margin: float = 0.01) -> Comparison:
+    check_options(margin=margin, fdr=fdr, speed_fraction=speed_fraction, aggregate_margin=aggregate_margin)
     b_runs, n_runs = read_runs(base), read_runs(new)
     problems = structure_problems(b_runs, n_runs)
+    untestable = value_problems(b_runs, "base") + value_problems(n_runs, "new")
     b, n = paired(b_runs), paired(n_runs)
+    if b.empty:
+        raise ConfigError("compare", f"the base {base} has no grid point with both a transfer and a scratch cell "
+                          "recorded ok: there is nothing to compare against", "give the folder of a study that ran "
+                          "its transfer and scratch arms")
     rows = []
     for name, col in VALUES.items():
         keys = SCRATCH_POINT if name == "scratch accuracy" else POINT
@@ -105,16 +176,23 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
             if not (name == "scratch accuracy" and kind == "transfer arm"):  # scratch is no transfer arm
                 rows += _test_rows(b, n, group, kind, name, col, aggregate_margin)
     tests = pd.DataFrame(rows, columns=["kind", "measure", "what", "base", "new", "delta", "seeds_base", "seeds_new",
-                                        "p"])
+                                        "p", "untestable"])
     # Two families, each under BH: the points, and the few aggregates (which a sea of point tests would drown).
-    tests["q"] = pd.concat([bh_q(g["p"]) for _, g in tests.groupby(tests["kind"] == "point")]).reindex(tests.index)
+    families = [bh_q(g["p"]) for _, g in tests.groupby(tests["kind"] == "point")]
+    tests["q"] = pd.concat(families).reindex(tests.index) if families else np.nan
     tests["regressed"] = tests["q"] <= fdr
     for (kind, measure), g in tests[tests["regressed"]].groupby(["kind", "measure"], sort=False):
         problems.append(f"{len(g)} {kind} test(s) of {measure} dropped beyond the margin (one-sided Welch over "
                         f"seeds, BH q <= {fdr:g}), e.g. {g['what'].iloc[0]}: {100 * g['delta'].iloc[0]:+.1f} pp")
-    problems += speed_problems(b_runs, n_runs, speed_fraction)
+    for (kind, measure, why), g in tests[tests["untestable"] != ""].groupby(["kind", "measure", "untestable"],
+                                                                          sort=False):
+        untestable.append(f"{len(g)} test(s) of {measure} ({kind}) could not be made: {why} (e.g. {g['what'].iloc[0]})")
+    if not (tests["kind"] == "point").any():
+        untestable.append("no grid point of the base has a tested counterpart in the new results: nothing was "
+                          "tested")
+    speed, slow_untestable = speed_problems(b_runs, n_runs, speed_fraction)
     return Comparison(tests.sort_values(["regressed", "q", "delta"], ascending=[False, True, True],
-                                        ignore_index=True), problems)
+                                        ignore_index=True), problems + speed, untestable + slow_untestable)
 
 
 def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
@@ -123,7 +201,7 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
     failed = n_runs[n_runs["status"] != "ok"]
     if len(failed):
         problems.append(f"{len(failed)} cell(s) failed in the new results (e.g. {failed['error'].iloc[0]})")
-    keys = POINT + ["arm", "schedule", "lr"]
+    keys = POINT + ["arm", "schedule", "lr", "seed"]  # every cell: a seed missing from the new results is a hole
     b_points, n_points = b_runs.groupby(keys).first(), n_runs.groupby(keys).first()
     missing = b_points.index.difference(n_points.index)
     if len(missing):
@@ -143,15 +221,21 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
     return problems
 
 
-def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float) -> list[str]:
-    problems = []
+def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float) -> tuple[list[str], list[str]]:
+    """(regressions, untestable): each arm whose base records a speed (pixel baselines and L-BFGS probes do not)."""
+    problems, untestable = [], []
     for arm, g in b_runs.groupby("arm"):
-        b_speed = g["images_per_second"].median()
-        n_speed = n_runs.loc[n_runs["arm"] == arm, "images_per_second"].median()
-        if pd.notna(b_speed) and pd.notna(n_speed) and n_speed < fraction * b_speed:
+        b_speed = pd.to_numeric(g["images_per_second"], errors="coerce").median()
+        n_speed = pd.to_numeric(n_runs.loc[n_runs["arm"] == arm, "images_per_second"], errors="coerce").median()
+        if not np.isfinite(b_speed):
+            continue
+        if not np.isfinite(n_speed):
+            untestable.append(f"the speed of {arm} could not be checked: the new results record no finite "
+                              "images_per_second for it")
+        elif n_speed < fraction * b_speed:
             problems.append(f"harness slower: {arm} median {n_speed:.0f} images/s vs {b_speed:.0f} in the base "
                             f"(below {fraction:.0%})")
-    return problems
+    return problems, untestable
 
 
 def render(c: Comparison, base: Path, new: Path) -> str:
@@ -162,8 +246,9 @@ def render(c: Comparison, base: Path, new: Path) -> str:
              f"compare {base} -> {new}: no grid point in common"]
     if len(t):
         shown = t.head(15).assign(**{k: (100 * t[k]).round(1) for k in ("base", "new", "delta")})
-        shown = shown.assign(p=shown["p"].map("{:.3g}".format), q=shown["q"].map("{:.3g}".format))
+        shown = shown.assign(p=shown["p"].map("{:.3g}".format), q=shown["q"].map("{:.3g}".format)).drop(
+            columns="untestable")
         lines += [shown.to_string(index=False), "(percentage points; p: one-sided Welch t-test over seeds of a drop "
-                  "beyond the margin; q: Benjamini-Hochberg within points and within aggregates)"]
-    lines += [f"REGRESSION: {p}" for p in c.problems] or ["no regression"]
-    return "\n".join(lines)
+                  "beyond the margin; q: Benjamini-Hochberg within points and within aggregates; nan: untestable)"]
+    verdicts = [f"REGRESSION: {p}" for p in c.problems] + [f"UNTESTABLE: {u}" for u in c.untestable]
+    return "\n".join(lines + (verdicts or ["no regression"]))

@@ -17,6 +17,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+# Figure text is never parsed as mathtext: labels (a target's folder name, a weights path) are data, and a `$` or `\`
+# in one made matplotlib raise while saving, after every cell had trained. Global: tick labels are made at save time.
+matplotlib.rcParams.update({"text.parse_math": False, "text.usetex": False})
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,6 +39,7 @@ from .analysis import (  # noqa: E402
     with_tuning,
 )
 from .measures import MEASURES as REGISTERED  # noqa: E402
+from .paths import results_subfolder  # noqa: E402
 
 PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
 DPI = 300  # print resolution of the PNGs (the SVGs are vector)
@@ -191,7 +195,7 @@ def width_inches(fig) -> float:
 def save(fig, directory: Path, name: str) -> list[Path]:
     """PNG and SVG, each written under a temporary name and renamed into place: a failed write (full disk)
     leaves no truncated figure behind, and the error propagates."""
-    directory.mkdir(parents=True, exist_ok=True)
+    results_subfolder(directory)
     paths = [directory / f"{name}.{ext}" for ext in ("png", "svg")]
     try:
         for p in paths:

@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from . import analysis, arms, atomic, plots
+from .paths import results_subfolder
 from .study import Study, safe_yaml, scratch_lrs, transfer_lrs
 from .tables import write_tables
 
@@ -126,10 +127,17 @@ def estimator_sentence(study: Study, t: dict) -> str:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    cols = [str(c) for c in df.columns]
+    cols = [md_cell(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def md_cell(value) -> str:
+    """A value as one markdown table cell: a `|` would end the cell and a line break the row (a weights path or an
+    error message may hold either), so values never move under another heading."""
+    one_line = re.sub(r"[\r\n]+", " ", str(value))
+    return re.sub(r"(\\*)\|", lambda m: 2 * m.group(1) + "\\|", one_line)  # backslashes before a | escaped too
 
 
 def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
@@ -517,7 +525,7 @@ def write_html(md_path: Path, title: str) -> Path:
 
 
 def save_study(study: Study, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    results_subfolder(out)
     atomic.write_text(out / "study.resolved.yaml", yaml.safe_dump(json.loads(study.model_dump_json()), sort_keys=False))
 
 

@@ -7,6 +7,7 @@ backend. Each worker writes its cell's record itself, atomically, the moment the
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -26,6 +27,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .paths import LINK_FIX, cache_dir, check_writable, refuse_links, results_subfolder
 from .store import read_records, write_record
 from .study import Cell, Study
 
@@ -36,17 +38,20 @@ def plan(study: Study) -> list[Cell]:
     from .backbones import (
         WEIGHTS,
         check_model_name,
+        create_backbone,
         resolve_depth,
         resolve_groups,
-        resolve_weights,
         trained_here,
         weight_source,
     )
-    from .data import DATASETS, SHIFTS, class_counts, load_raw
+    from .data import DATASETS, SHIFTS
+    from .memory import check_fits
     from .schedules import OPTIMIZERS, SCHEDULES
     from .source import cells_of, source_cell
 
     check_device(study.train.device)
+    check_writable(cache_dir(), "TRANSFERBENCH_CACHE", "point TRANSFERBENCH_CACHE at a writable folder (data, "
+                   "features and sources are cached there) or fix its permissions")
     for i, t in enumerate(study.targets):
         DATASETS.get(t.dataset, f"targets.{i}.dataset")
         if t.shift:
@@ -68,23 +73,42 @@ def plan(study: Study) -> list[Cell]:
         if trained_here(b.weights):
             source_cell(study, b.model, b.weights.split(":", 1)[1])  # the source dataset must exist
         elif not WEIGHTS.meta(weight_source(b.weights)).get("needs_network"):  # those are checked when a cell runs
-            resolve_weights(b.model, b.weights)
+            try:  # loaded into the model as a cell would (a file that does not fit is refused here, not per cell)
+                create_backbone(b.model, b.weights, num_classes=2, seed=0)
+            except ConfigError as e:
+                raise ConfigError(f"backbones.{i}.weights", e.problem, e.fix) from None
         n_groups = depth_group_count(b.model)
         for d in study.grid.frozen_depth:
             resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
         for groups in study.grid.train_groups:
             resolve_groups(groups, n_groups, field=f"grid.train_groups (backbones.{i}: {b.model})")
-    for i, t in enumerate(study.targets):
-        raw = load_raw(t.dataset, t.options)
-        counts = class_counts(raw.splits["train"][1])
-        smallest = min(counts.get(c, 0) for c in range(len(raw.classes)))  # a class absent from train counts as 0
-        too_big = [n for n in (t.n_per_class or study.grid.n_per_class) if n > smallest]
-        if too_big:
-            raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class",
-                              f"{too_big} examples per class asked, but '{t.label}' holds "
-                              f"only {smallest} in its smallest class", f"use sizes up to {smallest}" if smallest
-                              else "give every class enough images for its train split")
+    images = {t.condition: check_target(study, i, t) for i, t in enumerate(study.targets)}
+    check_fits(images, [b.model for b in study.backbones], study.train.batch_size, study.train.image_size)
     return cells_of(study)
+
+
+def check_target(study: Study, i: int, t) -> int:
+    """The target's data exists, has at least two classes and enough images per class for the sizes asked; its
+    number of images (every split)."""
+    from .data import class_counts, load_raw
+
+    try:
+        raw = load_raw(t.dataset, t.options)
+    except ConfigError as e:  # the data layer names `targets.options...`; the user needs to know which target
+        field = e.field.replace("targets.", f"targets.{i}.", 1) if e.field.startswith("targets.") else e.field
+        raise ConfigError(field, e.problem, e.fix) from None
+    if len(raw.classes) < 2:
+        raise ConfigError(f"targets.{i}", f"'{t.label}' has {len(raw.classes)} class(es) {raw.classes}: a "
+                          "classification target needs at least 2", "add a class folder, or choose another target")
+    counts = class_counts(raw.splits["train"][1])
+    smallest = min(counts.get(c, 0) for c in range(len(raw.classes)))  # a class absent from train counts as 0
+    too_big = [n for n in (t.n_per_class or study.grid.n_per_class) if n > smallest]
+    if too_big:
+        raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class",
+                          f"{too_big} examples per class asked, but '{t.label}' holds "
+                          f"only {smallest} in its smallest class", f"use sizes up to {smallest}" if smallest
+                          else "give every class enough images for its train split")
+    return sum(len(labels) for _, labels in raw.splits.values())
 
 
 def check_device(device: str) -> None:
@@ -337,7 +361,7 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo))
     if not todo:
         return summary
-    records_dir.mkdir(parents=True, exist_ok=True)
+    results_subfolder(records_dir)
     run = study.run
     jobs, backend = jobs or run.jobs, backend or run.backend
     threads = run.threads_per_worker
@@ -373,8 +397,15 @@ def results_lock(out: Path):
     """One writer per results folder: a second runner is refused (not queued, not interleaved)."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a+") as f:
+    refuse_links(results_subfolder(out))
+    # O_NOFOLLOW: a `.lock` planted as a link is refused (ELOOP), not truncated through.
+    try:
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise ConfigError("--results", f"{out / '.lock'} is a symbolic link", LINK_FIX) from None
+    with open(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from .atomic import TMP_PREFIX, write_text
 from .errors import ConfigError
+from .paths import results_subfolder
 from .study import Cell
 
 RUN_COLUMNS = ["study", "cell_id", "arm", "backbone", "weights", "target", "dataset", "shift", "severity",
@@ -55,7 +56,7 @@ def flat(record: dict) -> dict:
 def write_record(directory: Path, record: dict) -> Path:
     """Write-then-rename (synced): a reader (or a kill -9) never sees half a record, and a failed write (a full
     disk) leaves no temporary file behind. The record carries a checksum of its own content."""
-    directory.mkdir(parents=True, exist_ok=True)
+    results_subfolder(directory)
     record = json.loads(json.dumps(nest(record), default=str))  # exactly what is stored is what is checksummed
     record["checksum"] = _checksum(record)
     return write_text(directory / f"{record['cell_id']}.json", json.dumps(record, indent=1))

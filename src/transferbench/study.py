@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,20 +44,23 @@ def _depth(value: Any) -> int | str:
 Depth = Annotated[int | Literal["all"], PlainValidator(_depth)]
 
 # Names that become folders or labels: plain identifiers, so no `../`, no `/`, no markup.
-IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always fullmatch: `$` also matches before "\n"
 MAX_STUDY_BYTES = 1 << 20  # a study file is a page of YAML; anything larger is refused unread
 MAX_YAML_NODES = 100_000  # nodes after alias expansion: a "billion laughs" file is refused, not expanded
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators take it, and it stays an int64 in every table
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 def _identifier(value: str, what: str) -> str:
-    if not IDENTIFIER.match(value):
+    if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
         raise ValueError(f"{what} {value!r} is not a plain identifier; use letters, digits, '_' and '-' "
                          "(at most 64, starting with a letter or digit)")
     return value
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere: a float field is a finite number (`lr: .inf` and `budget_factor: .nan` are refused).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BackboneSpec(Strict):
@@ -98,9 +102,17 @@ class TargetSpec(Strict):
 
 def default_label(dataset: str, options: dict) -> str:
     """A folder-based target is named by its folder: two ImageFolders are never both "imagefolder". (Not by a
-    download `root`: torchvision datasets share one, and each is its dataset.)"""
+    download `root`: torchvision datasets share one, and each is its dataset.) A label reaches file names, markdown
+    tables, figure text and HTML, so the folder's name is made a plain identifier: every other character becomes
+    '_' ('my photos|v2' -> 'my_photos_v2'); give the target a `name:` to choose another."""
     folder = options.get("path")
-    return Path(str(folder)).resolve().name if folder else dataset
+    return as_identifier(Path(str(folder)).resolve().name) if folder else dataset
+
+
+def as_identifier(text: str) -> str:
+    """`text` as a plain identifier (IDENTIFIER): unsafe characters become '_', at most 64 characters."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", text)[:64]
+    return name if IDENTIFIER.fullmatch(name) else ("x" + name)[:64]
 
 
 def condition_name(label: str, shift: str | None, severity: int) -> str:
@@ -134,7 +146,7 @@ class Grid(Strict):
                                "registered in the schedule registry (lp_ft: linear probe first, then fine-tune; "
                                "cosine_llrd: layer-wise LR decay); an arm of its own, not a schedule chosen on val")
     schedule: list[ScheduleSpec]
-    seed: list[NonNegativeInt]
+    seed: list[Seed]
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -168,8 +180,9 @@ class Train(Strict):
                              "evaluation (running averages of a short run are mostly their initial values)")
     probe: Literal["lbfgs", "sgd"] = Field("lbfgs", description="linear probe: logistic regression fitted to "
                                            "convergence with its L2 strength chosen on val, or the SGD loop")
-    lrs: list[PositiveFloat] | None = Field(None, description="LR candidates for the transfer arm (and scratch, "
-                                            "unless scratch.lrs); default: the schedule's lr (or train.lr)")
+    lrs: list[PositiveFloat] | None = Field(None, min_length=1, description="LR candidates for the transfer arm "
+                                            "(and scratch, unless scratch.lrs); default: the schedule's lr (or "
+                                            "train.lr)")
     lr_search: Literal["halving", "first_seed", "grid"] = Field(
         "halving", description="halving: inside each cell, the candidates race for the first fifth of the budget and "
         "the best on validation goes on; first_seed: that race only in the first seed's cell of each grid point, the "
@@ -207,15 +220,16 @@ class Pretraining(Strict):
     lr: PositiveFloat = 0.01
     schedule: str = "cosine"
     augment: bool = False
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
 
 
 class Scratch(Strict):
     enabled: bool = True
     lr: PositiveFloat | None = Field(None, description="base LR for scratch cells; defaults to each schedule's")
-    lrs: list[PositiveFloat] | None = Field(None, description="scratch's own LR candidates (chosen on validation)")
-    budget_factor: PositiveFloat = Field(1.0, description="scratch's budget relative to transfer's (He, Girshick "
-                                         "& Dollar 2019: scratch catches up with longer schedules)")
+    lrs: list[PositiveFloat] | None = Field(None, min_length=1, description="scratch's own LR candidates (chosen on "
+                                            "validation)")
+    budget_factor: PositiveFloat = Field(1.0, le=100, description="scratch's budget relative to transfer's (He, "
+                                         "Girshick & Dollar 2019: scratch catches up with longer schedules)")
 
 
 class Baselines(Strict):
@@ -552,9 +566,36 @@ def _expanded_size(node, memo: dict) -> int:
     return memo[id(node)]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently, so
+    `steps: 10` then `steps: 100000` would train 100,000 steps). Merge keys (`<<: *defaults`) may still be
+    overridden: that is what they are for."""
+
+    where = "YAML"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                mark = key_node.start_mark
+                if key in first:
+                    line, column = first[key]
+                    at = f"columns {column} and {mark.column + 1} of line {line}" if line == mark.line + 1 else \
+                        f"lines {line} and {mark.line + 1}"
+                    raise ConfigError(f"{self.where}:{mark.line + 1}", f"key '{key}' is given twice ({at}); YAML "
+                                      "would silently keep the last", "keep one of them")
+                first[key] = (mark.line + 1, mark.column + 1)
+        return super().construct_mapping(node, deep)
+
+
 def safe_yaml(text: str, where: str):
-    """yaml.safe_load, refusing documents that expand past MAX_YAML_NODES (alias bombs) before building them."""
-    loader = yaml.SafeLoader(text)
+    """yaml.safe_load, refusing documents that expand past MAX_YAML_NODES (alias bombs) before building them, and
+    mappings that give a key twice."""
+    loader = _StrictLoader(text)
+    loader.where = where
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
@@ -573,6 +614,9 @@ def safe_yaml(text: str, where: str):
 
 def load_study(path: Path | str, overrides: list[str] = (), profile: str | None = None) -> Study:
     path = Path(path)
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block the read or never end
+        raise ConfigError(str(path), "a study file must be a regular file (this is a FIFO, device or folder)",
+                          "give a YAML file, e.g. studies/smoke.yaml")
     if path.stat().st_size > MAX_STUDY_BYTES:
         raise ConfigError(str(path), f"study file is {path.stat().st_size:,} bytes, above {MAX_STUDY_BYTES:,}",
                           "a study file is a page of YAML; check you gave the right file")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+from pydantic import PositiveInt
 
 from ..errors import ConfigError
 from .raw import DATASETS, SPLITS, RawDataset, split_stratified, tree_fingerprint
@@ -300,7 +301,7 @@ def _root_fingerprint(options: dict) -> dict:
 def _register() -> None:
     """torchvision datasets by name and ImageFolder trees: the user's data on disk."""
     def make(name):
-        def builder(root: str | None = None, download: bool = False, store_size: int = 64) -> RawDataset:
+        def builder(root: str | None = None, download: bool = False, store_size: PositiveInt = 64) -> RawDataset:
             if not root:
                 raise ConfigError("targets.options.root", f"dataset '{name}' needs a root folder",
                                   "add options: {root: /path/to/data, download: true}")
@@ -312,7 +313,7 @@ def _register() -> None:
         DATASETS.register(name, fingerprint=_root_fingerprint)(make(name))
 
     @DATASETS.register("imagefolder", fingerprint=_path_fingerprint)
-    def imagefolder(path: str | None = None, store_size: int = 64) -> RawDataset:
+    def imagefolder(path: str | None = None, store_size: PositiveInt = 64) -> RawDataset:
         """Any ImageFolder tree (options: path, store_size)."""
         if not path:
             raise ConfigError("targets.options.path", "dataset 'imagefolder' needs a path",

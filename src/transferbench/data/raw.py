@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import sys
+import typing
 import zipfile
 from dataclasses import dataclass
 
@@ -46,14 +47,28 @@ class RawDataset:
 
 
 def split_stratified(x: np.ndarray, y: np.ndarray, fractions=(0.6, 0.15), seed: int = 0) -> dict:
+    """Per class: the first `fractions[0]` of a permutation to train, the next `fractions[1]` to val, the rest to
+    test (each rounded down, see `cut_points`)."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list] = {s: [] for s in SPLITS}
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        a, b = int(len(idx) * fractions[0]), int(len(idx) * (fractions[0] + fractions[1]))
+        a, b = cut_points(len(idx), fractions)
         for split, sel in zip(SPLITS, (idx[:a], idx[a:b], idx[b:])):
             parts[split].append(sel)
     return {s: (x[np.sort(np.concatenate(p))], y[np.sort(np.concatenate(p))]) for s, p in parts.items()}
+
+
+def cut_points(n: int, fractions: tuple[float, float]) -> tuple[int, int]:
+    """Where one class's n shuffled images are cut into train | val | test: each share rounded down, except that a
+    split with a positive share that rounding would leave empty takes one image from the split before it, where that
+    one keeps at least one (60/15/25 of 5 images is 2/1/2, not 3/0/2; of 3 it is 1/1/1)."""
+    a, b = int(n * fractions[0]), int(n * (fractions[0] + fractions[1]))
+    if 1 - fractions[0] - fractions[1] > 1e-9 and b == n and b - a >= 2:  # test takes one from val
+        b -= 1
+    if fractions[1] > 0 and b == a and a >= 2:  # val takes one from train
+        a -= 1
+    return a, b
 
 
 def load_raw(name: str, options: dict | None = None) -> RawDataset:
@@ -62,10 +77,7 @@ def load_raw(name: str, options: dict | None = None) -> RawDataset:
     Each cache file carries the digest of its arrays, checked on every read; a damaged file is rebuilt."""
     builder = DATASETS.get(name, "targets.dataset")
     options = options or {}
-    unknown = set(options) - set(inspect.signature(builder).parameters)
-    if unknown:
-        raise ConfigError("targets.options", f"dataset '{name}' takes no option(s) {sorted(unknown)}",
-                          f"its options are {sorted(inspect.signature(builder).parameters) or 'none'}")
+    check_options(name, builder, options)
     key = json.dumps({"options": options, "files": fingerprints(name, options)}, sort_keys=True)
     path = cache_dir("data") / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}-v{VERSION}.npz"
     cached = _read_cache(path)
@@ -76,6 +88,27 @@ def load_raw(name: str, options: dict | None = None) -> RawDataset:
     with replacing(path) as tmp, open(tmp, "xb") as f:
         np.savez(f, classes=np.array(raw.classes), digest=np.array(raw.digest), **arrays)
     return raw
+
+
+def check_options(name: str, builder, options: dict) -> None:
+    """Every option is one the builder takes, of the type (and range) its signature declares, checked strictly
+    (`path: 5` is not a path, `store_size: 0` not a size): refused here, not deep inside the builder."""
+    from pydantic import TypeAdapter, ValidationError
+
+    params = inspect.signature(builder).parameters
+    unknown = set(options) - set(params)
+    if unknown:
+        raise ConfigError("targets.options", f"dataset '{name}' takes no option(s) {sorted(unknown)}",
+                          f"its options are {sorted(params) or 'none'}")
+    hints = typing.get_type_hints(builder, include_extras=True)
+    for key, value in options.items():
+        try:
+            TypeAdapter(hints.get(key, typing.Any)).validate_python(value, strict=True)
+        except ValidationError as e:
+            default = params[key].default
+            example = f", e.g. {key}: {json.dumps(default)}" if default not in (None, inspect.Parameter.empty) else ""
+            raise ConfigError(f"targets.options.{key}", f"dataset '{name}': {value!r} is not a valid {key} "
+                              f"({e.errors()[0]['msg'].lower()})", f"give a valid {key}{example}") from None
 
 
 def fingerprints(name: str, options: dict) -> dict:
