@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -177,11 +178,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: download failed ({e.reason}) -- fix: connect this machine to the network, or point the "
               "target's options (root, path) at files already on disk (finished cells are kept)", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a vanished folder: one line, and what was finished stays on disk
-        where = e.filename or "I/O"
-        print(f"error: {where}: {e.strerror or e} -- fix: free disk space or fix the folder's permissions, then rerun "
-              "(finished cells are kept; a rerun resumes)", file=sys.stderr)
+    except OSError as e:  # a full disk, a file where a folder belongs: one line, and what was finished stays on disk
+        print(f"error: {e.filename or 'I/O'}: {e.strerror or e} -- fix: {os_error_fix(e)}, then rerun (finished cells "
+              "are kept; a rerun resumes)", file=sys.stderr)
         return 2
+
+
+def os_error_fix(e: OSError) -> str:
+    """The fix for an I/O error, by its cause (errno), not one guess for all."""
+    fixes = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (a quota is full)",
+             errno.EACCES: "fix the folder's permissions or choose another --results folder",
+             errno.EPERM: "fix the folder's permissions or choose another --results folder",
+             errno.EROFS: "choose a --results folder on a writable file system",
+             errno.ENOTDIR: f"a file stands where a folder is needed ({e.filename}): move that file away",
+             errno.EISDIR: f"a folder stands where a file is written ({e.filename}): move that folder away",
+             errno.EEXIST: f"something already stands at {e.filename}: move it away",
+             errno.ELOOP: f"{e.filename} is a symbolic link: remove it"}
+    return fixes.get(e.errno, "check that path (it exists, is the right kind, and is writable)")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
 from . import analysis, arms, atomic, plots
+from .errors import ConfigError
 from .paths import results_subfolder
-from .study import Study, safe_yaml, scratch_lrs, transfer_lrs
+from .study import Study, format_validation_error, safe_yaml, scratch_lrs, transfer_lrs
 from .tables import write_tables
 
 
@@ -530,5 +532,12 @@ def save_study(study: Study, out: Path) -> None:
 
 
 def load_saved_study(out: Path) -> Study:
+    """The study a results folder was run with; refused (not a traceback) if that file was edited into nonsense."""
     path = out / "study.resolved.yaml"
-    return Study.model_validate(safe_yaml(path.read_text(), str(path)))
+    raw = safe_yaml(path.read_text(errors="replace"), str(path))
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as e:
+        problem = format_validation_error(e, str(path))
+        raise ConfigError(problem.field, problem.problem, "do not edit study.resolved.yaml: rerun `transferbench "
+                          "study` with the study file (it rewrites it; finished cells are kept)") from None

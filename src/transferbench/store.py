@@ -92,6 +92,9 @@ def read_records(directory: Path) -> dict[str, dict]:
     for path in sorted(directory.glob("*.json")) if directory.exists() else []:
         if path.name.startswith(TMP_PREFIX):
             continue
+        if not path.is_file():  # a folder (or FIFO) named like a record: never read, never trained over
+            raise ConfigError(f"record {path}", "not a regular file", "move it away; its cell will be trained again "
+                              "on the next run")
         try:
             record = json.loads(path.read_text())
             problem = check_record(record) if isinstance(record, dict) else "not a JSON object"

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import stat
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -480,19 +481,30 @@ def _parse_value(text: str):
     try:
         return safe_yaml(text, "override")
     except ConfigError as e:
-        if "expands" in e.problem:
+        if not e.problem.startswith("malformed YAML"):  # an alias bomb or a key given twice is refused, not a string
             raise
         return text
 
 
-def _known_path(model: type[BaseModel], path: list[str]) -> str | None:
-    """None if `path` names a field of the schema; else the message saying what is wrong."""
+def _is_list(annotation) -> bool:
+    """A list field, optional or not (`list[X]`, `list[X] | None`)."""
+    return typing.get_origin(annotation) is list or any(_is_list(a) for a in typing.get_args(annotation)
+                                                         if typing.get_origin(annotation) is not list)
+
+
+def _known_path(model: type[BaseModel], path: list[str]) -> tuple[str, str] | None:
+    """None if `path` names a field of the schema; else (what is wrong, the fix)."""
     cls: Any = model
     for i, key in enumerate(path):
+        if _is_list(cls):
+            whole = ".".join(path[:i])
+            return (f"'{whole}' is a list: one of its entries cannot be overridden",
+                    f"replace the whole list, every entry written out, e.g. {whole}='[...]'")
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return None  # inside a list/dict value: the schema validation judges it
+            return None  # inside a dict value: the schema validation judges it
         if key not in cls.model_fields:
-            return f"'{'.'.join(path[:i + 1])}' is not a field; {did_you_mean(key, cls.model_fields)}"
+            return (f"unknown override path: '{'.'.join(path[:i + 1])}' is not a field",
+                    did_you_mean(key, cls.model_fields))
         cls = cls.model_fields[key].annotation
     return None
 
@@ -505,8 +517,7 @@ def apply_overrides(raw: dict, overrides: list[str] | dict, source: str = "overr
         keys = path.split(".")
         problem = _known_path(Study, keys)
         if problem:
-            wrong, hint = problem.split("; ", 1)
-            raise ConfigError(f"{source} {path}", f"unknown override path: {wrong}", hint)
+            raise ConfigError(f"{source} {path}", *problem)
         node = out
         for k in keys[:-1]:
             if not isinstance(node.setdefault(k, {}), dict):
