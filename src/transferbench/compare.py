@@ -162,7 +162,9 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
     check_options(margin=margin, fdr=fdr, speed_fraction=speed_fraction, aggregate_margin=aggregate_margin)
     b_runs, n_runs = read_runs(base), read_runs(new)
     problems = structure_problems(b_runs, n_runs)
-    untestable = value_problems(b_runs, "base") + value_problems(n_runs, "new")
+    untestable = value_problems(b_runs, "base") + value_problems(n_runs, "new") + [
+        f"the structure check of {col} could not be made: the new results have no {col} column"
+        for col in STRUCTURE if col in b_runs and col not in n_runs]
     b, n = paired(b_runs), paired(n_runs)
     if b.empty:
         raise ConfigError("compare", f"the base {base} has no grid point with both a transfer and a scratch cell "

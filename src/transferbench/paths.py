@@ -23,7 +23,7 @@ def check_writable(folder: Path, field: str, fix: str) -> None:
     folder. Mode bits are checked too: root may write anywhere, and a read-only folder is a user's intent."""
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
     if not probe.is_dir():
-        raise ConfigError(field, f"{probe} is a file, not a folder", f"move it away or {fix[0].lower() + fix[1:]}")
+        raise ConfigError(field, f"{probe} is a file, not a folder", "move that file away, or give another folder")
     if not os.access(probe, os.W_OK) or not probe.stat().st_mode & stat.S_IWUSR:
         raise ConfigError(field, f"{probe} is read-only", fix)
 
