@@ -229,7 +229,7 @@ def test_hostile_image_folder_is_refused_by_the_cli_before_anything_is_written(t
     results.mkdir()
     assert main(["study", str(study), "--results", str(results), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[0].startswith("error: targets.options.path: 'cat/loop' is a symbolic link -- fix: ")
+    assert err.splitlines()[0].startswith("error: targets.0.options.path: 'cat/loop' is a symbolic link -- fix: ")
     assert snapshot(results) == {}
 
 
