@@ -58,10 +58,6 @@ def one_seed_and_a_collapse(r):
     return r
 
 
-def a_seed_missing(r):
-    return r[r["seed"] != 3]
-
-
 def no_speed(r):
     r["images_per_second"] = np.nan
 
@@ -70,23 +66,43 @@ DROP = ("regressed anyway", lambda r: r.__setitem__("test_acc", r["test_acc"] - 
 # (case, edit of the base, edit of the new results, options, exit code, what the output must say)
 GATE = [
     ("NaN test accuracy on every ok transfer cell", None, nan_transfer, [], 1,
-     "UNTESTABLE: 96 cell(s) recorded ok in the new results have a missing or non-finite val_acc/test_acc"),
+     "UNTESTABLE: 96 cell(s) recorded ok in the new results have a val_acc/test_acc that is missing or not a number"),
     ("one NaN seed among four", None, nan_one_seed, [], 1, "UNTESTABLE: 24 cell(s) recorded ok in the new"),
     ("an infinite validation accuracy", None, nan_val, [], 1, "UNTESTABLE: 3 cell(s) recorded ok in the new"),
     ("one seed on both sides, transfer collapses by 40 pp", one_seed, one_seed_and_a_collapse, [], 1,
      "1 seed(s) in the base results (a t-test over seeds needs at least 2)"),
-    ("a seed missing from the new results", None, a_seed_missing, [], 1,
-     "grid point(s) of the base are missing from the new results"),
+    ("one seed left in the new results", None, one_seed, [], 1,
+     "1 seed(s) in the new results (a t-test over seeds needs at least 2)"),
     ("no images/s recorded in the new results", None, no_speed, [], 1,
      "UNTESTABLE: the speed of scratch could not be checked"),
-    ("no weights digests in the new results", None, lambda r: r.drop(columns="weights_digest"), [], 1,
-     "UNTESTABLE: the structure check of weights_digest could not be made"),
-    ("--margin nan", None, DROP[1], ["--margin", "nan"], 2, "error: --margin: nan is outside [0, 1)"),
-    ("--margin 1 (no accuracy can drop by more)", None, DROP[1], ["--margin", "1"], 2, "--margin: 1.0 is outside"),
+    ("no weights digests in the new results", None, lambda r: r.drop(columns="weights_digest"), [], 2,
+     "lacks columns ['weights_digest']"),
+    ("no weights digests in the base", lambda r: r.drop(columns="weights_digest"), None, [], 2,
+     "lacks columns ['weights_digest']"),
+    ("a cell listed twice, its copy perfect", None, lambda r: pd.concat([r, r.assign(test_acc=1.0)]), [], 2,
+     "holds 192 cell(s) twice"),
+    ("an accuracy of 5", None, lambda r: r.assign(test_acc=r["test_acc"] + 4 * (r["arm"] == "transfer")), [], 1,
+     "not a number in [0, 1]"),
+    ("text in one test accuracy", None, lambda r: r.assign(test_acc=r["test_acc"].astype(object).where(
+        r.index != 5, "oops")), [], 1, "UNTESTABLE: 1 cell(s) recorded ok in the new"),
+    ("every val_acc of one point missing", None, lambda r: r.assign(val_acc=r["val_acc"].where(
+        ~((r["arm"] == "transfer") & (r["target"] == "digits") & (r["n_per_class"] == 2)), np.nan)), [], 1,
+     "UNTESTABLE: "),
+    ("a key missing (lr) in the base", lambda r: r.assign(lr=r["lr"].where(r["arm"] != "transfer")), None, [], 2,
+     "has rows without a value for ['lr']"),
+    ("an infinite speed in the base", lambda r: r.assign(images_per_second=r["images_per_second"].where(
+        r["arm"] != "transfer", np.inf)), None, [], 1, "UNTESTABLE: the speed of transfer could not be checked"),
+    ("a cell still running, no error column", None, lambda r: r.assign(status=r["status"].where(
+        r.index != 0, "running")).drop(columns="error"), [], 1, "1 cell(s) not recorded ok in the new results "
+     "(status running; e.g. d6a2fe19befbad6e: no error recorded)"),
+    ("--margin nan", None, DROP[1], ["--margin", "nan"], 2, "error: --margin: nan is outside [0, 0.25]"),
+    ("--margin 0.99", None, DROP[1], ["--margin", "0.99"], 2, "--margin: 0.99 is outside [0, 0.25]"),
     ("--margin -0.1", None, DROP[1], ["--margin", "-0.1"], 2, "--margin: -0.1 is outside"),
-    ("--fdr 0", None, DROP[1], ["--fdr", "0"], 2, "error: --fdr: 0.0 is outside (0, 1)"),
-    ("--fdr 1", None, DROP[1], ["--fdr", "1"], 2, "error: --fdr: 1.0 is outside (0, 1)"),
-    ("--speed-fraction 0", None, None, ["--speed-fraction", "0"], 2, "error: --speed-fraction: 0.0 is outside (0, 1]"),
+    ("--fdr 0", None, DROP[1], ["--fdr", "0"], 2, "error: --fdr: 0 is outside [0.001, 0.5]"),
+    ("--fdr 1e-300", None, DROP[1], ["--fdr", "1e-300"], 2, "error: --fdr: 1e-300 is outside"),
+    ("--fdr 1", None, DROP[1], ["--fdr", "1"], 2, "error: --fdr: 1 is outside"),
+    ("--speed-fraction 0", None, None, ["--speed-fraction", "0"], 2, "error: --speed-fraction: 0 is outside [0.1, 1]"),
+    ("--speed-fraction 1e-300", None, None, ["--speed-fraction", "1e-300"], 2, "--speed-fraction: 1e-300 is outside"),
     ("--speed-fraction inf", None, None, ["--speed-fraction", "inf"], 2, "--speed-fraction: inf is outside"),
 ]
 
@@ -191,6 +207,7 @@ TWICE = [
      "key 'model' is given twice"),
     ("inside a profile", "profiles:\n  fast: {train.epochs: 1, train.epochs: 2}\n",
      "key 'train.epochs' is given twice"),
+    ("two merge keys", "x: &a {jobs: 1}\ny: &b {jobs: 2}\nrun: {<<: *a, <<: *b}\n", "merge key '<<' is given twice"),
 ]
 
 
@@ -201,7 +218,7 @@ def test_a_key_given_twice_is_refused_naming_both_places(tmp_path, case, extra, 
         text = GOOD.replace("backbones: [{model: tf_efficientnet_lite0, weights: imagenet}]\n", extra)
     with pytest.raises(ConfigError) as e:
         load_study(_write(tmp_path / "s.yaml", text))
-    assert expected in str(e.value) and "fix: keep one of them" in str(e.value)
+    assert expected in str(e.value) and " -- fix: " in str(e.value)
 
 
 def test_merge_keys_may_still_override_and_an_override_value_is_checked_too(tmp_path):
@@ -233,7 +250,19 @@ def link_study_folder(tmp: Path):
     (tmp / "results" / "t").symlink_to(tmp / "outside")
 
 
-LINKS = [(".lock", link_lock), ("figures", link_folder("figures")), ("records", link_folder("records")),
+def hard_link_lock(tmp: Path):
+    _write(tmp / "victim.txt", "precious\n")
+    (tmp / "results" / "t").mkdir(parents=True)
+    os.link(tmp / "victim.txt", tmp / "results" / "t" / ".lock")
+
+
+def fifo_in_results(tmp: Path):
+    (tmp / "results" / "t").mkdir(parents=True)
+    os.mkfifo(tmp / "results" / "t" / "timing.txt")
+
+
+LINKS = [(".lock", link_lock), ("a hard link as .lock", hard_link_lock), ("a FIFO as timing.txt", fifo_in_results),
+         ("figures", link_folder("figures")), ("records", link_folder("records")),
          ("figures/old", link_folder("figures/old")), ("the study folder", link_study_folder)]
 
 
@@ -251,7 +280,8 @@ def test_no_write_follows_a_planted_link(tmp_path, capsys, case, plant, command)
                                                                                                           "t"]
     assert main([*args, "--results", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --results: ") and "is a symbolic link" in err and "fix: remove the link" in err
+    assert err.startswith("error: --results: ") and "fix: remove" in err
+    assert "is a symbolic link" in err or "hard link" in err or "not a regular file or folder" in err
     if (tmp_path / "victim.txt").exists():
         assert (tmp_path / "victim.txt").read_text() == "precious\n"
     if (tmp_path / "outside").exists():
@@ -295,6 +325,14 @@ def missing_key(sd):
     sd.pop("conv_stem.weight")
 
 
+def not_a_tensor(sd):
+    sd["conv_stem.weight"] = 5
+
+
+def a_nan(sd):
+    sd["conv_stem.weight"][0, 0, 0, 0] = float("nan")
+
+
 def truncated_safetensors(tmp: Path) -> None:
     import timm
     from safetensors.torch import save_file
@@ -330,6 +368,24 @@ PLANNING = [
      "1 shape mismatches (e.g. ['conv_stem.weight'])"),
     ("checkpoint missing a key", GOOD.replace(W, "weights: {tmp}/w.pth"), lambda t: checkpoint(t, missing_key),
      "1 missing keys (e.g. ['conv_stem.weight'])"),
+    ("checkpoint holding a number, not a tensor", GOOD.replace(W, "weights: {tmp}/w.pth"),
+     lambda t: checkpoint(t, not_a_tensor), "holds values that are not tensors (e.g. ['conv_stem.weight'])"),
+    ("checkpoint holding a NaN", GOOD.replace(W, "weights: {tmp}/w.pth"), lambda t: checkpoint(t, a_nan),
+     "holds non-finite values (NaN or inf) in 1 tensor(s)"),
+    ("weights path that is a folder", GOOD.replace(W, "weights: {tmp}/dir.pth"), lambda t: (t / "dir.pth").mkdir(),
+     "dir.pth is not a regular file"),
+    ("weights path with a line break", GOOD.replace(W, 'weights: "a\\n## x.pth"'), None,
+     "holds a control character"),
+    ("a ViT at 32 px", GOOD.replace("tf_efficientnet_lite0, weights: imagenet", "vit_tiny_patch16_224, weights: none"),
+     None, "train.image_size: vit_tiny_patch16_224 cannot take 32 px inputs"),
+    ("glyphs at 1 px", target("[{dataset: glyphs, options: {size: 1}}]"), None,
+     "targets.0.options.size: dataset 'glyphs': 1 is not a valid size (input should be greater than or equal to 8)"),
+    ("steps: 1e19", GOOD.replace("epochs: 1", "steps: 10000000000000000000"), None,
+     "train.steps: Input should be less than or equal to 1000000"),
+    ("validations beyond bound", GOOD.replace("epochs: 1", "steps: 1000000, eval_every: 1"), None,
+     "would validate more than 100,000 times"),
+    ("a profile that is not a mapping", GOOD + "profiles: {fast: 3}\n", None, "profiles: must map each profile"),
+    ("one field overridden twice", GOOD, None, "override train.epochs: overlaps 'train.epochs' given before it"),
     ("scratch.budget_factor: .inf", GOOD + "scratch: {budget_factor: .inf}\n", None,
      "scratch.budget_factor: Input should be a finite number"),
     ("scratch.budget_factor: 1e300", GOOD + "scratch: {budget_factor: 1e300}\n", None,
@@ -358,7 +414,8 @@ PLANNING = [
 @pytest.mark.parametrize("case,text,setup,expected", PLANNING, ids=[p[0] for p in PLANNING])
 def test_bad_input_is_refused_at_planning(tmp_path, capsys, monkeypatch, case, text, setup, expected):
     monkeypatch.setenv("TRANSFERBENCH_CACHE", os.environ["TRANSFERBENCH_CACHE"])  # restored after the test
-    extra = ["backbones.0.weights=none"] if case == "override through a list entry" else []
+    extra = {"override through a list entry": ["backbones.0.weights=none"], "a profile that is not a mapping": [
+        "--profile", "fast"], "one field overridden twice": ["train.epochs=2", "train.epochs=3"]}.get(case, [])
     try:
         err, untouched, nothing_beside = refuse(tmp_path, capsys, text, extra, setup)
     finally:
@@ -401,7 +458,7 @@ def compare_edit(edit):
 # (case, the command's arguments given a tmp folder, what the one-line error must say)
 TRACEBACKS = [
     ("compare: an all-NaN runs.csv", compare_edit(lambda r: r.assign(test_acc=np.nan, val_acc=np.nan)),
-     "has no cell recorded ok with a finite test accuracy"),
+     "has no cell recorded ok with valid accuracies"),
     ("compare: a runs.csv without 'weights'", compare_edit(lambda r: r.drop(columns="weights")),
      "lacks columns ['weights']"),
     ("compare: a runs.csv without 'n_per_class'", compare_edit(lambda r: r.drop(columns="n_per_class")),

@@ -82,12 +82,15 @@ def _file_digest(path: str, mtime: float) -> str:
 def load_weights_file(path: Path) -> dict:
     """A local checkpoint, loaded safely: safetensors, or torch.load(weights_only=True)."""
     if not path.is_file():
-        raise ConfigError("backbones.weights", f"weights file {path} does not exist",
-                          "give an existing .pth/.safetensors path, 'imagenet', 'hub' or 'none'")
+        raise ConfigError("backbones.weights", f"weights file {path} " + ("is not a regular file" if path.exists()
+                          else "does not exist"), "give an existing .pth/.safetensors path, 'imagenet', 'hub' or "
+                          "'none'")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return checked_tensors(load_file(str(path)), path)
+        except ConfigError:
+            raise
         except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
             raise ConfigError("backbones.weights", f"{path} cannot be read as safetensors ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})",
@@ -108,6 +111,20 @@ def load_weights_file(path: Path) -> dict:
     if not isinstance(sd, dict):
         raise ConfigError("backbones.weights", f"{path} holds a {type(sd).__name__}, not a state_dict",
                           "save model.state_dict()")
+    return checked_tensors(sd, path)
+
+
+def checked_tensors(sd: dict, path: Path) -> dict:
+    """A state_dict holds tensors only, every floating one finite: a NaN in a checkpoint would make every cell that
+    starts from it diverge or predict one class."""
+    odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ConfigError("backbones.weights", f"{path} holds values that are not tensors (e.g. {odd[:2]})",
+                          "save model.state_dict()")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError("backbones.weights", f"{path} holds non-finite values (NaN or inf) in {len(bad)} "
+                          f"tensor(s) (e.g. {bad[:2]})", "use a checkpoint saved before training diverged")
     return sd
 
 

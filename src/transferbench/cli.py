@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.error import URLError
 
 from .errors import ConfigError
-from .paths import check_writable, refuse_links
+from .paths import check_results_folder, check_writable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,11 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="compare two result folders; exit 1 on a regression")
     c.add_argument("base", type=Path, help="e.g. results/baselines/smoke")
     c.add_argument("new", type=Path, help="e.g. results/smoke")
-    c.add_argument("--margin", type=float, default=0.02, help="a point's gain may fall this much (accuracy) before "
-                   "a drop counts; aggregates use half of it")
-    c.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level across the gate's tests")
+    c.add_argument("--margin", type=float, default=0.02, help="a point's gain may fall this much (accuracy, 0 to "
+                   "0.25) before a drop counts; aggregates use half of it")
+    c.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level across the gate's tests (0.001 "
+                   "to 0.5)")
     c.add_argument("--speed-fraction", type=float, default=0.5, help="fail when an arm's median images/s falls "
-                   "below this share of the base's")
+                   "below this share of the base's (0.1 to 1)")
     return p
 
 
@@ -53,7 +54,7 @@ def study_folder(results: Path, name: str) -> Path:
     from .study import IDENTIFIER
 
     if IDENTIFIER.fullmatch(name):
-        refuse_links(results / name)  # before resolving: a linked study folder is named as a link
+        check_results_folder(results / name)  # before resolving: a linked study folder is named as a link
     out = (results / name).resolve()
     if not IDENTIFIER.fullmatch(name) or out.parent != results.resolve():
         raise ConfigError("study name", f"{name!r} would write outside {results}/",

@@ -53,26 +53,24 @@ class Comparison:
 
 
 # Every column the gate reads: a table without one is refused, never half-compared.
-REQUIRED = ["cell_id", "arm", "status", "seed", *(c for c in POINT if c != "tuning"),  # tuning: derived by with_tuning
-            "frozen_depth", "schedule", "lr", "val_acc", "test_acc", "images_per_second"]
-# The gate's options, each a check that must stay able to fail: (flag, low, high, low included, high included).
-OPTIONS = {"margin": ("--margin", 0.0, 1.0, True, False), "fdr": ("--fdr", 0.0, 1.0, False, False),
-           "speed_fraction": ("--speed-fraction", 0.0, 1.0, False, True),
-           "aggregate_margin": ("--margin (aggregates: half of it)", 0.0, 1.0, True, False)}
+KEYS = ["arm", *(c for c in POINT if c != "tuning"), "frozen_depth", "schedule", "lr", "seed"]  # tuning: derived
+REQUIRED = ["cell_id", "status", *KEYS, "val_acc", "test_acc", "images_per_second", *STRUCTURE]
+NUMBERS = ["val_acc", "test_acc", "images_per_second"]  # text there becomes nan, and is reported as untestable
+# The gate's options, each a check that must stay able to fail: (flag, lowest, highest). Outside, a check is off in
+# effect: a margin of a quarter of the accuracy scale lets any real regression pass, so does an FDR of 1e-300.
+OPTIONS = {"margin": ("--margin", 0.0, 0.25), "aggregate_margin": ("--margin (aggregates: half of it)", 0.0, 0.25),
+           "fdr": ("--fdr", 0.001, 0.5), "speed_fraction": ("--speed-fraction", 0.1, 1.0)}
 OPTION_DEFAULTS = dict(margin=0.02, fdr=0.05, speed_fraction=0.5, aggregate_margin=0.01)
 
 
 def check_options(**values: float) -> None:
-    """Refuse an option that cannot be tested against (nan) or that switches its check off (--fdr 0, a margin no
-    accuracy can exceed, --speed-fraction 0)."""
+    """Refuse an option that cannot be tested against (nan) or that switches its check off in effect (--fdr 0, a
+    margin no real regression exceeds, --speed-fraction 0)."""
     for name, value in values.items():
-        flag, low, high, low_in, high_in = OPTIONS[name]
-        inside = np.isfinite(value) and (low <= value if low_in else low < value) and \
-            (value <= high if high_in else value < high)
-        if not inside:
-            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            raise ConfigError(flag, f"{value} is outside {interval}: that check could not fail",
-                              f"give a value in {interval} (default {OPTION_DEFAULTS[name]:g})")
+        flag, low, high = OPTIONS[name]
+        if not (np.isfinite(value) and low <= value <= high):
+            raise ConfigError(flag, f"{value:g} is outside [{low:g}, {high:g}]: beyond it the check could not fail",
+                              f"give a value in [{low:g}, {high:g}] (default {OPTION_DEFAULTS[name]:g})")
 
 
 def read_runs(folder: Path) -> pd.DataFrame:
@@ -86,28 +84,40 @@ def read_runs(folder: Path) -> pd.DataFrame:
         raise ConfigError("compare", f"{path} is not a readable table ({type(e).__name__})",
                           "rebuild it with `transferbench report STUDY`") from None
     missing = [c for c in REQUIRED if c not in df.columns]
+    fix = "compare folders of studies that ran cells (rebuild a damaged table with `transferbench report STUDY`)"
     if df.empty or missing:
-        raise ConfigError("compare", f"{path} has no rows" if df.empty else f"{path} lacks columns {missing}",
-                          "compare folders of studies that ran cells (rebuild a damaged table with `transferbench "
-                          "report STUDY`)")
-    usable = (df["status"] == "ok") & np.isfinite(pd.to_numeric(df["test_acc"], errors="coerce"))
-    if not usable.any():
-        raise ConfigError("compare", f"{path} has no cell recorded ok with a finite test accuracy: nothing to compare",
+        raise ConfigError("compare", f"{path} has no rows" if df.empty else f"{path} lacks columns {missing}", fix)
+    twice = df["cell_id"][df["cell_id"].duplicated()]
+    if len(twice):
+        raise ConfigError("compare", f"{path} holds {len(twice)} cell(s) twice (e.g. {twice.iloc[0]})", fix)
+    no_key = [c for c in KEYS if df[c].isna().any()]
+    if no_key:
+        raise ConfigError("compare", f"{path} has rows without a value for {no_key}: their cells belong to no grid "
+                          "point", fix)
+    df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in NUMBERS})
+    if not accuracies_valid(df).any():
+        raise ConfigError("compare", f"{path} has no cell recorded ok with valid accuracies: nothing to compare",
                           "compare folders of studies whose cells trained")
     return with_tuning(df)
 
 
+def accuracies_valid(runs: pd.DataFrame) -> pd.Series:
+    """Cells recorded ok whose val and test accuracies are numbers in [0, 1]."""
+    values = runs[["val_acc", "test_acc"]]
+    return (runs["status"] == "ok") & values.notna().all(axis=1) & values.ge(0).all(axis=1) & \
+        values.le(1).all(axis=1)
+
+
 def value_problems(runs: pd.DataFrame, side: str) -> list[str]:
-    """Cells recorded ok whose accuracies are missing or not finite: whatever they would show cannot be tested."""
-    ok = runs[runs["status"] == "ok"]
-    values = ok[["val_acc", "test_acc"]].apply(pd.to_numeric, errors="coerce")
-    bad = ok[~np.isfinite(values).all(axis=1)]
+    """Cells recorded ok whose accuracies are missing, not finite or outside [0, 1]: whatever they would show cannot
+    be tested."""
+    bad = runs[(runs["status"] == "ok") & ~accuracies_valid(runs)]
     if bad.empty:
         return []
     first = bad.iloc[0]
-    return [f"{len(bad)} cell(s) recorded ok in the {side} results have a missing or non-finite val_acc/test_acc "
-            f"(e.g. {first['cell_id']}: {first['arm']} {first['backbone']} {first['target']} seed {first['seed']}): "
-            "their points cannot be tested"]
+    return [f"{len(bad)} cell(s) recorded ok in the {side} results have a val_acc/test_acc that is missing or not a "
+            f"number in [0, 1] (e.g. {first['cell_id']}: {first['arm']} {first['backbone']} {first['target']} seed "
+            f"{first['seed']}): their points cannot be tested"]
 
 
 def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
@@ -162,10 +172,8 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
     check_options(margin=margin, fdr=fdr, speed_fraction=speed_fraction, aggregate_margin=aggregate_margin)
     b_runs, n_runs = read_runs(base), read_runs(new)
     problems = structure_problems(b_runs, n_runs)
-    untestable = value_problems(b_runs, "base") + value_problems(n_runs, "new") + [
-        f"the structure check of {col} could not be made: the new results have no {col} column"
-        for col in STRUCTURE if col in b_runs and col not in n_runs]
-    b, n = paired(b_runs), paired(n_runs)
+    untestable = value_problems(b_runs, "base") + value_problems(n_runs, "new")
+    b, n = paired(b_runs[accuracies_valid(b_runs)]), paired(n_runs[accuracies_valid(n_runs)])  # the rest: above
     if b.empty:
         raise ConfigError("compare", f"the base {base} has no grid point with both a transfer and a scratch cell "
                           "recorded ok: there is nothing to compare against", "give the folder of a study that ran "
@@ -202,8 +210,11 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
     problems = []
     failed = n_runs[n_runs["status"] != "ok"]
     if len(failed):
-        problems.append(f"{len(failed)} cell(s) failed in the new results (e.g. {failed['error'].iloc[0]})")
-    keys = POINT + ["arm", "schedule", "lr", "seed"]  # every cell: a seed missing from the new results is a hole
+        first = failed.iloc[0]
+        problems.append(f"{len(failed)} cell(s) not recorded ok in the new results (status "
+                        f"{', '.join(map(str, failed['status'].unique()))}; e.g. {first['cell_id']}: "
+                        f"{first.get('error', '') if pd.notna(first.get('error')) else 'no error recorded'})")
+    keys = POINT + ["arm", "schedule", "lr"]  # not the seed: a rerun with other seeds is a valid rerun
     b_points, n_points = b_runs.groupby(keys).first(), n_runs.groupby(keys).first()
     missing = b_points.index.difference(n_points.index)
     if len(missing):
@@ -227,14 +238,17 @@ def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float) 
     """(regressions, untestable): each arm whose base records a speed (pixel baselines and L-BFGS probes do not)."""
     problems, untestable = [], []
     for arm, g in b_runs.groupby("arm"):
-        b_speed = pd.to_numeric(g["images_per_second"], errors="coerce").median()
-        n_speed = pd.to_numeric(n_runs.loc[n_runs["arm"] == arm, "images_per_second"], errors="coerce").median()
-        if not np.isfinite(b_speed):
+        b_values, n_values = g["images_per_second"], n_runs.loc[n_runs["arm"] == arm, "images_per_second"]
+        if b_values.isna().all():
+            continue  # an arm that records no speed (pixel baselines, L-BFGS probes)
+        invalid = [side for side, v in (("base", b_values), ("new", n_values))
+                   if v.isna().all() or not (np.isfinite(v.dropna()) & (v.dropna() > 0)).all()]
+        if invalid:
+            untestable.append(f"the speed of {arm} could not be checked: the {' and '.join(invalid)} results record "
+                              "no valid images_per_second for it (a positive number)")
             continue
-        if not np.isfinite(n_speed):
-            untestable.append(f"the speed of {arm} could not be checked: the new results record no finite "
-                              "images_per_second for it")
-        elif n_speed < fraction * b_speed:
+        b_speed, n_speed = b_values.median(), n_values.median()
+        if n_speed < fraction * b_speed:
             problems.append(f"harness slower: {arm} median {n_speed:.0f} images/s vs {b_speed:.0f} in the base "
                             f"(below {fraction:.0%})")
     return problems, untestable

@@ -20,7 +20,28 @@ def target_bytes(n_images: int, image_size: int) -> int:
 
 @functools.cache
 def largest_activation_bytes(model_name: str, batch_size: int, image_size: int) -> int:
-    """The largest single tensor a forward pass of one batch makes (shapes only: computed on the meta device)."""
+    """The largest single tensor a forward pass of one batch makes (shapes only: computed on the meta device); 0
+    where the meta device cannot run the model. Refused if the model cannot take this input size at all (a ViT
+    built for 224 px given 32 px)."""
+    import timm
+    import torch
+
+    try:
+        return _largest_on_meta(model_name, batch_size, image_size)
+    except Exception:  # the model refuses the size, or an op the meta device lacks: tell them apart on one image
+        try:
+            with torch.no_grad():
+                timm.create_model(model_name).eval()(torch.zeros(1, 3, image_size, image_size))
+        except Exception as e:
+            size = timm.models.get_pretrained_cfg_value(model_name, "input_size")
+            raise ConfigError("train.image_size", f"{model_name} cannot take {image_size} px inputs "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+                              f"use the size it was built for ({size[-1]} px)" if size else
+                              "use the size the model was built for, or a model that takes any size") from None
+        return 0
+
+
+def _largest_on_meta(model_name: str, batch_size: int, image_size: int) -> int:
     import timm
     import torch
 

@@ -28,14 +28,19 @@ def check_writable(folder: Path, field: str, fix: str) -> None:
         raise ConfigError(field, f"{probe} is read-only", fix)
 
 
-def refuse_links(folder: Path) -> None:
-    """Refuse a results folder that is, or holds anywhere, a symbolic link (named in the error)."""
+def check_results_folder(folder: Path) -> None:
+    """Refuse a results folder that is, or holds anywhere, a symbolic link or anything but files and folders (a
+    FIFO named timing.txt would block `report` forever); the entry is named in the error."""
     if folder.is_symlink():
         raise ConfigError("--results", f"{folder} is a symbolic link", LINK_FIX)
     for root, dirs, files in os.walk(folder):  # followlinks=False: a linked folder is listed, never entered
         for name in sorted(dirs + files):
-            if os.path.islink(os.path.join(root, name)):
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            if stat.S_ISLNK(mode):
                 raise ConfigError("--results", f"{os.path.join(root, name)} is a symbolic link", LINK_FIX)
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise ConfigError("--results", f"{os.path.join(root, name)} is not a regular file or folder (a FIFO, "
+                                  "socket or device)", "remove it, then rerun")
 
 
 def results_subfolder(path: Path) -> Path:

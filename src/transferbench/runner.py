@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import socket
+import stat
 import subprocess
 import time
 import traceback
@@ -27,7 +28,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
-from .paths import LINK_FIX, cache_dir, check_writable, refuse_links, results_subfolder
+from .paths import LINK_FIX, cache_dir, check_results_folder, check_writable, results_subfolder
 from .store import read_records, write_record
 from .study import Cell, Study
 
@@ -397,14 +398,20 @@ def results_lock(out: Path):
     """One writer per results folder: a second runner is refused (not queued, not interleaved)."""
     import fcntl
 
-    refuse_links(results_subfolder(out))
-    # O_NOFOLLOW: a `.lock` planted as a link is refused (ELOOP), not truncated through.
+    check_results_folder(results_subfolder(out))
+    # O_NOFOLLOW: a `.lock` planted as a symbolic link is refused (ELOOP), not truncated through; a hard link (a
+    # second name of a file elsewhere) is refused by its link count before anything is written to it.
     try:
-        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
         raise ConfigError("--results", f"{out / '.lock'} is a symbolic link", LINK_FIX) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise ConfigError("--results", f"{out / '.lock'} is " + ("a hard link to another file" if stat.S_ISREG(
+            st.st_mode) else "not a regular file"), "remove it (transferbench makes its own lock file), then rerun")
     with open(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -48,6 +48,8 @@ Depth = Annotated[int | Literal["all"], PlainValidator(_depth)]
 IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # always fullmatch: `$` also matches before "\n"
 MAX_STUDY_BYTES = 1 << 20  # a study file is a page of YAML; anything larger is refused unread
 MAX_YAML_NODES = 100_000  # nodes after alias expansion: a "billion laughs" file is refused, not expanded
+MAX_STEPS, MAX_EPOCHS = 1_000_000, 10_000  # budgets beyond these are typos, and planning one would fill memory
+MAX_VALIDATIONS = 100_000  # validations per cell (a scratch budget at a large factor with eval_every: 1)
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators take it, and it stays an int64 in every table
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
@@ -67,6 +69,13 @@ class Strict(BaseModel):
 class BackboneSpec(Strict):
     model: str = Field(description="timm model name, e.g. tf_efficientnet_lite0")
     weights: str = Field("imagenet", description="'imagenet' (bundled), 'none', 'hub', or a .pth/.safetensors path")
+
+    @field_validator("weights")
+    @classmethod
+    def _one_line(cls, v):  # a weights path reaches report lines, table cells and figure legends as it is
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+            raise ValueError(f"{v!r} holds a control character (a line break, a tab); rename the file")
+        return v
 
 
 class TargetSpec(Strict):
@@ -170,9 +179,9 @@ class Grid(Strict):
 
 
 class Train(Strict):
-    epochs: PositiveInt = Field(10, description="the budget in epochs, where `steps` is not given")
-    steps: PositiveInt | None = Field(None, description="the budget in optimizer steps, the same for every transfer "
-                                      "cell whatever its size (VTAB-1k: 2,500); overrides epochs")
+    epochs: PositiveInt = Field(10, le=MAX_EPOCHS, description="the budget in epochs, where `steps` is not given")
+    steps: PositiveInt | None = Field(None, le=MAX_STEPS, description="the budget in optimizer steps, the same for "
+                                      "every transfer cell whatever its size (VTAB-1k: 2,500); overrides epochs")
     min_steps: NonNegativeInt = Field(0, description="early stopping never fires before this step")
     eval_every: PositiveInt | None = Field(None, description="steps between validations (default: a 20th of `steps`)")
     patience: NonNegativeInt = Field(5, description="validations without a better val accuracy before stopping "
@@ -291,6 +300,14 @@ class Study(Strict):
         if clash:
             raise ValueError(f"two targets are both named {clash}; give each a distinct `name:`")
         return v
+
+    @model_validator(mode="after")
+    def _bounded_validations(self):
+        t, longest = self.train, math.ceil((self.train.steps or 0) * max(1.0, self.scratch.budget_factor))
+        if t.steps and longest / t.validation_every > MAX_VALIDATIONS:
+            raise ValueError(f"a cell of {longest:,} steps validated every {t.validation_every} would validate more "
+                             f"than {MAX_VALIDATIONS:,} times; raise train.eval_every or lower the budget")
+        return self
 
     @model_validator(mode="after")
     def _bounded_grid(self):
@@ -513,8 +530,15 @@ def apply_overrides(raw: dict, overrides: list[str] | dict, source: str = "overr
     """Hydra-style `a.b.c=value` (value parsed as YAML) onto a nested dict; unknown paths are refused."""
     out = copy.deepcopy(raw)
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    given: list[str] = []
     for path, value in items:
         keys = path.split(".")
+        earlier = next((g for g in given if (g + ".").startswith(path + ".") or (path + ".").startswith(g + ".")),
+                       None)
+        if earlier:  # `train.steps=10 train.steps=1000`, or `train.steps` beside `train: {steps: ...}`
+            raise ConfigError(f"{source} {path}", f"overlaps '{earlier}' given before it; the last would silently "
+                              "win", "give each field once")
+        given.append(path)
         problem = _known_path(Study, keys)
         if problem:
             raise ConfigError(f"{source} {path}", *problem)
@@ -587,6 +611,10 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             first: dict = {}
+            merges = [k for k, _ in node.value if k.tag == "tag:yaml.org,2002:merge"]
+            if len(merges) > 1:  # PyYAML keeps the last; `<<: [*a, *b]` is the one way to merge several
+                raise ConfigError(f"{self.where}:{merges[1].start_mark.line + 1}", "merge key '<<' is given twice "
+                                  "in one mapping; YAML would silently keep the last", "merge a list: <<: [*a, *b]")
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                     continue
@@ -636,6 +664,9 @@ def load_study(path: Path | str, overrides: list[str] = (), profile: str | None 
         raise ConfigError(str(path), "a study file must be a mapping of keys", "start from studies/smoke.yaml")
     if profile:
         profiles = raw.get("profiles") or {}
+        if not isinstance(profiles, dict) or not isinstance(profiles.get(profile, {}), dict):
+            raise ConfigError("profiles", "must map each profile's name to its overrides",
+                              "write profiles: {NAME: {train.steps: 100, ...}}")
         if profile not in profiles:
             raise ConfigError("profile", f"no profile '{profile}' in {path}", did_you_mean(profile, profiles)
                               if profiles else "this study defines no profiles: drop --profile, or add `profiles:`")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Annotated
 
 import numpy as np
-from pydantic import NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from .raw import DATASETS, SPLITS, RawDataset, split_stratified
 
@@ -95,7 +96,7 @@ def glyph_fonts_by_split(seed: int = 0) -> dict[str, list[str]]:
 
 
 @DATASETS.register()
-def glyphs(variants: PositiveInt = 5, size: PositiveInt = 64, seed: NonNegativeInt = 0) -> RawDataset:
+def glyphs(variants: PositiveInt = 5, size: Annotated[int, Field(ge=8)] = 64, seed: NonNegativeInt = 0) -> RawDataset:
     """Letters A-T rendered from matplotlib's bundled fonts with random affine variation: synthetic, far.
     Split by font (13 / 3 / 6 of the 22 fonts)."""
     from PIL import Image, ImageDraw, ImageFont
