@@ -106,9 +106,12 @@ def test_layer_lrs_decay_from_the_head():
 
 
 def which_layers(*overrides):
-    return load_study(study_path("smoke"), ["targets=[{dataset: digits}]", "grid.frozen_depth=[0, all]",
-                                            "grid.train_groups=[[0], [-1]]", "grid.recipes=[lp_ft]",
-                                            "grid.schedule=[cosine]", *overrides])
+    """The smoke study with which-layers arms; an override replaces the default of its field (a field given twice
+    on one command line is refused)."""
+    given = dict(o.split("=", 1) for o in ["targets=[{dataset: digits}]", "grid.frozen_depth=[0, all]",
+                                           "grid.train_groups=[[0], [-1]]", "grid.recipes=[lp_ft]",
+                                           "grid.schedule=[cosine]", *overrides])
+    return load_study(study_path("smoke"), [f"{k}={v}" for k, v in given.items()])
 
 
 def test_expand_adds_one_arm_per_train_groups_entry_and_recipe_without_scratch_twins():
