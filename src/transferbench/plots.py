@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 # Figure text is never parsed as mathtext: labels (a target's folder name, a weights path) are data, and a `$` or `\`
 # in one made matplotlib raise while saving, after every cell had trained. Global: tick labels are made at save time.
 matplotlib.rcParams.update({"text.parse_math": False, "text.usetex": False})
+matplotlib.rcParams["svg.hashsalt"] = "transferbench"  # SVG ids from content, not random: same tables, same bytes
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
