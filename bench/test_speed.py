@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from conftest import TIMES, record, seconds_of
 
-from transferbench.backbones import create_backbone, split_at_depth
+from transferbench.core.study import Cell
 from transferbench.data import load_target
-from transferbench.fastconv import use_plain_convs
-from transferbench.features import FeatureCache
-from transferbench.schedules import SCHEDULES, make_optimizer
-from transferbench.study import Cell
-from transferbench.train import Step, forward_batched, train_cell
+from transferbench.models.backbones import create_backbone, split_at_depth
+from transferbench.models.fastconv import use_plain_convs
+from transferbench.models.features import FeatureCache
+from transferbench.training.schedules import SCHEDULES, make_optimizer
+from transferbench.training.train import Step, forward_batched, train_cell
 
 BATCH = 32
 CELL = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
@@ -67,7 +67,7 @@ def test_train_step(benchmark, loop):
 @pytest.mark.parametrize("convs", ["plain", "fast"])
 def test_small_map_convs(benchmark, convs):
     """A full fine-tuning step at 32 px, with timm's convolutions vs the exact small-map fast paths
-    (transferbench.fastconv): the last stages run 5x5 depthwise convolutions on 1x1 and 2x2 maps."""
+    (transferbench.models.fastconv): the last stages run 5x5 depthwise convolutions on 1x1 and 2x2 maps."""
     benchmark.pedantic(_step("plain" if convs == "plain" else "harness"), rounds=15, warmup_rounds=3)
     record(benchmark, f"convs_{convs}", BATCH)
     if convs == "fast":

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from transferbench.analysis import bh_q, gains, t_interval
+from transferbench.analysis.gains import bh_q, gains, t_interval
 
 
 def runs(transfer_acc, scratch_acc, target="t", depth="0", schedule="cosine", val_shift=0.0, lr=1e-3,
@@ -116,7 +116,7 @@ def test_points_are_flagged_below_the_pixels_or_not_converged():
 def test_kendall_tau_b_matches_scipy_with_ties():
     from scipy.stats import kendalltau
 
-    from transferbench.analysis import kendall_tau_b
+    from transferbench.analysis.gains import kendall_tau_b
 
     r = np.random.default_rng(0)
     for _ in range(20):
@@ -126,7 +126,7 @@ def test_kendall_tau_b_matches_scipy_with_ties():
 
 
 def test_estimators_are_judged_with_targets_as_units():
-    from transferbench.analysis import correlations, measure_ranking, top_two
+    from transferbench.analysis.gains import correlations, measure_ranking, top_two
 
     targets = [f"t{i}" for i in range(6)]
     gain = np.array([0.30, 0.25, 0.20, 0.12, 0.05, 0.01])

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from transferbench import arms
-from transferbench.analysis import t_interval
+from transferbench.analysis import arms
+from transferbench.analysis.gains import t_interval
 
 ARMS = {"frozen 0": (0, 1.0), "groups 0": (0, 0.01), "groups 7": (7, 0.3), "LP-FT": (0, 1.0)}
 

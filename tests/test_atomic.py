@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from transferbench import atomic, plots  # noqa: E402
+from transferbench.core import atomic
+from transferbench.report import plots  # noqa: E402
 
 
 def disk_full_after(n_ok: int):

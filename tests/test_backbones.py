@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from transferbench.backbones import create_backbone, group_sizes, resolve_depth, split_at_depth
-from transferbench.errors import ConfigError
+from transferbench.core.errors import ConfigError
+from transferbench.models.backbones import create_backbone, group_sizes, resolve_depth, split_at_depth
 
 
 @pytest.mark.parametrize("model", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])

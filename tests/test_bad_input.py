@@ -126,7 +126,7 @@ def test_a_download_without_a_network_says_so(monkeypatch, capsys):
     failed (not a disk error), exit 2."""
     from urllib.error import URLError
 
-    from transferbench import runner
+    from transferbench.sweep import runner
 
     def offline(study):
         raise URLError("[Errno -2] Name or service not known")

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from transferbench.analysis.compare import compare, welch_drop
 from transferbench.cli import main
-from transferbench.compare import compare, welch_drop
-from transferbench.study import expand, load_study
+from transferbench.core.study import expand, load_study
 
 ROOT = Path(__file__).parents[1]
 BASELINE = ROOT / "results" / "baselines" / "smoke"

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from transferbench.core.errors import ConfigError
 from transferbench.data import DATASETS, SHIFTS, class_counts, load_raw, load_target, nested_kshot
 from transferbench.data.embedded import SOURCE_REFERENCE_IMAGES, TEXTURE_IMAGES
-from transferbench.errors import ConfigError
 
 
 @pytest.mark.parametrize("name,min_classes", [("textures", 10), ("digits", 10), ("glyphs", 20), ("faces", 2)])
@@ -108,7 +108,7 @@ def test_at_least_the_required_shifts_exist():
 def test_every_registered_dataset_has_a_contract(name):
     """A dataset built from dependencies declares its split sizes above; one read from disk (a fingerprint in its
     registry metadata) refuses to build without its folder, in one line naming the option."""
-    from transferbench.errors import ConfigError
+    from transferbench.core.errors import ConfigError
 
     if "fingerprint" not in DATASETS.meta(name):
         assert name in DECLARED or name == "source_reference", f"declare the split sizes of '{name}' in DECLARED"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transferbench.core.errors import ConfigError
 from transferbench.data import load_raw, load_target
-from transferbench.errors import ConfigError
 
 
 def write_cifar10(root, n_train=50, n_test=20):
@@ -77,9 +77,9 @@ def test_dataset_options_are_checked():
 
 
 def test_source_pretraining_trains_caches_and_serves_weights(tmp_path):
-    from transferbench.backbones import create_backbone
-    from transferbench.source import ensure_checkpoints, weights_map
-    from transferbench.study import load_study
+    from transferbench.core.study import load_study
+    from transferbench.models.backbones import create_backbone
+    from transferbench.training.source import ensure_checkpoints, weights_map
 
     study_file = tmp_path / "s.yaml"
     study_file.write_text("""name: s

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from torch import nn
 
-from transferbench.fastconv import FastConv2d, use_fast_convs, use_plain_convs
+from transferbench.models.fastconv import FastConv2d, use_fast_convs, use_plain_convs
 
 
 def _max_diff(plain: nn.Module, fast: nn.Module, x: torch.Tensor) -> float:

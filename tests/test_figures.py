@@ -8,8 +8,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from transferbench import analysis, plots, report, tables
-from transferbench.store import curves_table
+from transferbench.analysis import gains as analysis
+from transferbench.analysis import tables
+from transferbench.report import document as report
+from transferbench.report import plots
+from transferbench.sweep.store import curves_table
 
 BASELINES = Path(__file__).parents[1] / "results" / "baselines"
 STUDIES = ("domain_gap", "smoke", "which_layers")
@@ -97,7 +100,7 @@ def test_per_class_counts_in_words():
 
 @pytest.mark.parametrize("search", ["halving", "first_seed", "grid"])
 def test_study_as_run_names_every_lr_search(search):
-    from transferbench.study import Train
+    from transferbench.core.study import Train
 
     assert set(Train.model_fields["lr_search"].annotation.__args__) == {"halving", "first_seed", "grid"}
     study = report.load_saved_study(BASELINES / "smoke")

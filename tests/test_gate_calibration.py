@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferbench import backbones, runner, train
+from transferbench.analysis.compare import compare, render
 from transferbench.cli import main
-from transferbench.compare import compare, render
 from transferbench.data import load_target
+from transferbench.models import backbones
+from transferbench.sweep import runner
+from transferbench.training import train
 
 pytestmark = pytest.mark.slow
 

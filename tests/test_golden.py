@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from transferbench import analysis
-from transferbench.store import curves_table, read_records, runs_table
+from transferbench.analysis import gains as analysis
+from transferbench.sweep.store import curves_table, read_records, runs_table
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"

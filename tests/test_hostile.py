@@ -16,9 +16,9 @@ from PIL import Image
 from test_bad_input import refuse
 
 from transferbench.cli import main
-from transferbench.errors import ConfigError
-from transferbench.store import read_records, remove_orphans, write_record
-from transferbench.study import Cell, load_study
+from transferbench.core.errors import ConfigError
+from transferbench.core.study import Cell, load_study
+from transferbench.sweep.store import read_records, remove_orphans, write_record
 
 GOOD = """name: t
 backbones: [{model: tf_efficientnet_lite0, weights: imagenet}]
@@ -50,7 +50,7 @@ def write_folder(root: Path, classes=("cat", "dog", "fox"), per_class=12, invert
 
 def done_record(tmp: Path, study_text: str = GOOD) -> tuple[Path, dict]:
     """A genuine record of one of the study's cells, as a worker writes it."""
-    from transferbench.study import expand
+    from transferbench.core.study import expand
 
     cell = expand(load_study(_write(tmp / "s.yaml", study_text)))[0]
     record = dict(study="t", cell_id=cell.cell_id, **cell.model_dump(), status="ok", error=None, test_acc=0.31,
@@ -138,9 +138,9 @@ def test_report_refuses_a_path_as_study_name(tmp_path, capsys):
 # ------------------------------------------------------------------- caches keyed by content -------------
 
 def test_two_image_folders_never_share_cached_data_or_features(tmp_path):
-    from transferbench.backbones import create_backbone
     from transferbench.data import load_target
-    from transferbench.features import prefix_key
+    from transferbench.models.backbones import create_backbone
+    from transferbench.models.features import prefix_key
 
     a = write_folder(tmp_path / "a" / "photos")
     b = write_folder(tmp_path / "b" / "inverted", invert=True)
@@ -184,8 +184,8 @@ def test_image_folders_are_named_by_their_folder_and_names_must_differ(tmp_path)
 
 
 def test_a_damaged_data_cache_is_rebuilt_and_named(tmp_path, capsys, monkeypatch):
+    from transferbench.core.paths import cache_dir
     from transferbench.data import load_raw
-    from transferbench.paths import cache_dir
 
     monkeypatch.setenv("TRANSFERBENCH_CACHE", str(tmp_path))
     good = load_raw("digits")
@@ -200,7 +200,7 @@ def test_a_damaged_data_cache_is_rebuilt_and_named(tmp_path, capsys, monkeypatch
 def test_a_zeroed_feature_cache_file_is_recomputed_not_used(tmp_path, capsys):
     import torch
 
-    from transferbench.features import FeatureCache
+    from transferbench.models.features import FeatureCache
 
     feats = {"train": torch.randn(8, 4)}
     cache = FeatureCache(tmp_path)
@@ -235,7 +235,7 @@ def test_a_full_disk_while_writing_a_record_leaves_nothing_half_written(tmp_path
 
 
 def test_a_full_disk_mid_study_ends_with_one_line(tmp_path, capsys, monkeypatch):
-    import transferbench.runner as runner
+    import transferbench.sweep.runner as runner
 
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "results" / "t" / "records" / "x"))
@@ -256,15 +256,15 @@ def test_compare_on_an_empty_table_is_bad_input(tmp_path, capsys):
 
 
 def test_a_truncated_domains_table_is_never_used(tmp_path):
-    from transferbench.store import read_domains
+    from transferbench.sweep.store import read_domains
 
     truncated_domains(tmp_path)
     assert read_domains(tmp_path / "results" / "t") is None
 
 
 def test_report_waits_for_no_one_and_refuses_a_locked_folder(tmp_path, capsys):
-    from transferbench.report import save_study
-    from transferbench.runner import results_lock
+    from transferbench.report.document import save_study
+    from transferbench.sweep.runner import results_lock
 
     out = tmp_path / "t"
     save_study(load_study(_write(tmp_path / "s.yaml", GOOD)), out)
@@ -276,8 +276,8 @@ def test_report_waits_for_no_one_and_refuses_a_locked_folder(tmp_path, capsys):
 # ------------------------------------------------------------------- training edge cases -----------------
 
 def test_a_last_batch_of_one_joins_the_batch_before(torch_single_thread):
-    from transferbench.features import FeatureCache
-    from transferbench.train import batch_bounds, train_cell
+    from transferbench.models.features import FeatureCache
+    from transferbench.training.train import batch_bounds, train_cell
 
     assert batch_bounds(33, 32) == [(0, 33)]
     assert batch_bounds(65, 32) == [(0, 32), (32, 65)]
@@ -292,7 +292,7 @@ def test_a_last_batch_of_one_joins_the_batch_before(torch_single_thread):
 
 
 def test_per_target_sizes_are_honoured():
-    from transferbench.study import expand, n_cells
+    from transferbench.core.study import expand, n_cells
 
     text = GOOD.replace("[{dataset: textures}]", "[{dataset: textures, n_per_class: [1, 3, 5]}, {dataset: digits}]")
     study = load_study(_write(Path(os.environ["TRANSFERBENCH_CACHE"]) / "sizes.yaml", text))

@@ -20,10 +20,12 @@ import pytest
 from test_bad_input import refuse
 from test_hostile import GOOD, write_folder
 
-from transferbench import plots, report, tables
+from transferbench.analysis import tables
 from transferbench.cli import main
-from transferbench.errors import ConfigError
-from transferbench.study import IDENTIFIER, default_label, load_study, safe_yaml
+from transferbench.core.errors import ConfigError
+from transferbench.core.study import IDENTIFIER, default_label, load_study, safe_yaml
+from transferbench.report import document as report
+from transferbench.report import plots
 
 BASELINE = Path(__file__).parents[1] / "results" / "baselines" / "smoke"
 
@@ -289,7 +291,7 @@ def test_no_write_follows_a_planted_link(tmp_path, capsys, case, plant, command)
 
 
 def test_a_folder_swapped_for_a_link_mid_run_is_refused_at_the_write(tmp_path):
-    from transferbench.store import write_record
+    from transferbench.sweep.store import write_record
 
     (tmp_path / "outside").mkdir()
     (tmp_path / "records").symlink_to(tmp_path / "outside")
@@ -515,7 +517,7 @@ def results_file(tmp: Path) -> None:
 
 
 def record_folder(tmp: Path) -> None:
-    from transferbench.runner import plan
+    from transferbench.sweep.runner import plan
 
     cell = plan(load_study(_write(tmp / "plan.yaml", GOOD)))[0]
     (tmp / "results" / "t" / "records" / f"{cell.cell_id}.json").mkdir(parents=True)

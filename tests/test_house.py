@@ -1,5 +1,6 @@
-"""The house rules a test can check: no import cycles inside the package, one registered function per extension
-point (each registry's entries found by name), and the registries parametrise the contract tests."""
+"""The house rules a test can check: every module on a floor (core, data, models, training, sweep, measures, analysis,
+report, cli) and no import running up a floor, no import cycles inside the package, one registered function per
+extension point (each registry's entries found by name), and the registries parametrise the contract tests."""
 
 import ast
 from pathlib import Path
@@ -81,15 +82,43 @@ def test_no_module_imports_one_that_imports_it_back():
     assert cycles(edges) == []
 
 
+# The floors of the house, bottom to top: a module may import its own floor and those below, never one above.
+FLOORS = ["core", "data", "models", "training", "sweep", "measures", "analysis", "report", "cli"]
+
+
+def floor(module: str) -> int:
+    """transferbench.<folder>.<module> (or transferbench.cli) -> its floor; the package root sits at the bottom."""
+    parts = module.split(".")
+    return FLOORS.index(parts[1]) if len(parts) > 1 else 0
+
+
+def test_every_module_lives_on_a_floor():
+    assert all(module == "transferbench" or module.split(".")[1] in FLOORS for module in graph())
+
+
+def upward(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, ts in edges.items() for t in ts if floor(t) > floor(m))
+
+
+def test_no_lower_floor_imports_an_upper_one():
+    found = upward(graph())
+    assert found == [], "imports that run up the house: " + ", ".join(f"{m} -> {t}" for m, t in found)
+
+
+def test_the_floor_check_can_fail():
+    edges = {"transferbench.data.raw": {"transferbench.core.errors", "transferbench.training.train"}}
+    assert upward(edges) == [("transferbench.data.raw", "transferbench.training.train")]
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def registries():
-    from transferbench.backbones import WEIGHTS
     from transferbench.data import DATASETS, SHIFTS
     from transferbench.measures import MEASURES
-    from transferbench.schedules import OPTIMIZERS, SCHEDULES
+    from transferbench.models.backbones import WEIGHTS
+    from transferbench.training.schedules import OPTIMIZERS, SCHEDULES
 
     return {"dataset": DATASETS, "shift": SHIFTS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
             "weight source": WEIGHTS, "measure": MEASURES}
@@ -117,21 +146,21 @@ def test_every_measure_declares_inputs_sign_and_label():
                                             ("ckpt/model.safetensors", "<file>.pth|.safetensors"),
                                             ("model.pth", "<file>.pth|.safetensors")])
 def test_weight_strings_are_served_by_one_registered_source(weights, source):
-    from transferbench.backbones import weight_source
+    from transferbench.models.backbones import weight_source
 
     assert weight_source(weights) == source
 
 
 def test_an_unknown_weight_source_is_refused_with_a_suggestion():
-    from transferbench.backbones import weight_source
-    from transferbench.errors import ConfigError
+    from transferbench.core.errors import ConfigError
+    from transferbench.models.backbones import weight_source
 
     with pytest.raises(ConfigError, match="unknown weight source 'imagenett'"):
         weight_source("imagenett")
 
 
 def test_figures_name_weight_sources_through_the_registry():
-    from transferbench.plots import source_label
+    from transferbench.report.plots import source_label
 
     assert source_label("pretrain:glyphs:3f75e78e067be62c") == "glyphs-pretrained"
     assert source_label("imagenet") == "imagenet" and source_label("ckpt/a.pth") == "ckpt/a.pth"

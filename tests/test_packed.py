@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from transferbench import train
-from transferbench.features import FeatureCache
-from transferbench.packed import Pack, pack_sizes, packed
-from transferbench.study import Cell
+from transferbench.core.study import Cell
+from transferbench.models.features import FeatureCache
+from transferbench.training import train
+from transferbench.training.packed import Pack, pack_sizes, packed
 
 BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
             severity=0, frozen_depth=6, n_per_class=2, schedule="cosine", lr=3e-3, seed=0, epochs=1, steps=9,
@@ -129,9 +129,9 @@ def test_the_runner_writes_the_same_records_packed_or_not(tmp_path, torch_single
     training."""
     import pandas as pd
 
-    from transferbench.runner import run_cells
-    from transferbench.store import read_records, runs_table
-    from transferbench.study import expand, load_study, study_path
+    from transferbench.core.study import expand, load_study, study_path
+    from transferbench.sweep.runner import run_cells
+    from transferbench.sweep.store import read_records, runs_table
 
     tables = {}
     for mode in ("never", "always"):
@@ -159,7 +159,7 @@ def test_only_layers_that_keep_copies_apart_are_stacked(cache, torch_single_thre
     it trains alone, with the same result."""
     from torch import nn
 
-    from transferbench.packed import signature, stacked, unstackable
+    from transferbench.training.packed import signature, stacked, unstackable
 
     assert unstackable(prepare(cache).suffix) is None and unstackable(prepare(cache, frozen_depth=0).suffix) is None
     mixing = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))
@@ -180,7 +180,7 @@ def test_only_layers_that_keep_copies_apart_are_stacked(cache, torch_single_thre
 def test_a_pack_sheds_its_stopped_copies(cache, torch_single_thread, monkeypatch):
     """Runs with budgets of 3, 6 and 9 steps: a pack of three, then of two, then the last run alone, each the same
     as trained alone."""
-    from transferbench import packed as packed_module
+    from transferbench.training import packed as packed_module
 
     sizes = []
     init = packed_module.Pack.__init__
@@ -203,8 +203,8 @@ def test_tasks_hold_one_network_shape():
     even at half the examples per class (the same number of examples, another head); layer-wise LR decay (an LR
     group per depth) packs apart; scratch shares full fine-tuning's shape; every cell is in exactly one task of at
     most `most`."""
-    from transferbench.runner import pack_groups
-    from transferbench.study import expand, load_study, study_path
+    from transferbench.core.study import expand, load_study, study_path
+    from transferbench.sweep.runner import pack_groups
 
     study = load_study(study_path("smoke"), [
         "backbones=[{model: tf_efficientnet_lite0}]",
@@ -228,7 +228,7 @@ def test_validation_in_the_pack_equals_each_run_validating_alone(chunk, cache, t
     validate in stacked passes (precise BN, then the validation set), the one not due keeping its BatchNorm
     statistics; a copy due alone validates by itself. Precise BN in one chunk and in several (the cumulative
     average). Curves, best steps and best weights equal each run trained alone."""
-    from transferbench import packed as packed_module
+    from transferbench.training import packed as packed_module
 
     monkeypatch.setattr(train, "PRECISE_BN_CHUNK", chunk)
     stacked_passes = []

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from transferbench.cli import main
-from transferbench.store import RUN_COLUMNS
+from transferbench.sweep.store import RUN_COLUMNS
 
 pytestmark = pytest.mark.slow  # end to end through the CLI: `make test-slow` (and CI)
 
@@ -102,13 +102,13 @@ def test_every_record_names_device_and_versions(smoke):
     assert {"device", "seed", "lrs"} & set(rec["cell"]) and "test_acc" in rec["result"]
     assert {"device_used", "torch_version", "timm_version", "transferbench_version", "threads", "git_commit",
             "git_dirty"} <= set(rec["provenance"])
-    from transferbench.study import Cell
+    from transferbench.core.study import Cell
     assert Cell(**rec["cell"]).cell_id == rec["cell_id"]  # the config nested as written is what the id hashes
 
 
 def test_domain_measures_come_from_the_disk_cache(smoke, monkeypatch):
-    from transferbench import domains
-    from transferbench.report import load_saved_study
+    from transferbench.measures import domains
+    from transferbench.report.document import load_saved_study
 
     study = load_saved_study(smoke)
     calls, real = [], domains._measure_target

@@ -88,7 +88,7 @@ def test_failed_cells_are_kept_counted_and_retried(tiny, tmp_path, capsys):
 
 
 def test_a_second_runner_on_the_same_folder_is_refused(tiny, tmp_path, capsys):
-    from transferbench.runner import results_lock
+    from transferbench.sweep.runner import results_lock
 
     with results_lock(tmp_path / "tiny"):
         assert main(["study", str(tiny), "--results", str(tmp_path), "--no-progress"]) == 2

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from transferbench.cli import main
-from transferbench.report import write_html
+from transferbench.report.document import write_html
 
 STUDIES = Path(__file__).parents[1] / "studies"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from transferbench.schedules import SCHEDULES
+from transferbench.training.schedules import SCHEDULES
 
 
 def trajectory(name, steps=100, lr=1.0):

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from transferbench.errors import ConfigError
-from transferbench.study import expand, load_study, study_path
+from transferbench.core.errors import ConfigError
+from transferbench.core.study import expand, load_study, study_path
 
 STUDIES = Path(__file__).parents[1] / "studies"
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from transferbench.features import FeatureCache
-from transferbench.runner import run_one
-from transferbench.store import read_records
-from transferbench.study import Cell
-from transferbench.train import train_cell
+from transferbench.core.study import Cell
+from transferbench.models.features import FeatureCache
+from transferbench.sweep.runner import run_one
+from transferbench.sweep.store import read_records
+from transferbench.training.train import train_cell
 
 BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
             severity=0, frozen_depth="all", n_per_class=2, schedule="cosine", lr=1e-3, seed=0, epochs=2,
@@ -62,7 +62,7 @@ def test_a_diverging_cell_is_recorded_as_failed(tmp_path, torch_single_thread):
 
 
 def test_eval_epochs_every_or_log_spaced():
-    from transferbench.train import eval_epochs
+    from transferbench.training.train import eval_epochs
 
     assert eval_epochs(10, "log") == {1, 2, 4, 8, 10}
     assert eval_epochs(8, "log") == {1, 2, 4, 8}
@@ -87,7 +87,7 @@ PROTOCOL = dict(steps=200, eval_every=10, patience=3, min_steps=20, precise_bn=T
 def test_early_stopping_fires_and_the_best_validation_weights_are_tested():
     from torch import nn
 
-    from transferbench.train import train_loop
+    from transferbench.training.train import train_loop
 
     feats, ys = synthetic()
     c = cell(frozen_depth=0, lr=0.3, optimizer="sgd", batch_size=8, **PROTOCOL)
@@ -105,8 +105,8 @@ def test_precise_bn_gives_the_exact_statistics_of_the_training_set(chunk, monkey
     the chunks' own variances)."""
     from torch import nn
 
-    from transferbench import train
-    from transferbench.train import precise_bn
+    from transferbench.training import train
+    from transferbench.training.train import precise_bn
 
     monkeypatch.setattr(train, "PRECISE_BN_CHUNK", chunk)
     x = torch.randn(50, 4) * 3 + 1
@@ -121,7 +121,7 @@ def test_precise_bn_gives_the_exact_statistics_of_the_training_set(chunk, monkey
 def test_lr_candidates_race_and_the_best_on_validation_goes_on():
     from torch import nn
 
-    from transferbench.train import train_loop
+    from transferbench.training.train import train_loop
 
     feats, ys = synthetic()
 
@@ -141,7 +141,7 @@ def test_the_lbfgs_probe_is_the_full_logistic_regression_optimum():
     """Fitted in the span of the training examples (n < d), it matches scikit-learn on all d dimensions."""
     from sklearn.linear_model import LogisticRegression
 
-    from transferbench.baselines import fit_logistic
+    from transferbench.training.baselines import fit_logistic
 
     r = np.random.default_rng(0)
     y = {s: np.arange(n) % 3 for s, n in (("train", 30), ("val", 60), ("test", 60))}
@@ -163,8 +163,8 @@ def test_pixel_nearest_centroid_on_digits_matches_the_known_figure(torch_single_
 
 
 def test_first_seed_lr_choice_is_reused_by_the_other_seeds(tmp_path, torch_single_thread):
-    from transferbench.runner import run_cells
-    from transferbench.study import expand, load_study, study_path
+    from transferbench.core.study import expand, load_study, study_path
+    from transferbench.sweep.runner import run_cells
 
     study = load_study(study_path("smoke"), [
         "backbones=[{model: tf_efficientnet_lite0}]", "targets=[{dataset: digits}]", "grid.frozen_depth=[0]",

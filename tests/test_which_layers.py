@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from transferbench import train
-from transferbench.backbones import create_backbone, split_for_training
-from transferbench.errors import ConfigError
-from transferbench.features import FeatureCache
-from transferbench.schedules import layer_lrs
-from transferbench.study import Cell, expand, load_study, n_cells, study_path
+from transferbench.core.errors import ConfigError
+from transferbench.core.study import Cell, expand, load_study, n_cells, study_path
+from transferbench.models.backbones import create_backbone, split_for_training
+from transferbench.models.features import FeatureCache
+from transferbench.training import train
+from transferbench.training.schedules import layer_lrs
 
 BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
             severity=0, frozen_depth=0, n_per_class=2, schedule="cosine", lr=3e-3, seed=0, epochs=1, steps=6,
@@ -134,7 +134,7 @@ def test_expand_adds_one_arm_per_train_groups_entry_and_recipe_without_scratch_t
     ("grid.train_groups=[[0, 0]]", "train_groups"),
 ])
 def test_bad_arms_are_refused_at_planning_naming_the_field(override, field):
-    from transferbench.runner import plan
+    from transferbench.sweep.runner import plan
 
     with pytest.raises(ConfigError) as e:
         plan(which_layers(override))

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from urllib.error import URLError
 
-from .errors import ConfigError
-from .paths import check_results_folder, check_writable
+from transferbench.core.errors import ConfigError
+from transferbench.core.paths import check_results_folder, check_writable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def study_folder(results: Path, name: str) -> Path:
     """results/<name>, refused unless it resolves inside results/ (a name is never a path)."""
-    from .study import IDENTIFIER
+    from transferbench.core.study import IDENTIFIER
 
     if IDENTIFIER.fullmatch(name):
         check_results_folder(results / name)  # before resolving: a linked study folder is named as a link
@@ -63,16 +63,16 @@ def study_folder(results: Path, name: str) -> Path:
 
 
 def cmd_study(args) -> int:
-    from .study import load_study, study_path
+    from transferbench.core.study import load_study, study_path
 
     # The file is validated before torch, pandas or matplotlib are imported: a bad file is refused in well under a
     # second (what needs the data or the model is checked by plan()).
     study = load_study(study_path(args.study), args.overrides, args.profile)
     out = study_folder(args.results, study.name)
 
-    from .runner import dask_address, plan, results_lock, run_cells
-    from .source import ensure_checkpoints
-    from .store import read_records, remove_orphans
+    from transferbench.sweep.runner import dask_address, plan, results_lock, run_cells
+    from transferbench.sweep.store import read_records, remove_orphans
+    from transferbench.training.source import ensure_checkpoints
 
     if (args.backend or study.run.backend) == "dask":
         dask_address(args.scheduler or study.run.scheduler)  # refused before anything is written
@@ -83,7 +83,7 @@ def cmd_study(args) -> int:
         removed = remove_orphans(out)
         print(f"{study.name}: {len(cells)} cells -> {out}/" + (f" ({removed} orphan temporary file(s) removed)"
                                                               if removed else ""), flush=True)
-        from .report import save_study
+        from transferbench.report.document import save_study
 
         save_study(study, out)
         t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def cmd_study(args) -> int:
                             scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
         summary.pretrain_seconds = pretrain_seconds if pretrain_seconds > 0.5 else 0.0  # (nothing to pretrain)
         timing = _measure_domains(study, out, summary, args.skip_domains)
-        from .report import build
+        from transferbench.report.document import build
 
         report = build(study, out, timing, domains=not args.skip_domains)
     if timing:
@@ -116,10 +116,10 @@ def cmd_study(args) -> int:
 def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | None:
     """domains.csv (rebuilt when cells ran or it is missing or unreadable; each pair's measures come from the disk
     cache when nothing they depend on changed); the timing block, None if nothing ran."""
-    from .atomic import write_text
-    from .domains import domain_tables
-    from .runner import timing_table
-    from .store import read_domains
+    from transferbench.core.atomic import write_text
+    from transferbench.measures.domains import domain_tables
+    from transferbench.sweep.runner import timing_table
+    from transferbench.sweep.store import read_domains
 
     t1 = time.perf_counter()
     if not skip and (summary.ran or read_domains(out) is None or not (out / "estimators.csv").exists()):
@@ -133,9 +133,9 @@ def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | Non
 
 
 def cmd_plan(args) -> int:
-    from .costs import plan_table
-    from .runner import plan
-    from .study import load_study, study_path
+    from transferbench.core.study import load_study, study_path
+    from transferbench.sweep.costs import plan_table
+    from transferbench.sweep.runner import plan
 
     study = load_study(study_path(args.study), args.overrides, args.profile)
     print(plan_table(study, plan(study)))
@@ -147,8 +147,8 @@ def cmd_report(args) -> int:
     if not (out / "study.resolved.yaml").exists():
         raise ConfigError("study", f"no results for '{args.study}' in {args.results}/", "run `transferbench study` "
                                                                                         "first")
-    from .report import build, load_saved_study
-    from .runner import results_lock
+    from transferbench.report.document import build, load_saved_study
+    from transferbench.sweep.runner import results_lock
 
     with results_lock(out):  # a report is never rebuilt from a folder a runner is writing
         print(f"report: {build(load_saved_study(out), out)}")
@@ -156,7 +156,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, render
+    from transferbench.analysis.compare import compare, render
 
     result = compare(args.base, args.new, args.margin, args.fdr, args.speed_fraction, args.margin / 2)
     print(render(result, args.base, args.new))

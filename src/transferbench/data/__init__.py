@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..study import condition_name
-from . import embedded, external  # noqa: F401  (each registers its builders in raw.DATASETS)
-from .raw import DATASETS, SPLITS, fingerprints, load_raw
-from .sampling import class_counts, nested_kshot
-from .shifts import SHIFTS, apply_shift
+from transferbench.core.study import condition_name
+from transferbench.data import embedded, external  # noqa: F401  (each registers its builders in raw.DATASETS)
+from transferbench.data.raw import DATASETS, SPLITS, fingerprints, load_raw
+from transferbench.data.sampling import class_counts, nested_kshot
+from transferbench.data.shifts import SHIFTS, apply_shift
 
 __all__ = ["DATASETS", "SHIFTS", "Target", "load_target", "nested_kshot", "class_counts"]
 

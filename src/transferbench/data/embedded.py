@@ -13,7 +13,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from .raw import DATASETS, SPLITS, RawDataset, split_stratified
+from transferbench.data.raw import DATASETS, SPLITS, RawDataset, split_stratified
 
 # skimage photos and textures: targets never use the source-reference group, so "near" is not "identical".
 TEXTURE_IMAGES = ["brick", "grass", "gravel", "coffee", "chelsea", "astronaut", "rocket", "coins", "moon",

@@ -20,8 +20,8 @@ from typing import NoReturn
 import numpy as np
 from pydantic import PositiveInt
 
-from ..errors import ConfigError
-from .raw import DATASETS, SPLITS, RawDataset, split_stratified, tree_fingerprint
+from transferbench.core.errors import ConfigError
+from transferbench.data.raw import DATASETS, SPLITS, RawDataset, split_stratified, tree_fingerprint
 
 
 def _resized(img, store_size: int) -> np.ndarray:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..atomic import replacing
-from ..errors import ConfigError
-from ..paths import cache_dir
-from ..registry import Registry
+from transferbench.core.atomic import replacing
+from transferbench.core.errors import ConfigError
+from transferbench.core.paths import cache_dir
+from transferbench.core.registry import Registry
 
 # name -> builder(**options) -> RawDataset; metadata `fingerprint(options) -> dict` for data read from a folder, so
 # that adding, removing or editing its files invalidates the cached arrays.

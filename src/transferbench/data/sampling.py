@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ..errors import ConfigError
+from transferbench.core.errors import ConfigError
 
 
 def class_counts(labels: np.ndarray) -> dict[int, int]:

@@ -7,7 +7,7 @@ corrupted copy), so every cell of a condition sees the same images.
 import torch
 import torchvision.transforms.v2.functional as F
 
-from ..registry import Registry
+from transferbench.core.registry import Registry
 
 SHIFTS = Registry("shift")
 

@@ -13,10 +13,10 @@ the report all read this registry.
 
 import numpy as np
 
-from ..registry import Registry
-from .degenerate import Degenerate, safely
-from .distance import frechet_distance, gaussian_kl, mmd2_unbiased, proxy_a_distance
-from .transferability import h_score, knn_accuracy, leep, logme, nce
+from transferbench.core.registry import Registry
+from transferbench.measures.degenerate import Degenerate, safely
+from transferbench.measures.distance import frechet_distance, gaussian_kl, mmd2_unbiased, proxy_a_distance
+from transferbench.measures.transferability import h_score, knn_accuracy, leep, logme, nce
 
 MEASURES = Registry("measure")
 LABEL_FREE = ("pair", "bn_profile")  # measured on the target's unlabelled images

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from .degenerate import require
+from transferbench.measures.degenerate import require
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .degenerate import require
+from transferbench.measures.degenerate import require
 
 
 def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11) -> float:

@@ -28,8 +28,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from . import atomic  # noqa: E402
-from .analysis import (  # noqa: E402
+from transferbench.analysis.gains import (  # noqa: E402
     MEASURES,
     POINT,
     SCRATCH_POINT,
@@ -39,8 +38,9 @@ from .analysis import (  # noqa: E402
     ok_runs,
     with_tuning,
 )
-from .measures import MEASURES as REGISTERED  # noqa: E402
-from .paths import results_subfolder  # noqa: E402
+from transferbench.core import atomic  # noqa: E402
+from transferbench.core.paths import results_subfolder  # noqa: E402
+from transferbench.measures import MEASURES as REGISTERED  # noqa: E402
 
 PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
 DPI = 300  # print resolution of the PNGs (the SVGs are vector)
@@ -525,7 +525,7 @@ def fairness(t: dict, style: Style):
 def source_label(weights: str) -> str:
     """How a weight source names its weights in figures ('pretrain:glyphs:<hash>' -> 'glyphs-pretrained'; 'imagenet'
     stays): the `label` in its registry entry."""
-    from .backbones import WEIGHTS, weight_source
+    from transferbench.models.backbones import WEIGHTS, weight_source
 
     return WEIGHTS.meta(weight_source(str(weights))).get("label", str)(str(weights))
 

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import ConfigError
+from transferbench.core.errors import ConfigError
 
 LINK_FIX = "remove the link (transferbench writes only into real folders inside the results folder), then rerun"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import TMP_PREFIX, write_text
-from .errors import ConfigError
-from .paths import results_subfolder
-from .study import Cell
+from transferbench.core.atomic import TMP_PREFIX, write_text
+from transferbench.core.errors import ConfigError
+from transferbench.core.paths import results_subfolder
+from transferbench.core.study import Cell
 
 RUN_COLUMNS = ["study", "cell_id", "arm", "backbone", "weights", "target", "dataset", "shift", "severity",
                "frozen_depth", "frozen_groups", "n_groups", "frozen_fraction", "n_per_class", "n_train", "schedule",

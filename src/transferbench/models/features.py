@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import replacing
-from .paths import cache_dir
+from transferbench.core.atomic import replacing
+from transferbench.core.paths import cache_dir
 
 FORMAT = 2  # bump when what the prefix computes changes (2: targets keyed by content digest)
 

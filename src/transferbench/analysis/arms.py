@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .analysis import POINT, bh_q, choose, kendall_tau_b, mean_interval, ok_runs, t_interval, verdict
+from transferbench.analysis.gains import POINT, bh_q, choose, kendall_tau_b, mean_interval, ok_runs, t_interval, verdict
 
 FULL = "frozen 0"  # full fine-tuning: the reference every other arm is compared with
 CELL = ["backbone", "weights", "target", "n_per_class"]  # a condition at one size; arms vary within it

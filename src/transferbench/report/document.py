@@ -13,11 +13,14 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from . import analysis, arms, atomic, plots
-from .errors import ConfigError
-from .paths import results_subfolder
-from .study import Study, format_validation_error, safe_yaml, scratch_lrs, transfer_lrs
-from .tables import write_tables
+from transferbench.analysis import arms
+from transferbench.analysis import gains as analysis
+from transferbench.analysis.tables import write_tables
+from transferbench.core import atomic
+from transferbench.core.errors import ConfigError
+from transferbench.core.paths import results_subfolder
+from transferbench.core.study import Study, format_validation_error, safe_yaml, scratch_lrs, transfer_lrs
+from transferbench.report import plots
 
 
 def pp(x: float) -> str:

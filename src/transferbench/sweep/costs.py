@@ -9,7 +9,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from .study import Cell, Study, tuning_label
+from transferbench.core.study import Cell, Study, tuning_label
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class CellCost:
 def cell_cost(cell: Cell) -> CellCost | None:
     """A cell's SGD training as train.Training plans it, before early stopping; None for a closed-form cell
     (pixels, L-BFGS probe). A cell that reuses another seed's LR counts one run (it races if that cell failed)."""
-    from .runner import num_classes
-    from .train import batch_bounds, budget
+    from transferbench.sweep.runner import num_classes
+    from transferbench.training.train import batch_bounds, budget
 
     if cell.arm == "pixels" or cell.solver == "lbfgs":
         return None
@@ -52,9 +52,9 @@ def arm_of(cell: Cell) -> str:
     """The arm as tables name it ('transfer frozen 6', 'transfer groups 7', 'transfer LP-FT', 'scratch')."""
     if cell.arm != "transfer":
         return cell.arm
-    from .backbones import resolve_groups
-    from .runner import depth_group_count
-    from .schedules import recipe
+    from transferbench.models.backbones import resolve_groups
+    from transferbench.sweep.runner import depth_group_count
+    from transferbench.training.schedules import recipe
 
     groups = cell.train_groups
     trained = resolve_groups(groups, depth_group_count(cell.model)) if groups is not None else None
@@ -77,8 +77,8 @@ def gpu_packing(cells: list[Cell], most: int, refill: float = 0.75) -> tuple[int
     candidates of its cells with one race length, in packs of at most `most`), then its winners to their budgets.
     As if every run of a task shared one shape (packed.signature may split a few more: runs at different offsets of
     an epoch whose last batch is short, such as scratch and fine-tuning winners after races of different lengths)."""
-    from .packed import chunks
-    from .runner import lr_phases, pack_groups
+    from transferbench.sweep.runner import lr_phases, pack_groups
+    from transferbench.training.packed import chunks
 
     in_packs = taken = 0
     for phase in lr_phases(cells):

@@ -6,16 +6,16 @@ serves it as pretrained weights (`pretrain:<dataset>:<cell id>`).
 
 from __future__ import annotations
 
-from .atomic import replacing
-from .study import Cell, Study, machine_protocol
+from transferbench.core.atomic import replacing
+from transferbench.core.study import Cell, Study, machine_protocol
 
 PREFIX = "pretrain:"
 
 
 def source_cell(study: Study, model: str, dataset: str) -> Cell:
     """Scratch training on the source's whole training pool, with the study's pretraining budget."""
-    from .data import DATASETS, load_raw
-    from .data.sampling import class_counts
+    from transferbench.data import DATASETS, load_raw
+    from transferbench.data.sampling import class_counts
 
     DATASETS.get(dataset, "backbones.weights (pretrain:<dataset>)")
     p, t = study.pretraining, study.train
@@ -27,7 +27,7 @@ def source_cell(study: Study, model: str, dataset: str) -> Cell:
 
 def weights_map(study: Study) -> dict[tuple[str, str], str]:
     """(model, 'pretrain:<dataset>') -> 'pretrain:<dataset>:<cell id of the source cell>'."""
-    from .backbones import trained_here
+    from transferbench.models.backbones import trained_here
 
     return {(b.model, b.weights): f"{b.weights}:{source_cell(study, b.model, b.weights[len(PREFIX):]).cell_id}"
             for b in study.backbones if trained_here(b.weights)}
@@ -37,8 +37,8 @@ def ensure_checkpoints(study: Study, log=print) -> None:
     """Train every `pretrain:` source the study names that is not cached yet."""
     from safetensors.torch import save_file
 
-    from .backbones import source_checkpoint
-    from .train import fit
+    from transferbench.models.backbones import source_checkpoint
+    from transferbench.training.train import fit
 
     for (model, weights), resolved in weights_map(study).items():
         cell = source_cell(study, model, weights[len(PREFIX):])
@@ -55,6 +55,6 @@ def ensure_checkpoints(study: Study, log=print) -> None:
 
 def cells_of(study: Study) -> list[Cell]:
     """The study's cells, with pretrained sources named by their config hash."""
-    from .study import expand
+    from transferbench.core.study import expand
 
     return expand(study, weights_map(study))

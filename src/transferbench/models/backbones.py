@@ -21,11 +21,11 @@ from timm.layers import freeze_batch_norm_2d
 from timm.models import group_modules, group_parameters
 from torch import nn
 
-from .errors import ConfigError, did_you_mean
-from .fastconv import use_fast_convs
-from .features import tensor_digest
-from .paths import cache_dir
-from .registry import Registry
+from transferbench.core.errors import ConfigError, did_you_mean
+from transferbench.core.paths import cache_dir
+from transferbench.core.registry import Registry
+from transferbench.models.fastconv import use_fast_convs
+from transferbench.models.features import tensor_digest
 
 # A weight source is one registered function (model_name, weights) -> Loaded. Plain names match exactly
 # ('imagenet'); an entry registered with `matches=` claims the weights strings it recognises (a prefix, a path);

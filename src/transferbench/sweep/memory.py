@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 
-from .errors import ConfigError
+from transferbench.core.errors import ConfigError
 
 FLOAT_BYTES = 4  # targets are held as float32 tensors at the study's image size
 

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_backbone, split_at_depth, split_for_training
-from .baselines import collapsed, fit_linear_probe, pixel_baseline
-from .data import load_target, nested_kshot
-from .features import FeatureCache, prefix_key
-from .schedules import SCHEDULES, layer_lrs, make_optimizer, recipe
-from .study import Cell, tuning_label
+from transferbench.core.study import Cell, tuning_label
+from transferbench.data import load_target, nested_kshot
+from transferbench.models.backbones import create_backbone, split_at_depth, split_for_training
+from transferbench.models.features import FeatureCache, prefix_key
+from transferbench.training.baselines import collapsed, fit_linear_probe, pixel_baseline
+from transferbench.training.schedules import SCHEDULES, layer_lrs, make_optimizer, recipe
 
 
 class Diverged(RuntimeError):

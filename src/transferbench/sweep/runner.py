@@ -27,16 +27,17 @@ from pathlib import Path
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
-from .paths import LINK_FIX, cache_dir, check_results_folder, check_writable, results_subfolder
-from .store import read_records, write_record
-from .study import Cell, Study
+from transferbench.core.errors import ConfigError
+from transferbench.core.paths import LINK_FIX, cache_dir, check_results_folder, check_writable, results_subfolder
+from transferbench.core.study import Cell, Study
+from transferbench.sweep.store import read_records, write_record
 
 
 def plan(study: Study) -> list[Cell]:
     """Every cell of the grid, after checking each name and range against what exists."""
 
-    from .backbones import (
+    from transferbench.data import DATASETS, SHIFTS
+    from transferbench.models.backbones import (
         WEIGHTS,
         check_model_name,
         create_backbone,
@@ -45,10 +46,9 @@ def plan(study: Study) -> list[Cell]:
         trained_here,
         weight_source,
     )
-    from .data import DATASETS, SHIFTS
-    from .memory import check_fits
-    from .schedules import OPTIMIZERS, SCHEDULES
-    from .source import cells_of, source_cell
+    from transferbench.sweep.memory import check_fits
+    from transferbench.training.schedules import OPTIMIZERS, SCHEDULES
+    from transferbench.training.source import cells_of, source_cell
 
     check_device(study.train.device)
     check_writable(cache_dir(), "TRANSFERBENCH_CACHE", "point TRANSFERBENCH_CACHE at a writable folder (data, "
@@ -91,7 +91,7 @@ def plan(study: Study) -> list[Cell]:
 def check_target(study: Study, i: int, t) -> int:
     """The target's data exists, has at least two classes and enough images per class for the sizes asked; its
     number of images (every split)."""
-    from .data import class_counts, load_raw
+    from transferbench.data import class_counts, load_raw
 
     try:
         raw = load_raw(t.dataset, t.options)
@@ -126,7 +126,7 @@ def depth_group_count(model_name: str) -> int:
     """How many depth groups the model has (an untrained instance is built once per process to count them)."""
     import timm
 
-    from .backbones import depth_groups
+    from transferbench.models.backbones import depth_groups
 
     return len(depth_groups(timm.create_model(model_name, pretrained=False)))
 
@@ -137,7 +137,7 @@ def provenance() -> dict:
     import timm
     import torch
 
-    from . import __version__
+    from transferbench import __version__
 
     return dict(transferbench_version=__version__, torch_version=torch.__version__, timm_version=timm.__version__,
                 python_version=platform.python_version(), host=socket.gethostname(), **git_state())
@@ -169,7 +169,7 @@ _WORKER_CACHE = None
 def run_one(cell: Cell, lr: float | None, study_name: str, records_dir: str, threads: int, context: dict) -> dict:
     """Train one cell (at `lr`, another seed's choice, where given) and write its record; a failure becomes a record
     too (status 'failed')."""
-    from .train import train_cell
+    from transferbench.training.train import train_cell
 
     record = start_record(cell, lr, study_name, threads, context)
     try:
@@ -184,7 +184,7 @@ def worker_cache(threads: int):
     global _WORKER_CACHE
     import torch
 
-    from .features import FeatureCache
+    from transferbench.models.features import FeatureCache
 
     torch.set_num_threads(threads)
     if _WORKER_CACHE is None:
@@ -224,8 +224,8 @@ def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_di
              pack_size: int) -> list[dict]:
     """Cells trained together in one worker, the runs of those of one network shape packed (packed.py); each still
     gets its own record, written when the group ends."""
-    from .packed import packed
-    from .train import fit_together
+    from transferbench.training.packed import packed
+    from transferbench.training.train import fit_together
 
     starts = [start_record(c, lr, study_name, threads, context) | dict(packed=True) for c, lr in cells]
     results = fit_together(cells, worker_cache(threads), packed(pack_size))
@@ -239,8 +239,8 @@ def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
     schedule, LR and seed (packed.signature decides the exact packs). Grouped by shape first, so that a task does
     not hold a few cells of one shape beside a few of another (each a pack of its own). A task writes its records
     when it ends, so tasks stay about one pack large."""
-    from .packed import chunks
-    from .schedules import recipe
+    from transferbench.training.packed import chunks
+    from transferbench.training.schedules import recipe
 
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
@@ -259,7 +259,7 @@ def num_classes(cell: Cell) -> int:
 
 @functools.cache
 def _classes(dataset: str, options: str) -> int:
-    from .data import load_raw
+    from transferbench.data import load_raw
 
     return len(load_raw(dataset, json.loads(options)).classes)
 
@@ -268,7 +268,7 @@ def packs(study: Study) -> bool:
     """Whether this run packs cells: run.pack, where auto means on CUDA only."""
     if study.run.pack != "auto":
         return study.run.pack == "always"
-    from .train import resolve_device
+    from transferbench.training.train import resolve_device
 
     return resolve_device(study.train.device).type == "cuda"
 

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .analysis import SCRATCH_POINT, bh_q, paired, with_tuning
-from .errors import ConfigError
+from transferbench.analysis.gains import SCRATCH_POINT, bh_q, paired, with_tuning
+from transferbench.core.errors import ConfigError
 
 POINT = ["backbone", "weights", "target", "tuning", "n_per_class"]  # each arm's configuration chosen on val
 # Identical on every host for one code version: what a cell trains on, what it trains, what it starts from.

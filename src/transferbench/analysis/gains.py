@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .measures import LABEL_FREE, measures, signs
-from .study import depth_label
+from transferbench.core.study import depth_label
+from transferbench.measures import LABEL_FREE, measures, signs
 
 # A transfer grid point, without the seed and the configuration chosen for it.
 POINT = ["backbone", "weights", "target", "tuning", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class"]

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError, did_you_mean
+from transferbench.core.errors import ConfigError, did_you_mean
 
 
 def _depth(value: Any) -> int | str:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import analysis, arms, atomic
-from .errors import ConfigError
-from .source import cells_of
-from .store import curves_table, read_domains, read_records, runs_table
-from .study import Study
+from transferbench.analysis import arms
+from transferbench.analysis import gains as analysis
+from transferbench.core import atomic
+from transferbench.core.errors import ConfigError
+from transferbench.core.study import Study
+from transferbench.sweep.store import curves_table, read_domains, read_records, runs_table
+from transferbench.training.source import cells_of
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:

@@ -38,9 +38,9 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from . import train
-from .fastconv import FastConv2d
-from .train import Diverged, alone, as_layout, autocast, batch_bounds
+from transferbench.models.fastconv import FastConv2d
+from transferbench.training import train
+from transferbench.training.train import Diverged, alone, as_layout, autocast, batch_bounds
 
 
 class StackedLinear(nn.Linear):

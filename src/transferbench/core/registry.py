@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 
-from .errors import ConfigError, did_you_mean
+from transferbench.core.errors import ConfigError, did_you_mean
 
 
 class Registry:

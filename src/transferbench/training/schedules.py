@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.optim import lr_scheduler as S
 
-from .registry import Registry
+from transferbench.core.registry import Registry
 
 SCHEDULES = Registry("schedule")
 

@@ -13,17 +13,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .atomic import write_text
-from .backbones import create_backbone, split_at_depth
-from .data import load_target, nested_kshot
-from .data.embedded import SOURCE_REFERENCE_IMAGES
-from .features import FeatureCache, feature_key
-from .measures import MEASURES, gaussian_kl, measures, safely
-from .paths import cache_dir
-from .source import weights_map
-from .store import DOMAIN_COLUMNS
-from .study import Study
-from .train import prefix_features
+from transferbench.core.atomic import write_text
+from transferbench.core.paths import cache_dir
+from transferbench.core.study import Study
+from transferbench.data import load_target, nested_kshot
+from transferbench.data.embedded import SOURCE_REFERENCE_IMAGES
+from transferbench.measures import MEASURES, gaussian_kl, measures, safely
+from transferbench.models.backbones import create_backbone, split_at_depth
+from transferbench.models.features import FeatureCache, feature_key
+from transferbench.sweep.store import DOMAIN_COLUMNS
+from transferbench.training.source import weights_map
+from transferbench.training.train import prefix_features
 
 REFERENCE = "source_reference"  # embedded natural-photo patches from photos no target uses
 PCA_DIMS = 64  # distances in a fixed 64-d PCA basis of the reference features: few samples, 1280-d features

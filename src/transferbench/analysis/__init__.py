@@ -1,0 +1,1 @@
+"""From records to tables: gains with intervals, arms, the regression gate."""

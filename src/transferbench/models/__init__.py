@@ -1,0 +1,1 @@
+"""Backbones (timm), their weight sources, fast convolutions, and the frozen-feature cache."""

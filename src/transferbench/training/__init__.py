@@ -1,0 +1,1 @@
+"""The training loop every arm shares, packed training, schedules, pixel baselines, source pretraining."""
