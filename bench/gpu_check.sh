@@ -9,7 +9,7 @@
 # steps: 135 cells; no domain measures) run to completion per cell and packed, each with a fresh cache: wall time
 # and cells/s.
 # (The whole `domain_gap --profile gpu` is 56 M training images before early stopping (`transferbench plan`):
-# over an hour at the packed rates measured so far, not a check; see the README.) Needs the wheels that machine lacks in .whl/: see README.
+# over an hour at the packed rates measured so far, not a check; see docs/speed.md.) Needs the wheels that machine lacks in .whl/: see docs/speed.md.
 set -u
 mode=${1:-full}
 PY=${PY:-python3}

@@ -16,10 +16,11 @@ from conftest import TIMES, record, seconds_of
 from transferbench.core.study import Cell
 from transferbench.data import load_target
 from transferbench.models.backbones import create_backbone, split_at_depth
+from transferbench.models.device import forward_batched
 from transferbench.models.fastconv import use_plain_convs
 from transferbench.models.features import FeatureCache
 from transferbench.training.schedules import SCHEDULES, make_optimizer
-from transferbench.training.train import Step, forward_batched, train_cell
+from transferbench.training.train import Step, train_cell
 
 BATCH = 32
 CELL = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,

@@ -164,3 +164,16 @@ def test_figures_name_weight_sources_through_the_registry():
 
     assert source_label("pretrain:glyphs:3f75e78e067be62c") == "glyphs-pretrained"
     assert source_label("imagenet") == "imagenet" and source_label("ckpt/a.pth") == "ckpt/a.pth"
+
+
+@pytest.mark.parametrize("kind", ["datasets", "shifts", "schedules", "recipes", "optimizers", "weights", "measures",
+                                  "figures"])
+def test_list_prints_every_entry_with_what_it_is(kind, capsys):
+    """`transferbench list KIND` (timm's list_models for each registry): every entry named, each with a summary."""
+    from transferbench.cli import LISTS, main
+
+    assert kind in LISTS and main(["list", kind]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(len(line.split(None, 1)) == 2 for line in lines), lines
+    if kind == "recipes":
+        assert {line.split()[0] for line in lines} == {"lp_ft", "cosine_llrd"} and all("arm=" in x for x in lines)

@@ -1,5 +1,6 @@
 """Entry points: `transferbench study NAME [key=value ...]`, `transferbench plan NAME [key=value ...]`,
-`transferbench report NAME`, `transferbench compare BASE NEW`."""
+`transferbench report NAME`, `transferbench compare BASE NEW`, `transferbench list KIND`; errors map to exit codes
+(bad input: 2, a regression or failed cells: 1)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild tables, figures and report from the records (no training)")
     r.add_argument("study", help="study name (its folder under --results)")
     r.add_argument("--results", type=Path, default=Path("results"))
+    ls = sub.add_parser("list", help="what a study file can name: a registry's entries with their metadata")
+    ls.add_argument("kind", choices=LISTS, help="which registry")
     c = sub.add_parser("compare", help="compare two result folders; exit 1 on a regression")
     c.add_argument("base", type=Path, help="e.g. results/baselines/smoke")
     c.add_argument("new", type=Path, help="e.g. results/smoke")
@@ -155,6 +158,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+LISTS = ("datasets", "shifts", "schedules", "recipes", "optimizers", "weights", "measures", "figures")
+
+
+def cmd_list(args) -> int:
+    """timm's list_models, for each of the harness's registries: the names a study file can use, with metadata."""
+    from transferbench.data import DATASETS, SHIFTS
+    from transferbench.measures import MEASURES
+    from transferbench.models.backbones import WEIGHTS
+    from transferbench.report.plots import FIGURES
+    from transferbench.training.schedules import OPTIMIZERS, SCHEDULES
+
+    recipes = [n for n in SCHEDULES if SCHEDULES.meta(n).get("arm")]
+    registry, names = {"datasets": (DATASETS, None), "shifts": (SHIFTS, None), "optimizers": (OPTIMIZERS, None),
+                       "schedules": (SCHEDULES, [n for n in SCHEDULES if n not in recipes]),
+                       "recipes": (SCHEDULES, recipes), "weights": (WEIGHTS, None), "measures": (MEASURES, None),
+                       "figures": (FIGURES, None)}[args.kind]
+    print(registry.describe(names))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from transferbench.analysis.compare import compare, render
 
@@ -171,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     try:
-        return {"study": cmd_study, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare}[args.command](args)
+        return {"study": cmd_study, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
+                "list": cmd_list}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

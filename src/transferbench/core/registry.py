@@ -38,5 +38,27 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def summary(self, name: str) -> str:
+        """The first sentence of the entry's docstring (what `transferbench list` prints beside its name)."""
+        doc = " ".join((self._entries[name].__doc__ or "").split())
+        return doc.split(". ")[0].rstrip(".") + "." if doc else ""
+
+    def describe(self, names: list[str] | None = None) -> str:
+        """One line per entry (registration order): its name, its metadata (functions left out), its summary."""
+        names = list(self) if names is None else names
+        width = max(map(len, names), default=0)
+        lines = []
+        for name in names:
+            meta = ", ".join(f"{k}={v}" for k, v in self._meta[name].items() if not callable(v) and v is not None)
+            lines.append(f"{name:<{width}}  {self.summary(name)}" + (f" [{meta}]" if meta else ""))
+        return "\n".join(lines)
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+    def __getitem__(self, name: str) -> Callable:
+        return self.get(name)
+
+    def __iter__(self):
+        """Names in registration order."""
+        return iter(list(self._entries))

@@ -20,10 +20,10 @@ from transferbench.data import load_target, nested_kshot
 from transferbench.data.embedded import SOURCE_REFERENCE_IMAGES
 from transferbench.measures import MEASURES, gaussian_kl, measures, safely
 from transferbench.models.backbones import create_backbone, split_at_depth
+from transferbench.models.device import prefix_features
 from transferbench.models.features import FeatureCache, feature_key
 from transferbench.sweep.store import DOMAIN_COLUMNS
 from transferbench.training.source import weights_map
-from transferbench.training.train import prefix_features
 
 REFERENCE = "source_reference"  # embedded natural-photo patches from photos no target uses
 PCA_DIMS = 64  # distances in a fixed 64-d PCA basis of the reference features: few samples, 1280-d features

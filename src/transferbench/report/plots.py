@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import itertools
 import textwrap
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from transferbench.analysis.gains import (  # noqa: E402
 )
 from transferbench.core import atomic  # noqa: E402
 from transferbench.core.paths import results_subfolder  # noqa: E402
+from transferbench.core.registry import Registry  # noqa: E402
 from transferbench.measures import MEASURES as REGISTERED  # noqa: E402
 
 PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
@@ -214,17 +214,18 @@ def _metadata(suffix: str) -> dict:
 
 # ---------------------------------------------------------------- the figures -----------------------------------
 
-# name -> function(tables, style) -> Figure, or None when the tables cannot carry it (no domains, one source)
-FIGURES: dict[str, Callable] = {}
+# name -> function(tables, style) -> Figure, or None when the tables cannot carry it (no domains, one source);
+# metadata `section`: the report section the figure closes (None: under "Figures" at the end).
+FIGURES = Registry("figure")
 
 
-def figure(name: str):
+def figure(name: str, section: str | None = None):
     def register(fn):
         @functools.wraps(fn)
         def draw(t: dict, style: Style):
             with plt.rc_context(RC):
                 return fn(t, style)
-        FIGURES[name] = draw
+        FIGURES.register(name, section=section)(draw)
         return draw
     return register
 
@@ -252,7 +253,7 @@ def selected_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([networks.assign(label=arm_labels(networks)), px], ignore_index=True)
 
 
-@figure("accuracy_vs_size")
+@figure("accuracy_vs_size", section="## Findings")
 def accuracy_vs_size(t: dict, style: Style):
     """Test accuracy against labelled examples per class, per backbone and target: every transfer depth and scratch
     (each at the configuration chosen on validation) beside the pixel baselines of the same k-shot subsets; mean
@@ -284,7 +285,7 @@ def accuracy_vs_size(t: dict, style: Style):
                   legend_columns=4)
 
 
-@figure("gain_forest")
+@figure("gain_forest", section="## Headline")
 def gain_forest(t: dict, style: Style):
     """Forest plot: each grid point's gain over scratch with its t-interval over seeds; target conditions from
     near (top) to far as measured; one panel per backbone and size. Filled: a verdict (BH discovery of at least the
@@ -295,7 +296,7 @@ def gain_forest(t: dict, style: Style):
     return forest(sel, style, "gain of transfer over scratch (pp), 95% t-interval over seeds")
 
 
-@figure("arm_differences")
+@figure("arm_differences", section="## Which layers to train")
 def arm_differences(t: dict, style: Style):
     """Which layers to train: each arm's test accuracy minus full fine-tuning's, paired by seed, with its t-interval
     over seeds; target conditions from near (top) to far. Filled: better or worse after Benjamini-Hochberg (and at
@@ -493,7 +494,7 @@ def accuracy_vs_compute(t: dict, style: Style):
                   title=f"{n} labelled examples per class")
 
 
-@figure("fairness")
+@figure("fairness", section="## Is the comparison fair?")
 def fairness(t: dict, style: Style):
     """Share of cells that converged, per arm and size (the bar the study holds itself to: 90%), beside the share
     that collapsed to one class."""

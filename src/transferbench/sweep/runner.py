@@ -268,7 +268,7 @@ def packs(study: Study) -> bool:
     """Whether this run packs cells: run.pack, where auto means on CUDA only."""
     if study.run.pack != "auto":
         return study.run.pack == "always"
-    from transferbench.training.train import resolve_device
+    from transferbench.models.device import resolve_device
 
     return resolve_device(study.train.device).type == "cuda"
 

@@ -38,9 +38,11 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from transferbench.models import device
+from transferbench.models.device import as_layout, autocast
 from transferbench.models.fastconv import FastConv2d
 from transferbench.training import train
-from transferbench.training.train import Diverged, alone, as_layout, autocast, batch_bounds
+from transferbench.training.train import Diverged, alone, batch_bounds
 
 
 class StackedLinear(nn.Linear):
@@ -196,7 +198,7 @@ class Pack:
             self._precise_bn(due)
         self.template.eval()
         first = runs[0].data
-        chunk = train.eval_batch_size(first["val"].device)
+        chunk = device.eval_batch_size(first["val"].device)
         logits = torch.cat([self.forward(torch.stack([self.runs[i].data["val"][j:j + chunk] if i in due
                                                       else first["val"][j:j + chunk]
                                                       for i in range(len(self.runs))])).float().cpu()

@@ -19,6 +19,7 @@ SCHEDULES = Registry("schedule")
 
 @SCHEDULES.register()
 def constant(opt: torch.optim.Optimizer, total_steps: int) -> S.LRScheduler:
+    """The base LR throughout."""
     return S.LambdaLR(opt, lambda step: 1.0)
 
 
@@ -30,6 +31,7 @@ def step(opt: torch.optim.Optimizer, total_steps: int) -> S.LRScheduler:
 
 @SCHEDULES.register()
 def cosine(opt: torch.optim.Optimizer, total_steps: int) -> S.LRScheduler:
+    """Cosine from the base LR to zero over the budget."""
     return S.CosineAnnealingLR(opt, T_max=max(1, total_steps))
 
 
@@ -70,11 +72,13 @@ OPTIMIZERS = Registry("optimizer")  # name -> (trainable params, lr, weight_deca
 
 @OPTIMIZERS.register()
 def sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum 0.9."""
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True, fused=True)
 
 
 @OPTIMIZERS.register()
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
