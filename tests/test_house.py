@@ -177,3 +177,20 @@ def test_list_prints_every_entry_with_what_it_is(kind, capsys):
     assert lines and all(len(line.split(None, 1)) == 2 for line in lines), lines
     if kind == "recipes":
         assert {line.split()[0] for line in lines} == {"lp_ft", "cosine_llrd"} and all("arm=" in x for x in lines)
+
+
+def test_a_summary_is_the_first_sentence_not_cut_at_et_al():
+    from transferbench.core.registry import Registry
+
+    reg = Registry("thing")
+
+    @reg.register()
+    def cited():
+        """Accuracy against compute (He et al. 2019: does scratch catch up?), per arm. Longer detail here."""
+
+    @reg.register()
+    def plain():
+        """x0.1 at 50% of training"""
+
+    assert reg.summary("cited") == "Accuracy against compute (He et al. 2019: does scratch catch up?), per arm."
+    assert reg.summary("plain") == "x0.1 at 50% of training."

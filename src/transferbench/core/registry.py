@@ -1,8 +1,11 @@
 """Named registries (timm-style): adding a dataset, shift, schedule or weight source = one decorated function."""
 
+import re
 from collections.abc import Callable
 
 from transferbench.core.errors import ConfigError, did_you_mean
+
+SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(?=\s+[A-Z(]|\s*$)")
 
 
 class Registry:
@@ -39,9 +42,12 @@ class Registry:
         return sorted(self._entries)
 
     def summary(self, name: str) -> str:
-        """The first sentence of the entry's docstring (what `transferbench list` prints beside its name)."""
+        """The first sentence of the entry's docstring (a figure's caption; what `transferbench list` prints beside a
+        name): up to the first full stop before a capital, an opening parenthesis or the end, not the one of 'et al.'
+        or 'e.g.'."""
         doc = " ".join((self._entries[name].__doc__ or "").split())
-        return doc.split(". ")[0].rstrip(".") + "." if doc else ""
+        end = SENTENCE_END.search(doc)
+        return doc[:end.end()] if end else (doc.rstrip(".") + "." if doc else "")
 
     def describe(self, names: list[str] | None = None) -> str:
         """One line per entry (registration order): its name, its metadata (functions left out), its summary."""
