@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_bad_input import refuse
-from test_hostile import GOOD, write_folder
+from test_hostile import GOOD, _write, write_folder
 
 from transferbench.analysis import tables
 from transferbench.cli import main
@@ -28,12 +28,6 @@ from transferbench.report import document as report
 from transferbench.report import plots
 
 BASELINE = Path(__file__).parents[1] / "results" / "baselines" / "smoke"
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 # ------------------------------------------------------------- 1. the gate never passes what it cannot test ----

@@ -56,12 +56,14 @@ def study_folder(results: Path, name: str) -> Path:
     """results/<name>, refused unless it resolves inside results/ (a name is never a path)."""
     from transferbench.core.study import IDENTIFIER
 
-    if IDENTIFIER.fullmatch(name):
-        check_results_folder(results / name)  # before resolving: a linked study folder is named as a link
-    out = (results / name).resolve()
-    if not IDENTIFIER.fullmatch(name) or out.parent != results.resolve():
-        raise ConfigError("study name", f"{name!r} would write outside {results}/",
+    outside = ConfigError("study name", f"{name!r} would write outside {results}/",
                           "use a plain name: letters, digits, '_' and '-'")
+    if not IDENTIFIER.fullmatch(name):
+        raise outside
+    check_results_folder(results / name)  # before resolving: a linked study folder is named as a link
+    out = (results / name).resolve()
+    if out.parent != results.resolve():
+        raise outside
     return out
 
 

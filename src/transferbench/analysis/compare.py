@@ -173,7 +173,8 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
     b_runs, n_runs = read_runs(base), read_runs(new)
     problems = structure_problems(b_runs, n_runs)
     untestable = value_problems(b_runs, "base") + value_problems(n_runs, "new")
-    b, n = paired(b_runs[accuracies_valid(b_runs)]), paired(n_runs[accuracies_valid(n_runs)])  # the rest: above
+    # Cells without valid accuracies are reported as untestable just above; only the others are paired.
+    b, n = paired(b_runs[accuracies_valid(b_runs)]), paired(n_runs[accuracies_valid(n_runs)])
     if b.empty:
         raise ConfigError("compare", f"the base {base} has no grid point with both a transfer and a scratch cell "
                           "recorded ok: there is nothing to compare against", "give the folder of a study that ran "

@@ -10,6 +10,11 @@ class ConfigError(ValueError):
         self.field, self.problem, self.fix = field, problem, fix
         super().__init__(f"{field}: {problem}" + (f" -- fix: {fix}" if fix else ""))
 
+    def at(self, field: str) -> "ConfigError":
+        """The same error named by a more precise field (a lower layer says `backbones.weights`, planning knows
+        it is `backbones.1.weights`)."""
+        return ConfigError(field, self.problem, self.fix)
+
 
 def did_you_mean(name: str, choices) -> str:
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import stat
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -505,8 +506,10 @@ def _parse_value(text: str):
 
 def _is_list(annotation) -> bool:
     """A list field, optional or not (`list[X]`, `list[X] | None`)."""
-    return typing.get_origin(annotation) is list or any(_is_list(a) for a in typing.get_args(annotation)
-                                                         if typing.get_origin(annotation) is not list)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return True
+    return origin in (typing.Union, types.UnionType) and any(map(_is_list, typing.get_args(annotation)))
 
 
 def _known_path(model: type[BaseModel], path: list[str]) -> tuple[str, str] | None:

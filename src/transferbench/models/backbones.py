@@ -90,13 +90,12 @@ def load_weights_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
-            return checked_tensors(load_file(str(path)), path)
-        except ConfigError:
-            raise
+            sd = load_file(str(path))
         except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
             raise ConfigError("backbones.weights", f"{path} cannot be read as safetensors ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})",
                               "check the file (a complete .safetensors, e.g. re-download or re-save it)") from None
+        return checked_tensors(sd, path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused it: code would have to run to load it

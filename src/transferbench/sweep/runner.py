@@ -77,7 +77,7 @@ def plan(study: Study) -> list[Cell]:
             try:  # loaded into the model as a cell would (a file that does not fit is refused here, not per cell)
                 create_backbone(b.model, b.weights, num_classes=2, seed=0)
             except ConfigError as e:
-                raise ConfigError(f"backbones.{i}.weights", e.problem, e.fix) from None
+                raise e.at(f"backbones.{i}.weights") from None
         n_groups = depth_group_count(b.model)
         for d in study.grid.frozen_depth:
             resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
@@ -96,8 +96,8 @@ def check_target(study: Study, i: int, t) -> int:
     try:
         raw = load_raw(t.dataset, t.options)
     except ConfigError as e:  # the data layer names `targets.options...`; the user needs to know which target
-        field = e.field.replace("targets.", f"targets.{i}.", 1) if e.field.startswith("targets.") else e.field
-        raise ConfigError(field, e.problem, e.fix) from None
+        raise e.at(e.field.replace("targets.", f"targets.{i}.", 1) if e.field.startswith("targets.") else e.field) \
+            from None
     if len(raw.classes) < 2:
         raise ConfigError(f"targets.{i}", f"'{t.label}' has {len(raw.classes)} class(es) {raw.classes}: a "
                           "classification target needs at least 2", "add a class folder, or choose another target")
