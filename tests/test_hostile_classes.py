@@ -511,7 +511,7 @@ def results_file(tmp: Path) -> None:
 
 
 def record_folder(tmp: Path) -> None:
-    from transferbench.sweep.runner import plan
+    from transferbench.sweep.planning import plan
 
     cell = plan(load_study(_write(tmp / "plan.yaml", GOOD)))[0]
     (tmp / "results" / "t" / "records" / f"{cell.cell_id}.json").mkdir(parents=True)

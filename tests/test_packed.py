@@ -204,7 +204,7 @@ def test_tasks_hold_one_network_shape():
     group per depth) packs apart; scratch shares full fine-tuning's shape; every cell is in exactly one task of at
     most `most`."""
     from transferbench.core.study import expand, load_study, study_path
-    from transferbench.sweep.runner import pack_groups
+    from transferbench.sweep.planning import pack_groups
 
     study = load_study(study_path("smoke"), [
         "backbones=[{model: tf_efficientnet_lite0}]",

@@ -134,7 +134,7 @@ def test_expand_adds_one_arm_per_train_groups_entry_and_recipe_without_scratch_t
     ("grid.train_groups=[[0, 0]]", "train_groups"),
 ])
 def test_bad_arms_are_refused_at_planning_naming_the_field(override, field):
-    from transferbench.sweep.runner import plan
+    from transferbench.sweep.planning import plan
 
     with pytest.raises(ConfigError) as e:
         plan(which_layers(override))

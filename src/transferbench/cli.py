@@ -75,7 +75,8 @@ def cmd_study(args) -> int:
     study = load_study(study_path(args.study), args.overrides, args.profile)
     out = study_folder(args.results, study.name)
 
-    from transferbench.sweep.runner import dask_address, plan, results_lock, run_cells
+    from transferbench.sweep.planning import plan
+    from transferbench.sweep.runner import dask_address, results_lock, run_cells
     from transferbench.sweep.store import read_records, remove_orphans
     from transferbench.training.source import ensure_checkpoints
 
@@ -140,7 +141,7 @@ def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | Non
 def cmd_plan(args) -> int:
     from transferbench.core.study import load_study, study_path
     from transferbench.sweep.costs import plan_table
-    from transferbench.sweep.runner import plan
+    from transferbench.sweep.planning import plan
 
     study = load_study(study_path(args.study), args.overrides, args.profile)
     print(plan_table(study, plan(study)))

@@ -1,7 +1,7 @@
 """Study file (YAML) + dotted overrides -> validated Study -> list of Cells.
 
 Pure: no torch here. Names that need a registry (datasets, shifts, schedules, backbones) are
-checked by `runner.plan`, which knows the registries.
+checked by `planning.plan`, which knows the registries.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plan a study (validate against the registries), skip cells already done, run the rest in parallel.
+"""Run a planned study: skip cells already done, run the rest in parallel, one record per cell.
 
 Cells run through joblib: loky processes locally (threads per worker set explicitly, so that
 workers do not oversubscribe the cores), or a dask.distributed cluster through joblib's dask
@@ -8,9 +8,7 @@ backend. Each worker writes its cell's record itself, atomically, the moment the
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
-import json
 import os
 import platform
 import socket
@@ -28,108 +26,11 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from transferbench.core.errors import ConfigError
-from transferbench.core.paths import LINK_FIX, cache_dir, check_results_folder, check_writable, results_subfolder
+from transferbench.core.paths import LINK_FIX, check_results_folder, results_subfolder
 from transferbench.core.study import Cell, Study
+from transferbench.sweep.costs import cell_work
+from transferbench.sweep.planning import chosen_lr, feature_groups, lr_phases, pack_groups, packs
 from transferbench.sweep.store import read_records, write_record
-
-
-def plan(study: Study) -> list[Cell]:
-    """Every cell of the grid, after checking each name and range against what exists."""
-
-    from transferbench.data import DATASETS, SHIFTS
-    from transferbench.models.backbones import (
-        WEIGHTS,
-        check_model_name,
-        create_backbone,
-        resolve_depth,
-        resolve_groups,
-        trained_here,
-        weight_source,
-    )
-    from transferbench.sweep.memory import check_fits
-    from transferbench.training.schedules import OPTIMIZERS, SCHEDULES
-    from transferbench.training.source import cells_of, source_cell
-
-    check_device(study.train.device)
-    check_writable(cache_dir(), "TRANSFERBENCH_CACHE", "point TRANSFERBENCH_CACHE at a writable folder (data, "
-                   "features and sources are cached there) or fix its permissions")
-    for i, t in enumerate(study.targets):
-        DATASETS.get(t.dataset, f"targets.{i}.dataset")
-        if t.shift:
-            SHIFTS.get(t.shift, f"targets.{i}.shift")
-    for i, s in enumerate(study.grid.schedule):
-        SCHEDULES.get(s.name, f"grid.schedule.{i}.name")
-        if SCHEDULES.meta(s.name).get("arm"):
-            raise ConfigError(f"grid.schedule.{i}.name", f"'{s.name}' is a fine-tuning recipe, an arm of its own",
-                              f"list it under grid.recipes: [{s.name}]")
-    for i, r in enumerate(study.grid.recipes):
-        SCHEDULES.get(r, f"grid.recipes.{i}")
-        if not SCHEDULES.meta(r).get("arm"):
-            recipes = [n for n, _ in SCHEDULES.items() if SCHEDULES.meta(n).get("arm")]
-            raise ConfigError(f"grid.recipes.{i}", f"'{r}' is a plain schedule, not a recipe",
-                              f"list it under grid.schedule, or use a recipe: {', '.join(recipes)}")
-    OPTIMIZERS.get(study.train.optimizer, "train.optimizer")
-    for i, b in enumerate(study.backbones):
-        check_model_name(b.model)
-        if trained_here(b.weights):
-            source_cell(study, b.model, b.weights.split(":", 1)[1])  # the source dataset must exist
-        elif not WEIGHTS.meta(weight_source(b.weights)).get("needs_network"):  # those are checked when a cell runs
-            try:  # loaded into the model as a cell would (a file that does not fit is refused here, not per cell)
-                create_backbone(b.model, b.weights, num_classes=2, seed=0)
-            except ConfigError as e:
-                raise e.at(f"backbones.{i}.weights") from None
-        n_groups = depth_group_count(b.model)
-        for d in study.grid.frozen_depth:
-            resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
-        for groups in study.grid.train_groups:
-            resolve_groups(groups, n_groups, field=f"grid.train_groups (backbones.{i}: {b.model})")
-    images = {t.condition: check_target(study, i, t) for i, t in enumerate(study.targets)}
-    check_fits(images, [b.model for b in study.backbones], study.train.batch_size, study.train.image_size)
-    return cells_of(study)
-
-
-def check_target(study: Study, i: int, t) -> int:
-    """The target's data exists, has at least two classes and enough images per class for the sizes asked; its
-    number of images (every split)."""
-    from transferbench.data import class_counts, load_raw
-
-    try:
-        raw = load_raw(t.dataset, t.options)
-    except ConfigError as e:  # the data layer names `targets.options...`; the user needs to know which target
-        raise e.at(e.field.replace("targets.", f"targets.{i}.", 1) if e.field.startswith("targets.") else e.field) \
-            from None
-    if len(raw.classes) < 2:
-        raise ConfigError(f"targets.{i}", f"'{t.label}' has {len(raw.classes)} class(es) {raw.classes}: a "
-                          "classification target needs at least 2", "add a class folder, or choose another target")
-    counts = class_counts(raw.splits["train"][1])
-    smallest = min(counts.get(c, 0) for c in range(len(raw.classes)))  # a class absent from train counts as 0
-    too_big = [n for n in (t.n_per_class or study.grid.n_per_class) if n > smallest]
-    if too_big:
-        raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class",
-                          f"{too_big} examples per class asked, but '{t.label}' holds "
-                          f"only {smallest} in its smallest class", f"use sizes up to {smallest}" if smallest
-                          else "give every class enough images for its train split")
-    return sum(len(labels) for _, labels in raw.splits.values())
-
-
-def check_device(device: str) -> None:
-    """`device: cuda` where no CUDA device is visible is refused at planning, not cell by cell."""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", "cuda asked for, but no CUDA device is visible on this machine",
-                          "use device: auto (CUDA when present, else CPU) or cpu")
-
-
-@functools.cache
-def depth_group_count(model_name: str) -> int:
-    """How many depth groups the model has (an untrained instance is built once per process to count them)."""
-    import timm
-
-    from transferbench.models.backbones import depth_groups
-
-    return len(depth_groups(timm.create_model(model_name, pretrained=False)))
-
 
 # ------------------------------------------------------------------ provenance ------------------------------
 
@@ -232,68 +133,6 @@ def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_di
     return [finish_record(r, measured, error, records_dir) for r, (measured, error) in zip(starts, results)]
 
 
-def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
-    """Tasks of at most `most` cells that can share packs: one network shape (model, trainable layers, examples per
-    class and classes: the batch and head shapes), solver and LR grouping (layer-wise decay gives each depth its
-    own LR group); they differ in arm (scratch and full fine-tuning share a shape), weights, target condition,
-    schedule, LR and seed (packed.signature decides the exact packs). Grouped by shape first, so that a task does
-    not hold a few cells of one shape beside a few of another (each a pack of its own). A task writes its records
-    when it ends, so tasks stay about one pack large."""
-    from transferbench.training.packed import chunks
-    from transferbench.training.schedules import recipe
-
-    groups: dict[tuple, list[Cell]] = {}
-    for c in cells:
-        key = (c.arm == "pixels", c.model, str(c.frozen_depth), str(c.train_groups), c.n_per_class, num_classes(c),
-               c.solver, bool(recipe(c.schedule).get("layer_decay")))
-        groups.setdefault(key, []).append(c)
-    return [task for _, g in sorted(groups.items())
-            for task in chunks(sorted(g, key=lambda c: (c.arm, c.dataset, str(c.shift), c.severity, c.schedule,
-                                                        c.seed)), most)]
-
-
-def num_classes(cell: Cell) -> int:
-    """The classes of a cell's target (read once per dataset and options)."""
-    return _classes(cell.dataset, json.dumps(cell.data_options, sort_keys=True))
-
-
-@functools.cache
-def _classes(dataset: str, options: str) -> int:
-    from transferbench.data import load_raw
-
-    return len(load_raw(dataset, json.loads(options)).classes)
-
-
-def packs(study: Study) -> bool:
-    """Whether this run packs cells: run.pack, where auto means on CUDA only."""
-    if study.run.pack != "auto":
-        return study.run.pack == "always"
-    from transferbench.models.device import resolve_device
-
-    return resolve_device(study.train.device).type == "cuda"
-
-
-def lr_phases(cells: list[Cell]) -> list[list[Cell]]:
-    """The cells that choose their LR, then those that reuse another seed's choice (lr_from_seed): run in that
-    order, so that every reuse reads a finished record."""
-    return [[c for c in cells if c.lr_from_seed is None], [c for c in cells if c.lr_from_seed is not None]]
-
-
-def chosen_lr(cell: Cell, records: dict[str, dict]) -> float | None:
-    """The LR this cell takes from another seed's cell (lr_from_seed), if that cell finished; else None (it races)."""
-    source = records.get(cell.lr_source_id) if cell.lr_source_id else None
-    return source.get("lr_chosen") if source and source.get("status") == "ok" else None
-
-
-def feature_groups(cells: list[Cell]) -> list[list[Cell]]:
-    """Cells grouped by what their frozen prefix computes (weights, depth, target condition)."""
-    groups: dict[tuple, list[Cell]] = {}
-    for c in cells:
-        key = (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth), str(c.train_groups), c.arm)
-        groups.setdefault(key, []).append(c)
-    return [sorted(g, key=lambda c: (c.n_per_class, c.schedule, c.seed)) for _, g in sorted(groups.items())]
-
-
 # ------------------------------------------------------------------ the study ------------------------------
 
 class PeakMemory:
@@ -353,6 +192,30 @@ def pending(cells: list[Cell], records: dict[str, dict], retry_failed: bool) -> 
     return [c for c in cells if not done(c)]
 
 
+class WorkBar:
+    """Progress in planned work, not in cells (which differ 100x in cost): the ETA is the elapsed time scaled by
+    the work left over the work done (costs.cell_work), at the average rate since the start."""
+
+    def __init__(self, cells: list[Cell], name: str, disable: bool = False):
+        self.work, self.name, self.cells = {c.cell_id: cell_work(c) for c in cells}, name, 0
+        self.bar = tqdm(total=sum(self.work.values()), desc=self._cells(), disable=disable, smoothing=0,
+                        bar_format="{desc}, {percentage:3.0f}% of the work |{bar}| [{elapsed}<{remaining}]")
+
+    def _cells(self) -> str:
+        return f"{self.name}: {self.cells}/{len(self.work)} cells"
+
+    def done(self, cell_ids: list[str]) -> None:
+        self.cells += len(cell_ids)
+        self.bar.set_description_str(self._cells(), refresh=False)
+        self.bar.update(sum(self.work[i] for i in cell_ids))
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | None = None,
               backend: str | None = None, scheduler: str | None = None, retry_failed: bool = False,
               progress: bool = True) -> RunSummary:
@@ -367,7 +230,7 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     jobs, backend = jobs or run.jobs, backend or run.backend
     threads = run.threads_per_worker
     context = provenance()
-    bar = tqdm(total=len(todo), desc=f"{study.name}: cells", unit="cell", disable=not progress, smoothing=0.05)
+    bar = WorkBar(todo, study.name, disable=not progress)
     # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
     # every reuse reads a finished record and the result never depends on which worker ran first.
     with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
@@ -383,7 +246,7 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
             for results in Parallel(n_jobs=1 if backend == "sequential" else jobs,
                                     return_as="generator_unordered")(tasks):
                 summary.ran += results
-                bar.update(len(results))
+                bar.done([r["cell_id"] for r in results])
                 for r in results:
                     if r["status"] == "failed":
                         bar.write(f"cell {r['cell_id']} failed: {r['error']}")
