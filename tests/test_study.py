@@ -112,3 +112,19 @@ def test_unknown_override_path_is_refused(tmp_path):
 def test_malformed_yaml_names_the_line(tmp_path):
     with pytest.raises(ConfigError, match=r"s.yaml:\d+:\d+: malformed YAML"):
         load_study(write(tmp_path, "name: [unclosed\n"))
+
+
+def test_axes_and_sharing_rules_name_cell_fields():
+    """The one declaration of the grid's axes and of what cells may share: a misspelt field would silently split
+    (or merge) groups, so every name must be a Cell field, and every plain axis a Grid list of Cell values."""
+    from transferbench.core.study import SHARE_FEATURES_ACROSS, SHARE_PACK_ACROSS, Cell, Grid, cell_axes
+
+    assert SHARE_FEATURES_ACROSS <= set(Cell.model_fields) and SHARE_PACK_ACROSS <= set(Cell.model_fields)
+    assert all(a in Cell.model_fields and a in Grid.model_fields for a in cell_axes())
+
+
+def test_counting_stops_past_the_bound():
+    from transferbench.core.study import n_cells
+
+    study = load_study(study_path("smoke"))
+    assert n_cells(study) == 192 and n_cells(study, most=10) == 11

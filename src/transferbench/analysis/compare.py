@@ -32,10 +32,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from transferbench.analysis.gains import SCRATCH_POINT, bh_q, paired, with_tuning
+from transferbench.analysis.gains import SCRATCH_POINT, bh_q, paired, with_axes, with_tuning
 from transferbench.core.errors import ConfigError
+from transferbench.core.study import cell_axes
 
-POINT = ["backbone", "weights", "target", "tuning", "n_per_class"]  # each arm's configuration chosen on val
+# Each arm's configuration chosen on val, at one point of the grid.
+POINT = ["backbone", "weights", "target", "tuning", "n_per_class", *cell_axes()]
 # Identical on every host for one code version: what a cell trains on, what it trains, what it starts from.
 STRUCTURE = ["n_train", "frozen_fraction", "trainable_params", "weights_digest"]
 AGGREGATES = {"target": ["target"], "transfer arm": ["tuning"], "all points": []}
@@ -79,7 +81,7 @@ def read_runs(folder: Path) -> pd.DataFrame:
         raise ConfigError("compare", f"{path} does not exist" if not path.exists() else f"{path} is not a regular "
                           "file", "give result folders written by `transferbench study`")
     try:
-        df = pd.read_csv(path)
+        df = with_axes(pd.read_csv(path))
     except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
         raise ConfigError("compare", f"{path} is not a readable table ({type(e).__name__})",
                           "rebuild it with `transferbench report STUDY`") from None

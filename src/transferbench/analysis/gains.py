@@ -20,20 +20,27 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from transferbench.core.study import depth_label
+from transferbench.core.study import Cell, cell_axes, depth_label
 from transferbench.measures import LABEL_FREE, measures, signs
 
 # A transfer grid point, without the seed and the configuration chosen for it.
-POINT = ["backbone", "weights", "target", "tuning", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class"]
+POINT = ["backbone", "weights", "target", "tuning", "frozen_depth", "frozen_groups", "frozen_fraction", "n_per_class",
+         *cell_axes()]
 # What a scratch cell shares with the transfer cells it is matched to (then paired by seed).
-SCRATCH_POINT = ["backbone", "target", "n_per_class"]
+SCRATCH_POINT = ["backbone", "target", "n_per_class", *cell_axes()]
 CONFIG = ["schedule", "lr"]  # chosen per arm on validation
 
 
+def with_axes(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs with a column for each plain grid axis (`cell_axes`): records older than an axis take its default."""
+    missing = {a: Cell.model_fields[a].default for a in cell_axes() if a not in runs}
+    return runs.assign(**missing) if missing else runs
+
+
 def with_tuning(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs with `frozen_depth` as text and every transfer run's `tuning` (which layers train, by which recipe);
-    records written before train_groups and recipes existed are named by their frozen depth."""
-    runs = runs.assign(frozen_depth=runs["frozen_depth"].astype(str))
+    """Runs with `frozen_depth` as text, every plain axis, and every transfer run's `tuning` (which layers train, by
+    which recipe); records written before train_groups and recipes existed are named by their frozen depth."""
+    runs = with_axes(runs).assign(frozen_depth=runs["frozen_depth"].astype(str))
     named = runs["tuning"] if "tuning" in runs else pd.Series(np.nan, index=runs.index, dtype=object)
     fallback = pd.Series([depth_label(d, a) for d, a in zip(runs["frozen_depth"], runs["arm"])], index=runs.index)
     return runs.assign(tuning=named.where(named.notna() & (runs["arm"] == "transfer"), fallback))

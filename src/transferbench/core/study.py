@@ -15,6 +15,7 @@ import re
 import stat
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -312,28 +313,21 @@ class Study(Strict):
 
     @model_validator(mode="after")
     def _bounded_grid(self):
-        n = n_cells(self)
-        if n > self.run.max_cells:
-            raise ValueError(f"the grid has {n:,} cells, above run.max_cells = {self.run.max_cells:,}; shrink an axis "
-                             "or raise run.max_cells")
+        if n_cells(self, most=self.run.max_cells) > self.run.max_cells:
+            raise ValueError(f"the grid has more than {self.run.max_cells:,} cells, above run.max_cells = "
+                             f"{self.run.max_cells:,}; shrink an axis or raise run.max_cells")
         return self
 
 
-def n_cells(study: Study) -> int:
-    """The number of cells `expand` will make, counted without making them."""
-    g = study.grid
-    lbfgs_probe = "all" in g.frozen_depth and probe_by_lbfgs(study)
-    sgd_depths = len(g.frozen_depth) - lbfgs_probe
-    seed = g.seed[0]  # every seed has as many cells
-    per_schedule = lambda schedules: sum(len(lr_settings(study, transfer_lrs(study, s), seed)) for s in schedules)
-    transfer = per_schedule(g.schedule) * (sgd_depths + len(g.train_groups)) + per_schedule(recipe_specs(g)) \
-        + lbfgs_probe
-    scratch = sum(len(lr_settings(study, scratch_lrs(study, s), seed)) for s in g.schedule) \
-        if study.scratch.enabled else 0
-    per_target_seed = len(study.backbones) * transfer + len({b.model for b in study.backbones}) * scratch \
-        + len(study.baselines.methods)
-    sizes = sum(len(tg.n_per_class or g.n_per_class) for tg in study.targets)
-    return sizes * len(g.seed) * per_target_seed
+def n_cells(study: Study, most: int | None = None) -> int:
+    """The number of cells `expand` makes, counted from the same fields without building the cells; counting stops
+    past `most` (a grid of a trillion cells is refused after `most` + 1, not enumerated)."""
+    seen: set[bytes] = set()
+    for fields in cell_fields(study):
+        seen.add(hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).digest())
+        if most is not None and len(seen) > most:
+            break
+    return len(seen)
 
 
 def probe_by_lbfgs(study: Study) -> bool:
@@ -450,9 +444,20 @@ def machine_protocol(t: Train) -> dict:
 
 
 def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) -> list[Cell]:
-    """The grid as cells: every transfer cell at each of its LR candidates, the matched scratch cells (same
-    architecture, nothing frozen, no weights, their own LR candidates and budget), and the pixel baselines of
-    each k-shot subset. `weights_map` renames weight sources (`pretrain:glyphs` -> `pretrain:glyphs:<hash>`)."""
+    """The grid as cells, in `cell_fields`' order, each once (the scratch cells of one model are shared by its
+    backbones). `weights_map` renames weight sources (`pretrain:glyphs` -> `pretrain:glyphs:<hash>`)."""
+    cells: dict[str, Cell] = {}
+    for fields in cell_fields(study, weights_map):
+        c = Cell(**fields)
+        cells.setdefault(c.cell_id, c)
+    return list(cells.values())
+
+
+def cell_fields(study: Study, weights_map: dict[tuple[str, str], str] | None = None) -> Iterator[dict]:
+    """Every cell of the grid as its fields, repeats included: every transfer cell at each of its LR candidates, the
+    matched scratch cells (same architecture, nothing frozen, no weights, their own LR candidates and budget), and
+    the pixel baselines of each k-shot subset; the grid's plain axes (`cell_axes`) cross every trained cell. The
+    one expansion: `expand` builds these cells and `n_cells` counts them."""
     t, g = study.train, study.grid
     weights_map = weights_map or {}
     protocol = machine_protocol(t) | dict(
@@ -462,35 +467,48 @@ def expand(study: Study, weights_map: dict[tuple[str, str], str] | None = None) 
     scratch_budget = dict(steps=math.ceil(t.steps * factor) if t.steps else None,
                           epochs=t.epochs if t.steps else math.ceil(t.epochs * factor))
     lbfgs = probe_by_lbfgs(study)
-    cells: dict[str, Cell] = {}
-
-    def add(**fields):
-        c = Cell(**fields)
-        cells[c.cell_id] = c
-
+    axes = [dict(zip(cell_axes(), values)) for values in itertools.product(*(getattr(g, a) for a in cell_axes()))]
     for bb, tg in itertools.product(study.backbones, study.targets):
         weights = weights_map.get((bb.model, bb.weights), bb.weights)
         for n, seed in itertools.product(tg.n_per_class or g.n_per_class, g.seed):
             data = dict(dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n, seed=seed,
                         data_options=tg.options, target_name=tg.label if tg.label != tg.dataset else None)
             transfer = dict(arm="transfer", model=bb.model, weights=weights, **data, **protocol)
-            for sch in g.schedule:
+            for axis, sch in itertools.product(axes, g.schedule):
                 arms = [dict(frozen_depth=d) for d in g.frozen_depth if not (d == "all" and lbfgs)] + \
                     [dict(frozen_depth=0, train_groups=groups) for groups in g.train_groups]
                 for arm, lr in itertools.product(arms, lr_settings(study, transfer_lrs(study, sch), seed)):
-                    add(schedule=sch.name, **arm, **lr, **transfer)
+                    yield dict(schedule=sch.name, **arm, **lr, **axis, **transfer)
                 for lr in lr_settings(study, scratch_lrs(study, sch), seed) if study.scratch.enabled else []:
-                    add(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name,  # shared by
-                        **lr, **data, **(protocol | scratch_budget))  # the backbones of one model
-            for sch in recipe_specs(g):  # full fine-tuning by a recipe: an arm of its own, no scratch twin
+                    yield dict(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name,
+                               **lr, **axis, **data, **(protocol | scratch_budget))  # shared by the model's backbones
+            for axis, sch in itertools.product(axes, recipe_specs(g)):  # a recipe: an arm of its own, no scratch twin
                 for lr in lr_settings(study, transfer_lrs(study, sch), seed):
-                    add(frozen_depth=0, schedule=sch.name, **lr, **transfer)
+                    yield dict(frozen_depth=0, schedule=sch.name, **lr, **axis, **transfer)
             if "all" in g.frozen_depth and lbfgs:  # one convex fit; schedule and LR do not apply
-                add(frozen_depth="all", schedule="lbfgs", lr=0.0, solver="lbfgs", **transfer)
+                for axis in axes:
+                    yield dict(frozen_depth="all", schedule="lbfgs", lr=0.0, solver="lbfgs", **axis, **transfer)
             for method in study.baselines.methods:  # shared by every backbone
-                add(arm="pixels", model=method, weights="none", frozen_depth=0, schedule="none", lr=0.0, **data,
-                    **protocol)
-    return list(cells.values())
+                yield dict(arm="pixels", model=method, weights="none", frozen_depth=0, schedule="none", lr=0.0,
+                           **data, **protocol)
+
+
+def cell_axes() -> list[str]:
+    """The grid's plain axes: `Grid` fields marked `cell_axis`, each a list of values of the `Cell` field of its
+    name, crossed with every trained arm. Tables key their grid points by them too (analysis.gains.POINT), and
+    cells that differ in one never share features or packs (planning), so an axis is declared once, here."""
+    return [name for name, f in Grid.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("cell_axis")]
+
+
+# What cells may differ in and still share work; every other Cell field must be equal, so a new field (a new axis)
+# keeps its cells apart until it is listed here.
+SHARE_FEATURES_ACROSS = frozenset({  # the frozen prefix's features do not depend on the training of the suffix
+    "n_per_class", "seed", "schedule", "lr", "lrs", "lr_from_seed", "solver", "steps", "epochs", "min_steps",
+    "eval_every", "patience", "precise_bn", "keep_best", "eval_at", "batch_size", "optimizer", "weight_decay"})
+SHARE_PACK_ACROSS = frozenset({  # a pack's runs share a network shape and a loop; each keeps its own data, LR and seed
+    "arm", "weights", "dataset", "shift", "severity", "data_options", "target_name", "schedule", "lr", "lrs",
+    "lr_from_seed", "seed", "steps", "epochs"})
 
 
 # ---------------------------------------------------------------- loading ---------------------------------

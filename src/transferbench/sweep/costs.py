@@ -37,7 +37,7 @@ class CellCost:
 def cell_cost(cell: Cell) -> CellCost | None:
     """A cell's SGD training as train.Training plans it, before early stopping; None for a closed-form cell
     (pixels, L-BFGS probe). A cell that reuses another seed's LR counts one run (it races if that cell failed)."""
-    from transferbench.training.train import batch_bounds, budget
+    from transferbench.training.train import batch_bounds, budget, race_steps
 
     if cell.arm == "pixels" or cell.solver == "lbfgs":
         return None
@@ -45,7 +45,7 @@ def cell_cost(cell: Cell) -> CellCost | None:
     batches = tuple(j - i for i, j in batch_bounds(n, min(cell.batch_size, n)))
     total, _ = budget(cell, len(batches))
     runs = 1 if cell.lr_from_seed is not None else len(cell.lrs or [cell.lr])
-    return CellCost(runs, max(1, total // 5) if runs > 1 else 0, total, batches)
+    return CellCost(runs, race_steps(total) if runs > 1 else 0, total, batches)
 
 
 # The runner's progress bar weighs cells by their work, in images through the whole network: an SGD cell's planned

@@ -8,7 +8,7 @@ import json
 
 from transferbench.core.errors import ConfigError
 from transferbench.core.paths import cache_dir, check_writable
-from transferbench.core.study import Cell, Study
+from transferbench.core.study import SHARE_FEATURES_ACROSS, SHARE_PACK_ACROSS, Cell, Study
 
 
 def plan(study: Study) -> list[Cell]:
@@ -143,12 +143,19 @@ def chosen_lr(cell: Cell, records: dict[str, dict]) -> float | None:
 
 
 def feature_groups(cells: list[Cell]) -> list[list[Cell]]:
-    """Cells grouped by what their frozen prefix computes (weights, depth, target condition)."""
+    """Cells grouped by what their frozen prefix computes (weights, depth, target condition: every field but those in
+    SHARE_FEATURES_ACROSS)."""
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
-        key = (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth), str(c.train_groups), c.arm)
+        key = (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth), str(c.train_groups), c.arm,
+               same_fields(c, SHARE_FEATURES_ACROSS))
         groups.setdefault(key, []).append(c)
     return [sorted(g, key=lambda c: (c.n_per_class, c.schedule, c.seed)) for _, g in sorted(groups.items())]
+
+
+def same_fields(cell: Cell, across: frozenset[str]) -> str:
+    """The cell's fields but those cells may differ in (`across`), as text: equal for cells that may share work."""
+    return json.dumps(cell.model_dump(exclude=set(across)), sort_keys=True, default=str)
 
 
 def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
@@ -164,7 +171,7 @@ def pack_groups(cells: list[Cell], most: int) -> list[list[Cell]]:
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         key = (c.arm == "pixels", c.model, str(c.frozen_depth), str(c.train_groups), c.n_per_class, num_classes(c),
-               c.solver, bool(recipe(c.schedule).get("layer_decay")))
+               c.solver, bool(recipe(c.schedule).get("layer_decay")), same_fields(c, SHARE_PACK_ACROSS))
         groups.setdefault(key, []).append(c)
     return [task for _, g in sorted(groups.items())
             for task in chunks(sorted(g, key=lambda c: (c.arm, c.dataset, str(c.shift), c.severity, c.schedule,

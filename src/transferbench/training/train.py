@@ -97,6 +97,11 @@ def budget(cell: Cell, batches_per_epoch: int) -> tuple[int, set[int]]:
     return cell.epochs * batches_per_epoch, {e * batches_per_epoch for e in eval_epochs(cell.epochs, cell.eval_at)}
 
 
+def race_steps(total: int) -> int:
+    """The steps of an LR race: the first fifth of the budget."""
+    return max(1, total // 5)
+
+
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, end) of each batch of an epoch. A last batch of one example joins the one before it:
     BatchNorm in training mode cannot normalise a single example (and its statistics would be noise)."""
@@ -380,7 +385,7 @@ class Training:
                     test=feats["test"], y_test=ys["test"])
         self.total, evals = budget(cell, len(batch_bounds(len(idx), min(cell.batch_size, len(idx)))))
         self.candidates = [lr] if lr else cell.lrs or [cell.lr]
-        self.first = max(1, self.total // 5) if len(self.candidates) > 1 else None
+        self.first = race_steps(self.total) if len(self.candidates) > 1 else None
         self.runs = [Run(cell, copy.deepcopy(suffix) if self.first else suffix, c, data, device, num_classes,
                          self.total, evals | ({self.first} if self.first else set()), layer_lrs)
                      for c in self.candidates]
