@@ -38,9 +38,10 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-## lint (ruff, settings in pyproject.toml); CI runs it
+## lint (ruff and mypy, settings in pyproject.toml); CI runs it
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def os_error_fix(e: OSError) -> str:
     """The fix for an I/O error, by its cause (errno), not one guess for all."""
+    fixes: dict[int | None, str]  # e.errno may be None: get() then gives the default
     fixes = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (a quota is full)",
              errno.EACCES: "fix the folder's permissions or choose another --results folder",
              errno.EPERM: "fix the folder's permissions or choose another --results folder",

@@ -13,6 +13,8 @@ each seed's difference averaged over the conditions a claim covers, then a t-int
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pandas as pd
 
@@ -220,8 +222,8 @@ def claims(runs: pd.DataFrame, confidence: float = 0.95, min_effect: float = 0.0
     for claim, source, a, b, where, kind in CLAIMS:
         if not (names[a] and names[b] and kinds[where]):
             continue
-        seeds = contrast(runs, names[a], names[b])
-        result = pooled(seeds, names[a], kinds[where], confidence) if len(seeds) else None
+        seeds = contrast(runs, cast(str, names[a]), cast(str, names[b]))  # both names are set: checked above
+        result = pooled(seeds, cast(str, names[a]), kinds[where], confidence) if len(seeds) else None
         if result is None:
             continue
         bar = 0.0 if kind == "beats" else -min_effect

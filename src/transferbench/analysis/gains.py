@@ -188,7 +188,8 @@ def mean_gain(runs: pd.DataFrame, by: list[str], confidence: float = 0.95) -> pd
                                          "scratch"]]
 
 
-def arm_gap(runs: pd.DataFrame, a: str, b: str, confidence: float = 0.95, by: tuple = ("target",)) -> pd.DataFrame:
+def arm_gap(runs: pd.DataFrame, a: str, b: str, confidence: float = 0.95,
+            by: tuple[str, ...] | list[str] = ("target",)) -> pd.DataFrame:
     """Per target: the mean test accuracy of arm `a` minus arm `b` (tunings, e.g. 'frozen 0' and 'probe (all)'; each
     at its configuration chosen on validation, same k-shot subsets), with its t-interval over seeds ('gain' here is
     that difference) and its paired p."""

@@ -16,6 +16,6 @@ class ConfigError(ValueError):
         return ConfigError(field, self.problem, self.fix)
 
 
-def did_you_mean(name: str, choices) -> str:
+def did_you_mean(name: str | int, choices) -> str:
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(map(str, choices)))}"

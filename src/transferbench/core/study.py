@@ -672,7 +672,7 @@ def safe_yaml(text: str, where: str):
         loader.dispose()
 
 
-def load_study(path: Path | str, overrides: list[str] = (), profile: str | None = None) -> Study:
+def load_study(path: Path | str, overrides: list[str] | tuple[str, ...] = (), profile: str | None = None) -> Study:
     path = Path(path)
     if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block the read or never end
         raise ConfigError(str(path), "a study file must be a regular file (this is a FIFO, device or folder)",

@@ -70,4 +70,5 @@ def _load_target(dataset: str, shift: str | None, severity: int, image_size: int
     return Target(label, xs, ys, raw.classes, key)
 
 
-load_target.cache_clear = _load_target.cache_clear  # tests rebuild from the disk cache
+# an attribute set on a function, which mypy does not model
+load_target.cache_clear = _load_target.cache_clear  # type: ignore[attr-defined]  # tests rebuild from the disk cache

@@ -113,10 +113,13 @@ def glyphs(variants: PositiveInt = 5, size: Annotated[int, Field(ge=8)] = 64, se
                     ImageDraw.Draw(canvas).text((size / 2, size / 2), ch, fill=255, font=font, anchor="mm")
                     angle, scale = rng.uniform(-20, 20), rng.uniform(0.75, 1.1)
                     dx, dy = rng.uniform(-0.1, 0.1, size=2) * size
-                    canvas = canvas.rotate(angle, resample=Image.BILINEAR, translate=(dx, dy))
+                    # Pillow defines Image.BILINEAR at import through globals(); its inline annotations lack it
+                    canvas = canvas.rotate(angle, resample=Image.BILINEAR,  # type: ignore[attr-defined]
+                                           translate=(dx, dy))
                     side = int(size / scale)
                     left = (size - side) // 2
-                    canvas = canvas.crop((left, left, left + side, left + side)).resize((size, size), Image.BILINEAR)
+                    canvas = canvas.crop((left, left, left + side, left + side)).resize(
+                        (size, size), Image.BILINEAR)  # type: ignore[attr-defined]  # as above
                     xs.append(np.asarray(canvas))
                     ys.append(label)
         splits[split] = (_rgb(np.stack(xs)), np.array(ys, dtype=np.int64))

@@ -29,7 +29,8 @@ def _resized(img, store_size: int) -> np.ndarray:
 
     img = img.convert("RGB")
     if img.size != (store_size, store_size):
-        img = img.resize((store_size, store_size), Image.BILINEAR)
+        # Pillow defines Image.BILINEAR at import through globals(); its inline annotations lack it
+        img = img.resize((store_size, store_size), Image.BILINEAR)  # type: ignore[attr-defined]
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -49,7 +50,7 @@ def _carve_val(train: tuple[np.ndarray, np.ndarray], fraction: float = 0.1, seed
 
 
 # name -> (torchvision class, {split: constructor kwargs}); a missing "val" is carved from "train".
-TORCHVISION = {
+TORCHVISION: dict[str, tuple[str, dict[str, dict[str, str | bool]]]] = {
     "cifar10": ("CIFAR10", {"train": {"train": True}, "test": {"train": False}}),
     "cifar100": ("CIFAR100", {"train": {"train": True}, "test": {"train": False}}),
     "svhn": ("SVHN", {"train": {"split": "train"}, "test": {"split": "test"}}),

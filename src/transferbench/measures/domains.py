@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -65,7 +66,8 @@ def bn_profile(model: nn.Module, groups: list[list[str]], x: torch.Tensor, devic
                 m1, m2, n = zip(*stats[name])
                 w = torch.tensor(n, dtype=torch.float32, device=m1[0].device)[:, None] / sum(n)
                 mean, sq = (torch.stack(m1) * w).sum(0), (torch.stack(m2) * w).sum(0)
-                bn = model.get_submodule(name)
+                bn = cast(nn.BatchNorm2d, model.get_submodule(name))  # hooked above
+                assert bn.running_mean is not None and bn.running_var is not None  # the backbones' BN layers track them
                 kls.append(gaussian_kl(mean.cpu().numpy(), (sq - mean ** 2).clamp_min(0).cpu().numpy(),
                                        bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy()))
         profile.append(float(np.mean(kls)) if kls else float("nan"))
@@ -79,7 +81,7 @@ DISTANCES = tuple(measures("pair"))
 def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None) -> tuple[dict, list[str]]:
     """Every registered estimator on features f with labels y (and the source head's probabilities): values, and for
     each undefined one the reason."""
-    found = {}
+    found: dict[str, tuple[float, str | None]] = {}
     for name in ESTIMATORS:
         fn, inputs = MEASURES.get(name), MEASURES.meta(name)["inputs"]
         if inputs == "source" and probs is None:

@@ -14,8 +14,10 @@ import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
 import timm
+import timm.utils
 import torch
 from timm.layers import freeze_batch_norm_2d
 from timm.models import group_modules, group_parameters
@@ -87,6 +89,7 @@ def load_weights_file(path: Path) -> dict:
         raise ConfigError("backbones.weights", f"weights file {path} " + ("is not a regular file" if path.exists()
                           else "does not exist"), "give an existing .pth/.safetensors path, 'imagenet', 'hub' or "
                           "'none'")
+    sd: Any  # a state_dict from safetensors; from torch.load, any object (checked below)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -232,9 +235,9 @@ def create_backbone(model_name: str, weights: str, num_classes: int, seed: int) 
     else:  # pretrained: built and loaded once per process, then copied (a copy costs ~10x less)
         template = _pretrained(model_name, weights, loaded)
         model, digest = copy.deepcopy(template), _DIGESTS[id(template)]
-        source_head = copy.deepcopy(model.get_classifier())  # some timm heads reset in place
+        source_head = copy.deepcopy(cast(Any, model).get_classifier())  # some timm heads reset in place
     torch.manual_seed(seed)  # the new head is a function of the seed
-    model.reset_classifier(num_classes)
+    cast(Any, model).reset_classifier(num_classes)  # timm's model methods: timm types its models as nn.Module
     data_config = timm.data.resolve_data_config({}, model=model) | loaded.data_config
     weights_id = loaded.weights_id if weights != "none" else f"none:seed{seed}"  # random weights differ by seed
     return Backbone(model, depth_groups(model), data_config, weights_id, source_head,
@@ -244,7 +247,7 @@ def create_backbone(model_name: str, weights: str, num_classes: int, seed: int) 
 def _build(model_name: str, loaded: Loaded, weights: str) -> nn.Module:
     source_classes = _head_rows(model_name, loaded.state_dict)
     model = timm.create_model(model_name, pretrained=loaded.pretrained, drop_rate=0.0, drop_path_rate=0.0,
-                              **({"num_classes": source_classes} if source_classes else {}))
+                              **cast(dict[str, Any], {"num_classes": source_classes} if source_classes else {}))
     if loaded.state_dict is not None:
         _load(model, loaded.state_dict, weights)
     use_fast_convs(model)
@@ -272,14 +275,14 @@ def _pretrained(model_name: str, weights: str, loaded: Loaded) -> nn.Module:
 
 
 def depth_groups(model: nn.Module) -> list[list[str]]:
-    groups = group_modules(model, model.group_matcher(coarse=True))
+    groups = group_modules(model, cast(Any, model).group_matcher(coarse=True))
     head = _classifier_name(model)
     return [names for _, names in sorted(groups.items())
             if not any(n == head or n.startswith(head + ".") for n in names)]
 
 
 def _classifier_name(model: nn.Module) -> str:
-    classifier = model.get_classifier()
+    classifier = cast(Any, model).get_classifier()
     return next(name for name, m in model.named_modules() if m is classifier)
 
 
@@ -295,7 +298,7 @@ def resolve_depth(depth, n_groups: int, field: str = "grid.frozen_depth") -> int
 def group_sizes(bb: Backbone) -> list[int]:
     """Parameters per depth group (the new head excluded)."""
     params = dict(bb.model.named_parameters())
-    groups = group_parameters(bb.model, bb.model.group_matcher(coarse=True))
+    groups = group_parameters(bb.model, cast(Any, bb.model).group_matcher(coarse=True))
     return [sum(params[n].numel() for n in names) for _, names in sorted(groups.items())][:bb.n_groups]
 
 
@@ -399,7 +402,7 @@ def _cut(bb: Backbone, k: int):
         return None
     prefix = [m for _, m in elements[:first_trainable]]
     suffix = [m for _, m in elements[first_trainable:]]
-    key = (bb.model.pretrained_cfg.get("architecture"), k)  # the check depends on the architecture only
+    key = (cast(Any, bb.model).pretrained_cfg.get("architecture"), k)  # the check depends on the architecture only
     if key not in _EXACT_CUTS:
         _EXACT_CUTS[key] = _same_function(bb.model, prefix, suffix, bb.data_config["input_size"][-1])
     return (prefix, suffix) if _EXACT_CUTS[key] else None

@@ -79,6 +79,7 @@ class FeatureCache:
         return feats, where
 
     def _evict_disk(self) -> None:
+        assert self.dir is not None  # called after a write to the disk cache only
         files = sorted(self.dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
         for p in files[:-1]:

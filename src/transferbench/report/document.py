@@ -423,6 +423,7 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
     elif (out / "timing.txt").exists():
         timing = (out / "timing.txt").read_text(encoding="utf-8").strip()
     order, ordered_by = t["order"], t["ordered_by"]
+    figures: list[Path] | dict[str, Path]  # the files drawn, then by name
     figures = plots.draw_all(t, plots.make_style(runs, order, ordered_by), out / "figures") if len(runs) else []
     figures = {p.stem: p for p in figures}
     status = runs["status"].value_counts().to_dict() if len(runs) else {}

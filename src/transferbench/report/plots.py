@@ -12,6 +12,7 @@ import itertools
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -42,9 +43,13 @@ from transferbench.core.paths import results_subfolder  # noqa: E402
 from transferbench.core.registry import Registry  # noqa: E402
 from transferbench.measures import MEASURES as REGISTERED  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
 PAGE_WIDTH = 7.5  # inches: a full-width figure on a letter or A4 page with ~2.5 cm margins
 DPI = 300  # print resolution of the PNGs (the SVGs are vector)
 MAX_COLUMNS = 5  # facets wrap after this many panels
+RC: dict[RcKeyType, Any]  # matplotlib checks the names
 RC = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 6, "ytick.labelsize": 6,
       "legend.fontsize": 6.5, "legend.title_fontsize": 7, "figure.titlesize": 8, "axes.spines.top": False,
       "axes.spines.right": False, "svg.fonttype": "none"}
@@ -118,7 +123,8 @@ def panels(n: int, panel_w: float = 1.45, panel_h: float = 1.35, columns: int = 
         ax.remove()
     for ax in flat[:n]:  # a removed neighbour must not hide the tick labels of the panel above it
         ax.xaxis.set_tick_params(labelbottom=True)
-    top.legend_area, top.legend_grid = bottom, grid
+    # attributes of our own on the figure (finish() reads them), which matplotlib's SubFigure does not declare
+    top.legend_area, top.legend_grid = bottom, grid  # type: ignore[attr-defined]
     return top, flat[:n]
 
 
@@ -354,6 +360,7 @@ def gain_heatmap(t: dict, style: Style):
     df = sel.assign(label=sel["tuning"], g=100 * sel["gain"])
     lim = max(5.0, float(np.nanmax(np.abs(df["g"]))))
     cols = [(lbl, n) for lbl in depths for n in sorted(df["n_per_class"].unique())]
+    axes: np.ndarray | list  # the grid, then its panels
     fig, axes = plt.subplots(len(backbones), 1, squeeze=False,
                              figsize=(min(PAGE_WIDTH, 0.5 * len(cols) + 2.2),
                                       (0.24 * len(targets) + 0.7) * len(backbones) + 0.3),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import cast
 
 from transferbench.core.study import Cell, Study, tuning_label
 from transferbench.sweep.planning import depth_group_count, lr_phases, num_classes, pack_groups
@@ -108,7 +109,7 @@ def gpu_packing(cells: list[Cell], most: int, refill: float = 0.75) -> tuple[int
     in_packs = taken = 0
     for phase in lr_phases(cells):
         for task in pack_groups([c for c in phase if cell_cost(c)], most):
-            costs = [cell_cost(c) for c in task]
+            costs = [cast(CellCost, cell_cost(c)) for c in task]  # not None: closed-form cells are left out above
             groups = [[first] * sum(k.runs for k in costs if k.first == first)
                       for first in sorted({k.first for k in costs if k.first})]
             for steps in groups + [[k.total - k.first for k in costs]]:

@@ -104,6 +104,7 @@ def start_record(cell: Cell, lr: float | None, study_name: str, threads: int, co
 def finish_record(record: dict, measured: dict | None, error: Exception | None, records_dir: str) -> dict:
     """Write the record (a failure is a record too: status 'failed'); the summary line the runner keeps."""
     if error is None:
+        assert measured is not None  # a cell that did not fail was measured
         assert not set(measured) & set(Cell.model_fields), "a measurement must not overwrite the cell's config"
         record |= measured | dict(status="ok", error=None)
     else:

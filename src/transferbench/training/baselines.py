@@ -52,6 +52,7 @@ def fit_logistic(x: dict[str, np.ndarray], y: dict[str, np.ndarray],
     scale[scale == 0] = 1.0
     basis = np.linalg.svd((xtr - mean) / scale, full_matrices=False)[2]  # [r, d], r <= n
     probs = lambda w, b, split: _softmax(x[split] @ w.T + b)  # noqa: E731
+    best: tuple | None  # ((val accuracy, -val loss), w, b, C, iterations)
     best, t0 = None, time.perf_counter()
     for c in C_GRID:
         # One thread: OpenMP threads spinning on busy cores cost 10x here (measured: 1.8 s vs 18-32 s per fit).
@@ -64,8 +65,9 @@ def fit_logistic(x: dict[str, np.ndarray], y: dict[str, np.ndarray],
         acc, loss = _accuracy_and_loss(probs(w, b, "val"), y["val"])
         if best is None or (acc, -loss) > best[0]:
             best = ((acc, -loss), w, b, c, int(np.max(model.n_iter_)))
+    assert best is not None  # C_GRID is not empty
     _, w, b, c, n_iter = best
-    fields = {}
+    fields: dict = {}
     for split in ("val", "test"):
         acc, loss = _accuracy_and_loss(probs(w, b, split), y[split])
         fields |= {f"{split}_acc": acc, f"{split}_loss": loss}

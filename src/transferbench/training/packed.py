@@ -27,7 +27,9 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +62,13 @@ def _stack_conv(m: nn.Conv2d, copies: int) -> None:
     m.in_channels, m.out_channels, m.groups = m.in_channels * copies, m.out_channels * copies, m.groups * copies
 
 
-def _stack_norm(m: nn.Module, copies: int) -> None:
+def _stack_norm(m: nn.BatchNorm2d, copies: int) -> None:
     m.num_features *= copies
 
 
 def _stack_linear(m: nn.Linear, copies: int) -> None:
-    m.__class__, m.copies = StackedLinear, copies
+    # torch types nn.Module.__setattr__'s value as Tensor | Module; a plain attribute is fine at run time
+    m.__class__, m.copies = StackedLinear, copies  # type: ignore[assignment]
 
 
 def _per_channel(m: nn.Module, copies: int) -> None:
@@ -74,6 +77,7 @@ def _per_channel(m: nn.Module, copies: int) -> None:
 
 # The layers a pack can stack, each with how its copy for `copies` networks is made. Exact types only: a subclass
 # may mix channels. (FastConv2d's dense matmul path runs only for groups == 1, so never on a stack of several.)
+STACKABLE: dict[type, Callable[[Any, int], None]]  # each maker takes its own layer type
 STACKABLE = {nn.Conv2d: _stack_conv, Conv2dSame: _stack_conv, FastConv2d: _stack_conv, nn.BatchNorm2d: _stack_norm,
              BatchNormAct2d: _stack_norm, FrozenBatchNorm2d: _per_channel, FrozenBatchNormAct2d: _per_channel,
              nn.Linear: _stack_linear, nn.Identity: _per_channel, nn.ReLU: _per_channel, nn.ReLU6: _per_channel,
@@ -116,6 +120,7 @@ class Pack:
         shapes = {tuple((n, tuple(p.shape), p.requires_grad) for n, p in m.named_parameters()) for m in modules}
         if len(shapes) != 1 or len({type(r.step.opt) for r in runs}) != 1:
             raise ValueError("a pack holds runs of one network shape and one optimizer")
+        self.failed: dict[int, Exception]  # run index -> why it diverged
         self.runs, self.failed = runs, {}
         trainable = [(n, p) for n, p in modules[0].named_parameters() if p.requires_grad]
         self.names, self.shapes = [n for n, _ in trainable], [p.shape for _, p in trainable]
@@ -137,7 +142,8 @@ class Pack:
 
     def grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Every copy's gradient as one flat [copies, parameters] tensor (into `out` when given)."""
-        return torch.cat([self.params[n].grad.reshape(len(self.runs), -1) for n in self.names], 1, out=out)
+        return torch.cat([cast(torch.Tensor, self.params[n].grad).reshape(len(self.runs), -1)  # set by backward
+                          for n in self.names], 1, out=out)
 
     def forward(self, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
         """Logits [copies, batch, classes] of x [copies, batch, channels, ...], each copy on its own batch, with the
@@ -326,6 +332,7 @@ class PackedOptimizer:
         lr = self._per_element("lr") * mask  # the schedules move it every step; a masked copy does not move
         self.t += mask
         if self.kind == "AdamW":
+            assert self.v is not None  # AdamW's second moment
             b1, b2 = self.hyper["betas"]
             t = self.t.clamp_min(1)
             p.mul_(1 - lr * self.weight_decay)
@@ -359,6 +366,7 @@ class PackedOptimizer:
             key = "exp_avg" if self.kind == "AdamW" else "momentum_buffer"
             self.m[i] = torch.cat([s[key].reshape(-1) for s in states])
             if self.kind == "AdamW":
+                assert self.v is not None
                 self.v[i] = torch.cat([s["exp_avg_sq"].reshape(-1) for s in states])
 
     def hand_back(self) -> None:
@@ -371,6 +379,7 @@ class PackedOptimizer:
             for n, size in zip(self.pack.names, self.pack.sizes):
                 state = opt.state[params[n]]
                 if self.kind == "AdamW":  # where torch keeps the step: on the device when fused or capturable
+                    assert self.v is not None
                     on_device = opt.defaults.get("fused") or opt.defaults.get("capturable")
                     state["step"] = torch.tensor(steps[i], device=params[n].device if on_device else "cpu")
                     state["exp_avg"] = like(params[n], self.m[i, start:start + size])
@@ -424,10 +433,10 @@ def packed(most: int = 16, refill: float = 0.75):
     copies active, the rest are repacked without the idle ones, and a last run alone goes on by itself (a pack of
     one is slower than the plain step: 0.4x on an H200)."""
     def advance(runs: list, until: int) -> dict[int, Exception]:
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple | None, list[int]] = {}
         for i, r in enumerate(runs):
             groups.setdefault(signature(r), []).append(i)
-        failed = {}
+        failed: dict[int, Exception] = {}
         for key, members in groups.items():
             for chunk in chunks(members, most):
                 chunk_runs = [runs[i] for i in chunk]
@@ -440,6 +449,7 @@ def packed(most: int = 16, refill: float = 0.75):
 
 def train_pack(runs: list, until: int, refill: float) -> dict[int, Exception]:
     """Train these runs in one pack, repacked as they stop (see `packed`); {index: error} of those that diverged."""
+    failed: dict[int, Exception]
     failed, members = {}, list(range(len(runs)))
     while len(members) > 1:
         pack = Pack([runs[i] for i in members]).advance(until, least=max(2, math.ceil(refill * len(members))))

@@ -47,6 +47,7 @@ def ensure_checkpoints(study: Study, log=print) -> None:
             continue
         log(f"pretraining {model} on {cell.dataset}: {cell.epochs} epochs, {cell.n_per_class} per class")
         net, record = fit(cell)
+        assert net is not None  # a source cell trains a network
         with replacing(path) as tmp:  # source_checkpoint's folder comes from cache_dir, which makes it
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
                       metadata={"source": cell.dataset, "val_acc": f"{record['val_acc']:.4f}"})

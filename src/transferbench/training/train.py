@@ -12,6 +12,7 @@ import copy
 import math
 import time
 from functools import partial
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ def scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.T
 PRECISE_BN_CHUNK = 512  # examples per forward pass of precise BN
 
 
-def tracked_norms(module: nn.Module) -> dict[str, nn.Module]:
+def tracked_norms(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers that keep running statistics (those precise BN recomputes), by name."""
     return {name: m for name, m in module.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
@@ -185,6 +186,7 @@ class Prepared:
         if cell.arm == "pixels":
             measured = pixel_baseline(cell.model, self.target, self.idx)
         elif self.training is None:
+            assert self.suffix is not None  # set for every arm but pixels
             measured = fit_linear_probe(self.suffix, self.feats, self.ys, self.idx.to(self.device))
         elif self.training.error:
             raise self.training.error
@@ -208,9 +210,12 @@ def fit(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = 
     return prepared.suffix, prepared.measure()
 
 
-def fit_together(cells: list[tuple[Cell, float | None]], cache: FeatureCache, advance) -> list[tuple[dict, Exception]]:
+def fit_together(cells: list[tuple[Cell, float | None]], cache: FeatureCache,
+                 advance) -> list[tuple[dict | None, Exception | None]]:
     """Train several cells at once, their runs moved forward together by `advance` (packed on a GPU): per cell,
     (the measured part of its record, or None) and the error that failed it (or None)."""
+    prepared: list[Prepared | Exception]
+    out: list[tuple[dict | None, Exception | None]]
     prepared, out = [], []
     for cell, lr in cells:
         try:
@@ -247,7 +252,7 @@ def probe_head(cell: Cell, bb, target, ys: dict, idx: torch.Tensor, device) -> d
     and one seed diverged.)"""
     t0 = time.perf_counter()
     frozen = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)  # a copy to cut: bb trains
-    frozen.model.reset_classifier(0)  # pooled features out
+    cast(Any, frozen.model).reset_classifier(0)  # pooled features out (a timm method)
     network = nn.Sequential(split_at_depth(frozen, 0)[0], frozen.model).to(device)  # normalisation, then the net
     precise_bn(network, target.x["train"][idx.cpu()].to(device), cell.channels_last)
     feats = {s: forward_batched(network, x, device, cell.amp, cell.channels_last) for s, x in target.x.items()}
@@ -273,6 +278,11 @@ class Run:
         self.g = torch.Generator().manual_seed(cell.seed)  # every LR candidate sees the same batches
         self.batches = self._batches()
         self.steps, self.seen, self.since_best = 0, 0, 0
+        self.best: tuple[float, float, int] | None  # (val accuracy, -val loss, step)
+        self.best_state: dict[str, torch.Tensor] | None
+        self.curves: list[dict]
+        self.train_losses: list[float]
+        self._losses: list[torch.Tensor]
         self.best, self.best_state, self.curves, self.train_losses = None, None, [], []
         self._losses, self._seen_in_epoch = [], 0  # the epoch so far
 
@@ -363,7 +373,7 @@ class Run:
 
 def alone(runs: list[Run], until: int) -> dict[int, Exception]:
     """Advance each run by itself (its own optimizer step); returns {index: error} of the runs that diverged."""
-    failed = {}
+    failed: dict[int, Exception] = {}
     for i, r in enumerate(runs):
         try:
             r.advance(until)
@@ -389,23 +399,28 @@ class Training:
         self.runs = [Run(cell, copy.deepcopy(suffix) if self.first else suffix, c, data, device, num_classes,
                          self.total, evals | ({self.first} if self.first else set()), layer_lrs)
                      for c in self.candidates]
+        self.winner: Run | None
+        self.rung: dict[float, float | None]  # LR -> its best val accuracy in the race (None: diverged)
+        self.error: Exception | None
+        self.t0: float | None
         self.winner, self.rung, self.error, self.t0 = None if self.first else self.runs[0], {}, None, None
         self.seconds: float | None = None  # its share of the wall time, when trained together with others
 
-    def settle_race(self, failed: dict[int, Exception]) -> None:
+    def settle_race(self, failed: set[int]) -> None:
         """After the rung: the best candidate on validation goes on; a diverged candidate loses."""
-        self.rung = {r.lr: None if i in failed else r.best[0] for i, r in enumerate(self.runs)}
+        self.rung = {r.lr: None if i in failed else cast(tuple, r.best)[0] for i, r in enumerate(self.runs)}
         alive = [r for i, r in enumerate(self.runs) if i not in failed]
         if not alive:
             self.error = Diverged(f"every LR candidate {self.candidates} diverged in the first {self.first} steps; "
                                   "lower train.lrs")
         else:
-            self.winner = max(alive, key=lambda r: r.best[:2])
+            self.winner = max(alive, key=lambda r: cast(tuple, r.best)[:2])  # each validated at the rung's end
 
     def result(self) -> dict:
         """The measured part of the record, from the winner's best validation weights."""
         run = self.winner
-        train_seconds = self.seconds if self.seconds is not None else time.perf_counter() - self.t0
+        assert run is not None  # with no winner, the training's error is raised instead
+        train_seconds = self.seconds if self.seconds is not None else time.perf_counter() - cast(float, self.t0)
         if run.best_state is not None:
             run.suffix.load_state_dict(run.best_state)  # the best validation weights, with their BN statistics
         if run.suffix is not self.suffix:
@@ -429,7 +444,7 @@ def train_together(trainings: list[Training], advance=alone) -> None:
     for t in trainings:
         t.t0 = time.perf_counter()
     racing = [t for t in trainings if t.first]
-    for first in sorted({t.first for t in racing}):
+    for first in sorted({cast(int, t.first) for t in racing}):  # racing: first is set
         group = [t for t in racing if t.first == first]
         runs = [(t, i, r) for t in group for i, r in enumerate(t.runs)]
         failed = advance([r for _, _, r in runs], first)
