@@ -24,8 +24,8 @@ def reference(request):
     folder = BASELINES / request.param
     study = report.load_saved_study(folder)
     t = tables.read_tables(study, folder)
-    order, by = analysis.distance_order([c.condition for c in study.targets], t["domains"])
-    return study, t, plots.make_style(t["runs"], order, by)
+    order, by = analysis.distance_order([c.condition for c in study.targets], t.domains)
+    return study, t, plots.make_style(t.runs, order, by)
 
 
 @pytest.mark.parametrize("name", list(plots.FIGURES))
@@ -33,8 +33,8 @@ def test_figure_has_no_overlapping_labels_and_fits_a_page(reference, name):
     study, t, style = reference
     fig = plots.FIGURES[name](t, style)
     if fig is None:
-        absent = {"transfer_matrix": t["selected"]["weights"].nunique() == 1,  # only these may be absent, and only
-                  "arm_differences": t["arm_differences"].empty}  # where the study has nothing to draw in them
+        absent = {"transfer_matrix": t.selected["weights"].nunique() == 1,  # only these may be absent, and only
+                  "arm_differences": t.arm_differences.empty}  # where the study has nothing to draw in them
         assert absent.get(name)
         return
     try:
@@ -58,18 +58,18 @@ def test_one_colour_per_target_and_per_arm():
     study = report.load_saved_study(BASELINES / "domain_gap")
     t = tables.read_tables(study, BASELINES / "domain_gap")
     targets = [c.condition for c in study.targets]
-    style = plots.make_style(t["runs"], targets, "the study file")
+    style = plots.make_style(t.runs, targets, "the study file")
     assert list(style.targets) == targets and len(set(style.targets.values())) == len(targets)
     assert len({str(c) for c in style.arms.values()}) == len(style.arms)
     assert style.arm_order[:3] == ["frozen 0", "frozen 6", "probe (all)"] and "scratch" in style.arms
-    fewer = plots.make_style(t["runs"][t["runs"]["frozen_depth"].astype(str) != "6"], targets, "the study file")
+    fewer = plots.make_style(t.runs[t.runs["frozen_depth"].astype(str) != "6"], targets, "the study file")
     assert fewer.arms["scratch"] == style.arms["scratch"] and fewer.arms["frozen 0"] == style.arms["frozen 0"]
 
 
 def test_findings_carry_intervals_and_follow_measured_distance():
     study = report.load_saved_study(BASELINES / "domain_gap")
     t = tables.read_tables(study, BASELINES / "domain_gap")
-    order, by = analysis.distance_order([c.condition for c in study.targets], t["domains"])
+    order, by = analysis.distance_order([c.condition for c in study.targets], t.domains)
     assert by.startswith("measured") and order != [c.condition for c in study.targets]  # FD reorders this study
     lines = report.findings(study, t)
     assert sum(" pp [" in line for line in lines) >= 2
@@ -80,7 +80,7 @@ def test_findings_carry_intervals_and_follow_measured_distance():
 def test_no_estimator_is_ranked_from_fewer_than_four_targets():
     study = report.load_saved_study(BASELINES / "smoke")
     t = tables.read_tables(study, BASELINES / "smoke")
-    assert t["selected"]["target"].nunique() < analysis.MIN_TARGETS_TO_RANK
+    assert t.selected["target"].nunique() < analysis.MIN_TARGETS_TO_RANK
     text = " ".join(report.findings(study, t) + report.failure_section(study, t))
     assert "Best predictor" not in text and "No estimator is ranked" in text and "+nan" not in text
 
@@ -114,8 +114,8 @@ def test_a_report_from_pixel_records_alone_draws_what_it_can(tmp_path):
     """A run stopped before any network cell finished (as a timed-out GPU run was): the pixel baselines' records
     alone still give tables, figures and a report, not a crash."""
     study = report.load_saved_study(BASELINES / "smoke")
-    runs = tables.read_tables(study, BASELINES / "smoke")["runs"]
+    runs = tables.read_tables(study, BASELINES / "smoke").runs
     t = tables.derive(study, runs[runs["arm"] == "pixels"], curves_table([]), pd.DataFrame(), None)
-    order, by = analysis.distance_order([c.condition for c in study.targets], t["domains"])
-    drawn = plots.draw_all(t, plots.make_style(t["runs"], order, by), tmp_path)
-    assert t["gains"].empty and all(p.exists() for p in drawn)
+    order, by = analysis.distance_order([c.condition for c in study.targets], t.domains)
+    drawn = plots.draw_all(t, plots.make_style(t.runs, order, by), tmp_path)
+    assert t.gains.empty and all(p.exists() for p in drawn)

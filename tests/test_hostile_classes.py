@@ -5,6 +5,7 @@ twice is refused; 4. no write follows a link planted in the results folder; 5. a
 exit 2 at planning, not as a traceback or after cells failed; 7. errors say the true cause.
 """
 
+import dataclasses
 import errno
 import io
 import json
@@ -165,11 +166,10 @@ def test_a_markdown_cell_never_moves_a_value_under_another_heading(value):
 def hostile_tables(label: str):
     """The committed smoke baseline's tables, with the target 'digits' renamed `label` everywhere."""
     t = tables.read_tables(report.load_saved_study(BASELINE), BASELINE)
-    for key, value in list(t.items()):
-        if isinstance(value, pd.DataFrame) and "target" in value.columns:
-            t[key] = value.assign(target=value["target"].replace("digits", label))
-    t["order"] = [label if c == "digits" else c for c in t["order"]]
-    return t, plots.make_style(t["runs"], t["order"], t["ordered_by"])
+    renamed = {key: value.assign(target=value["target"].replace("digits", label))
+               for key, value in t.frames().items() if "target" in value.columns}
+    t = dataclasses.replace(t, **renamed, order=[label if c == "digits" else c for c in t.order])
+    return t, plots.make_style(t.runs, t.order, t.ordered_by)
 
 
 @pytest.mark.parametrize("label", ["$x^$", "$\\alpha$", "back\\slash $y_1$", "a|b 50%_$"], ids=repr)

@@ -14,7 +14,7 @@ What must not move at all, on any host, is checked exactly: which grid points ex
 failed, and the structure of every point (training examples, frozen fraction, trainable parameters,
 and the digest of the pretrained weights a transfer cell started from).
 Speed fails when an arm's median images/s falls below a fraction of the base's: across two hosts
-of one kind the median moved by a factor of up to 1.6 (README), so the default fraction is 0.5.
+of one kind the median moved by a factor of up to 1.6 (docs/gate.md), so the default fraction is 0.5.
 
 Untestable is never "no regression": every check the gate is asked to make and cannot make (a value
 that is missing or not finite, a side with fewer than 2 seeds, nothing in common to test) is listed

@@ -32,7 +32,7 @@ CONFIG = ["schedule", "lr"]  # chosen per arm on validation
 
 
 def with_axes(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs with a column for each plain grid axis (`cell_axes`): records older than an axis take its default."""
+    """Runs with a column for each plain grid axis (`cell_axes`): records without an axis's column take its default."""
     missing = {a: Cell.model_fields[a].default for a in cell_axes() if a not in runs}
     return runs.assign(**missing) if missing else runs
 

@@ -257,7 +257,7 @@ class Run(Strict):
     backend: Literal["loky", "dask", "sequential"] = "loky"
     pack: Literal["auto", "always", "never"] = Field("auto", description="train cells of one network shape together "
                                                      "as one model, their copies stacked along the channels: auto = "
-                                                     "on CUDA only (on CPU it measured slower), always, never")
+                                                     "on CUDA only (on CPU packing is slower), always, never")
     pack_size: PositiveInt = Field(16, description="most cells' runs in one pack")
     scheduler: str | None = Field(None, description="dask scheduler address (backend: dask)")
 
@@ -384,12 +384,12 @@ class Cell(Strict):
     device: str
     amp: bool
     channels_last: bool
-    # Fields added later have defaults and enter the id only when set otherwise, so ids stay stable.
+    # A field with a default enters the id only when set otherwise, so adding one keeps every id.
     eval_at: Literal["epoch", "log"] = "log"
     data_options: dict[str, Any] = Field(default_factory=dict)
     target_name: str | None = None  # set only where the target's label is not its dataset's name
-    # The training protocol. Defaults are the first protocol's (epochs, final weights, running BN statistics), so
-    # the ids of cells run under it stay what they were; studies set the current protocol explicitly.
+    # The training protocol. Defaults are the epoch-budget protocol's (final weights, running BN statistics), so
+    # those cells keep their ids; studies set the protocol explicitly.
     steps: int | None = None
     min_steps: int = 0
     eval_every: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from pydantic import ValidationError
 
 from transferbench.analysis import arms
 from transferbench.analysis import gains as analysis
-from transferbench.analysis.tables import write_tables
+from transferbench.analysis.tables import Tables, write_tables
 from transferbench.core import atomic
 from transferbench.core.errors import ConfigError
 from transferbench.core.paths import results_subfolder
+from transferbench.core.registry import Registry
 from transferbench.core.study import Study, format_validation_error, safe_yaml, scratch_lrs, transfer_lrs
 from transferbench.report import plots
 
@@ -42,12 +44,12 @@ def gain_text(row) -> str:
             + (f" [flagged: {flags}]" if isinstance(flags, str) and flags else ""))
 
 
-def headlines(study: Study, t: dict) -> list[str]:
+def headlines(study: Study, t: Tables) -> list[str]:
     """Gain with CI at the smallest and largest size, for the nearest and the farthest target as measured."""
-    selected = t["selected"]
+    selected = t.selected
     if selected.empty:
         return ["No transfer cell has a matched scratch cell yet: no gains to report."]
-    near, far = t["order"][0], t["order"][-1]
+    near, far = t.order[0], t.order[-1]
     sizes = sorted(selected["n_per_class"].unique())
     lines = []
     for bb in sorted(selected["backbone"].unique()):
@@ -66,10 +68,10 @@ def headlines(study: Study, t: dict) -> list[str]:
     return lines
 
 
-def findings(study: Study, t: dict) -> list[str]:
+def findings(study: Study, t: Tables) -> list[str]:
     """4-6 findings written from the numbers (configurations chosen on validation), each with its interval over
     seeds, for the report and the terminal; the first says how far the comparison can be trusted."""
-    sel, runs, a = t["selected"], t["runs"], study.analysis
+    sel, runs, a = t.selected, t.runs, study.analysis
     if sel.empty:
         return ["no transfer cell has a matched scratch cell yet"]
     out = [fairness_sentence(runs, sel)] if "converged" in runs else []
@@ -78,7 +80,7 @@ def findings(study: Study, t: dict) -> list[str]:
                + ", ".join(f"{interval(r)} at {per_class(r.n_per_class)}" for r in by_size.itertuples())
                + f" (over {sel['backbone'].nunique()} backbone(s), {sel['target'].nunique()} target condition(s), "
                f"{sel['tuning'].nunique()} transfer arm(s)).")
-    order, ordered_by = t["order"], t["ordered_by"]
+    order, ordered_by = t.order, t.ordered_by
     by_target = analysis.mean_gain(runs, ["target"], a.confidence).set_index("target").reindex(
         [c for c in order if c in set(sel["target"])]).dropna(subset=["gain"])
     if len(by_target) > 1:
@@ -104,11 +106,11 @@ def findings(study: Study, t: dict) -> list[str]:
     return [line for line in out if line][:6]
 
 
-def estimator_sentence(study: Study, t: dict) -> str:
+def estimator_sentence(study: Study, t: Tables) -> str:
     """Which measure ranked the targets best, and whether it is distinguishable from the runner-up; nothing is
     ranked from fewer than analysis.MIN_TARGETS_TO_RANK targets or without domain measures."""
-    n_targets, ranking, corr = t["selected"]["target"].nunique(), t["ranking"], t["correlations"]
-    if t["domains"].empty:
+    n_targets, ranking, corr = t.selected["target"].nunique(), t.ranking, t.correlations
+    if t.domains.empty:
         return ""
     if n_targets < analysis.MIN_TARGETS_TO_RANK:
         return (f"No estimator is ranked: {n_targets} target condition(s), fewer than the "
@@ -123,7 +125,7 @@ def estimator_sentence(study: Study, t: dict) -> str:
                 f"per-size {study.analysis.confidence:.0%} intervals excludes 0.")
     text = (f"Best predictor of the realized gain: {top.measure} (mean sign-adjusted Kendall tau "
             f"{top.mean_agreement:+.2f} across {int(top.targets)} targets, over {int(top.sizes)} size(s))")
-    duel = t["duel"]
+    duel = t.duel
     if duel is None:
         return text + "."
     word = "distinguishable" if duel["distinguishable"] else "not distinguishable"
@@ -162,13 +164,13 @@ def fairness_sentence(runs: pd.DataFrame, sel: pd.DataFrame) -> str:
             "with transfer below the best pixel baseline.")
 
 
-def anchors(study: Study, t: dict) -> list[str]:
+def anchors(study: Study, t: Tables) -> list[str]:
     """The findings a correct harness reproduces or refutes (DESIGN.md), each said plainly with its numbers."""
-    sel, corr = t["selected"], t["correlations"]
+    sel, corr = t.selected, t.correlations
     if sel.empty:
         return []
     lines = ["## Do the known findings reproduce?", ""]
-    by_size = analysis.mean_gain(t["runs"], ["n_per_class"], study.analysis.confidence)
+    by_size = analysis.mean_gain(t.runs, ["n_per_class"], study.analysis.confidence)
     shrinks = bool((np.diff(by_size["gain"].to_numpy()) < 0).all()) if len(by_size) > 1 else False
     lines.append("- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
                  + ", ".join(f"{interval(r)} at {r.n_per_class}" for r in by_size.itertuples()) + " per class -- "
@@ -183,8 +185,8 @@ def anchors(study: Study, t: dict) -> list[str]:
                      f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
                      + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
                         "**not shown**: no interval lies below 0."))
-    order, ordered_by = t["order"], t["ordered_by"]
-    gap = analysis.arm_gap(t["runs"], "probe (all)", "frozen 0", study.analysis.confidence)
+    order, ordered_by = t.order, t.ordered_by
+    gap = analysis.arm_gap(t.runs, "probe (all)", "frozen 0", study.analysis.confidence)
     gap = gap.set_index("target").reindex(order).dropna(subset=["gain"]) if len(gap) else gap
     if len(gap) > 1 and ordered_by != "the study file":
         near, far = gap.iloc[0], gap.iloc[-1]
@@ -205,21 +207,21 @@ def anchors(study: Study, t: dict) -> list[str]:
     return lines + [""]
 
 
-def arms_section(study: Study, t: dict) -> list[str]:
+def arms_section(study: Study, t: Tables) -> list[str]:
     """'Which layers to train': each arm's accuracy, its difference from full fine-tuning, the best arm per
     condition (chosen on validation) beside where the shift lives by depth, and the anchor claims."""
-    acc, diffs, best, claims = t["arm_accuracy"], t["arm_differences"], t["best_arms"], t["claims"]
+    acc, diffs, best, claims = t.arm_accuracy, t.arm_differences, t.best_arms, t.claims
     if acc.empty:
         return []
     a = study.analysis
-    order = [c for c in t["order"] if c in set(acc["target"])]
-    arm_order = [x for x in plots.arm_order(t["runs"]) if x in set(acc["tuning"])]
+    order = [c for c in t.order if c in set(acc["target"])]
+    arm_order = [x for x in plots.arm_order(t.runs) if x in set(acc["tuning"])]
     lines = ["## Which layers to train", "",
              "Every arm at its own LR chosen on validation, on the same k-shot subsets; differences from full "
              f"fine-tuning (frozen 0) are paired by seed, with {a.confidence:.0%} t-intervals over seeds and "
              f"Benjamini-Hochberg across all {len(diffs)} comparisons (* better, - worse: q <= {a.fdr:g} and at least "
              f"{100 * a.min_effect:g} pp). The best arm is the one with the best validation accuracy.", ""]
-    depth = arms.shift_depth(t["domains"])
+    depth = arms.shift_depth(t.domains)
     for (bb, n), sub in acc.groupby(["backbone", "n_per_class"]):
         cell = lambda r: f"{100 * r.test:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"  # noqa: E731
         table = sub.assign(v=[cell(r) for r in sub.itertuples()]).pivot(index="target", columns="tuning", values="v")
@@ -245,7 +247,7 @@ def arms_section(study: Study, t: dict) -> list[str]:
     wins = best["best"].value_counts()
     lines += ["Best arm on validation, counted over conditions and sizes: "
               + ", ".join(f"{arm} {k}" for arm, k in wins.items()) + ".", ""]
-    pred = t["depth_prediction"]
+    pred = t.depth_prediction
     if pred:
         conds = pred["conditions"]
         early = int((conds["peak"] < conds["n_groups"] / 2).sum())
@@ -271,9 +273,9 @@ def arms_section(study: Study, t: dict) -> list[str]:
     return lines
 
 
-def fairness_section(study: Study, t: dict) -> list[str]:
+def fairness_section(study: Study, t: Tables) -> list[str]:
     """'Is the comparison fair?': what every later number rests on, before any of them."""
-    fair, sel = t["fairness"], t["selected"]
+    fair, sel = t.fairness, t.selected
     lines = ["## Is the comparison fair?", ""]
     if fair.empty:
         return lines + ["These records carry no convergence check (written by an older transferbench): the gains "
@@ -297,9 +299,9 @@ def fairness_section(study: Study, t: dict) -> list[str]:
     return lines
 
 
-def failure_section(study: Study, t: dict) -> list[str]:
+def failure_section(study: Study, t: Tables) -> list[str]:
     """'When transfer fails': negative points, where gains stop, best depth, estimator ranking."""
-    selected, domains, corr = t["selected"], t["domains"], t["correlations"]
+    selected, domains, corr = t.selected, t.domains, t.correlations
     lines = ["## When transfer fails", ""]
     neg = selected[selected["negative"]]
     lines.append(f"Negative transfer gap (Wang et al. 2019: transfer error minus scratch error), each arm's "
@@ -309,8 +311,8 @@ def failure_section(study: Study, t: dict) -> list[str]:
     if len(neg):
         lines += ["", markdown_table(_fmt_gains(neg)[["backbone", "target", "tuning", "n_per_class",
                                                        "transfer", "gain_pp", "ci_pp"]])]
-    order, ordered_by = t["order"], t["ordered_by"]
-    by_target = analysis.mean_gain(t["runs"], ["target"], study.analysis.confidence).set_index("target")
+    order, ordered_by = t.order, t.ordered_by
+    by_target = analysis.mean_gain(t.runs, ["target"], study.analysis.confidence).set_index("target")
     positive = selected.groupby("target")["verdict"].agg(lambda v: (v == "positive").mean())
     by_target = by_target.reindex([c for c in order if c in by_target.index])
     lines += ["", f"Mean gain per target condition (near -> far by {ordered_by}), its {study.analysis.confidence:.0%} "
@@ -328,7 +330,7 @@ def failure_section(study: Study, t: dict) -> list[str]:
                                  aggfunc="first").reset_index()
         pivot["target"] = pd.Categorical(pivot["target"], [c for c in order if c in set(pivot["target"])])
         lines.append(markdown_table(pivot.sort_values(["backbone", "target"]).astype(str)))
-    ranking = t["ranking"]
+    ranking = t.ranking
     sentence = estimator_sentence(study, t)
     if sentence:
         lines += ["", sentence]
@@ -336,22 +338,22 @@ def failure_section(study: Study, t: dict) -> list[str]:
         lines += ["", "Per size, with a bootstrap over targets and the range of leave-one-target-out taus:", "",
                   markdown_table(corr[corr["outcome"] == "gain"].drop(columns=["outcome", "expected_sign"]).round(3)),
                   "", "Mean over sizes:", "", markdown_table(ranking.round(3))]
-    oracle, runs = t["oracle"], analysis.ok_runs(t["runs"])
+    oracle, runs = t.oracle, analysis.ok_runs(t.runs)
     configs = runs[runs["arm"] != "pixels"].groupby(["arm"])[["schedule", "lr"]].nunique().prod(axis=1)
     if len(oracle) and (configs > 1).any():  # with one configuration per arm there is nothing to select
         lines += ["", f"Model selection: with each arm's schedule and LR chosen on validation the mean gain is "
                   f"{pp(selected['gain'].mean())} pp; choosing on test (oracle, optimistic) would report "
                   f"{pp(oracle['gain'].mean())} pp."]
-    if len(t["schedules"]):
+    if len(t.schedules):
         lines += ["", "The schedule as a factor: mean test accuracy (%) per arm and schedule, each at its own LR "
-                  "chosen on validation:", "", markdown_table((100 * t["schedules"]).round(1).reset_index())]
+                  "chosen on validation:", "", markdown_table((100 * t.schedules).round(1).reset_index())]
     return lines
 
 
-def study_as_run(study: Study, t: dict, timing: str | None, ordered_by: str, order: list[str]) -> list[str]:
+def study_as_run(study: Study, t: Tables, timing: str | None, ordered_by: str, order: list[str]) -> list[str]:
     """What ran, generated from the resolved configuration and the records (not from the study file's prose)."""
     tr, sc, g, a = study.train, study.scratch, study.grid, study.analysis
-    runs = t["runs"]
+    runs = t.runs
 
     def seen(col: str) -> str:
         if col not in runs or not runs[col].notna().any():
@@ -414,62 +416,115 @@ def escape_md(text: str) -> str:
     return re.sub(r"([*_\[\]])", r"\\\1", text)
 
 
+@dataclass
+class Page:
+    """What the report's sections read: the study, its tables, the drawn figures and the run's facts."""
+
+    study: Study
+    t: Tables
+    figures: dict[str, Path]
+    timing: str | None
+    domains: bool  # false: the domain measures were skipped (--skip-domains)
+    found: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)  # the sections written so far
+
+
+# name -> function(page) -> the section's lines (none: the section is left out), in the report's order; metadata
+# `heading`: the heading it opens. A figure names the section it closes (plots.FIGURES metadata `section`).
+SECTIONS = Registry("report section")
+
+
+@SECTIONS.register("question", heading="## The question")
+def question_section(p: Page) -> list[str]:
+    """The study file's own description, quoted."""
+    quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in p.study.description.strip().splitlines())
+    return [f"# transferbench study: {p.study.name}", "", "## The question", "",
+            quoted or "> (no description)", "", "*The study file's own words; what ran is stated below.*", ""]
+
+
+SECTIONS.register("study", heading="## The study as run")(
+    lambda p: study_as_run(p.study, p.t, p.timing, p.t.ordered_by, p.t.order))
+SECTIONS.register("fairness", heading="## Is the comparison fair?")(lambda p: fairness_section(p.study, p.t))
+
+
+@SECTIONS.register("headline", heading="## Headline")
+def headline_section(p: Page) -> list[str]:
+    """The gain of transfer over scratch at each grid point, with the verdict rule."""
+    a = p.study.analysis
+    return ["## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline; each arm's "
+            "schedule and LR are chosen on its own validation accuracy. "
+            + analysis.verdict_rule(a.fdr, a.min_effect, a.confidence), ""] \
+        + [f"- {line}" for line in headlines(p.study, p.t)] + [""]
+
+
+@SECTIONS.register("findings", heading="## Findings")
+def findings_section(p: Page) -> list[str]:
+    """The numbered findings (also written to findings.txt)."""
+    p.found = findings(p.study, p.t)
+    return ["## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(p.found, 1)] + [""]
+
+
+SECTIONS.register("anchors", heading="## Do the known findings reproduce?")(lambda p: anchors(p.study, p.t))
+SECTIONS.register("arms", heading="## Which layers to train")(lambda p: arms_section(p.study, p.t))
+SECTIONS.register("failure", heading="## When transfer fails")(
+    lambda p: failure_section(p.study, p.t) + [""] if not p.t.selected.empty else [])
+
+
+@SECTIONS.register("figures", heading="## Figures")
+def figures_section(p: Page) -> list[str]:
+    """Figures whose section is left out (where it would have closed), then those that belong to none."""
+    homeless = [name for name in plots.FIGURES if plots.FIGURES.meta(name)["section"] and name in p.figures
+                and plots.FIGURES.meta(name)["section"] not in p.written]
+    rest = [name for name in p.figures if not plots.FIGURES.meta(name)["section"]]
+    return sum((figure_block(name, p.figures[name]) for name in homeless), []) + \
+        (["## Figures", ""] + sum((figure_block(name, p.figures[name]) for name in rest), []) if rest else [])
+
+
+@SECTIONS.register("gains", heading="## Gains (each arm's schedule and LR chosen on validation)")
+def gains_section(p: Page) -> list[str]:
+    """Every grid point's gain, in one table."""
+    if p.t.selected.empty:
+        return []
+    shown = _fmt_gains(p.t.selected.sort_values(["backbone", "target", "frozen_groups", "n_per_class"]))
+    shown = shown.assign(scratch=(100 * shown["scratch_mean"]).round(1))
+    shown = shown.assign(pixels=(100 * shown["pixels_best"]).round(1))
+    return ["## Gains (each arm's schedule and LR chosen on validation)", "", markdown_table(shown[
+        ["backbone", "target", "tuning", "n_per_class", "transfer_schedule", "transfer_lr", "scratch_lr",
+         "transfer", "scratch", "pixels", "gain_pp", "ci_pp", "seed_sd_pp", "test_se_pp", "q", "n_seeds",
+         "verdict", "flags"]]), ""]
+
+
+@SECTIONS.register("run", heading="## Run")
+def run_section(p: Page) -> list[str]:
+    """How many cells ran and failed, and the run's timing."""
+    runs = p.t.runs
+    status = runs["status"].value_counts().to_dict() if len(runs) else {}
+    text = ["## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})"]
+    if not p.domains:
+        text.append("- domain measures skipped (--skip-domains): targets in the study file's order, no estimator "
+                    "ranked")
+    return text + (["", "```", p.timing, "```"] if p.timing else [])
+
+
 def build(study: Study, out: Path, timing: str | None = None, domains: bool = True) -> Path:
     """Write the tidy tables, the figures and report.md under `out`; returns the report path."""
     t = write_tables(study, out, domains)
-    runs, selected = t["runs"], t["selected"]
     if timing:
         atomic.write_text(out / "timing.txt", timing + "\n")
     elif (out / "timing.txt").exists():
         timing = (out / "timing.txt").read_text(encoding="utf-8").strip()
-    order, ordered_by = t["order"], t["ordered_by"]
-    figures: list[Path] | dict[str, Path]  # the files drawn, then by name
-    figures = plots.draw_all(t, plots.make_style(runs, order, ordered_by), out / "figures") if len(runs) else []
-    figures = {p.stem: p for p in figures}
-    status = runs["status"].value_counts().to_dict() if len(runs) else {}
-    quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in study.description.strip().splitlines())
-    text = [f"# transferbench study: {study.name}", "", "## The question", "",
-            quoted or "> (no description)", "", "*The study file's own words; what ran is stated below.*", ""]
-    text += study_as_run(study, t, timing, ordered_by, order)
-    text += fairness_section(study, t)
-    text += ["## Headline", "", "Test accuracy gain of transfer over the matched from-scratch baseline; each arm's "
-             "schedule and LR are chosen on its own validation accuracy. "
-             + analysis.verdict_rule(study.analysis.fdr, study.analysis.min_effect, study.analysis.confidence), ""]
-    text += [f"- {line}" for line in headlines(study, t)] + [""]
-    found = findings(study, t)
-    text += ["## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(found, 1)] + [""]
-    text += anchors(study, t)
-    text += arms_section(study, t)
-    if not selected.empty:
-        text += failure_section(study, t) + [""]
-    sections = {name: plots.FIGURES.meta(name)["section"] for name in plots.FIGURES}
-    placed = {name: title for name, title in sections.items() if title}
-    for name, title in placed.items():  # each placed figure goes at the end of its section
-        if name in figures:
-            end = next((i for i in range(text.index(title) + 1, len(text)) if text[i].startswith("## ")), len(text)) \
-                if title in text else len(text)
-            text[end:end] = figure_block(name, figures[name])
-    rest = [name for name in figures if name not in placed]
-    if rest:
-        text += ["## Figures", ""] + sum((figure_block(name, figures[name]) for name in rest), [])
-    if not selected.empty:
-        shown = _fmt_gains(selected.sort_values(["backbone", "target", "frozen_groups", "n_per_class"]))
-        shown = shown.assign(scratch=(100 * shown["scratch_mean"]).round(1))
-        shown = shown.assign(pixels=(100 * shown["pixels_best"]).round(1))
-        text += ["## Gains (each arm's schedule and LR chosen on validation)", "", markdown_table(shown[
-            ["backbone", "target", "tuning", "n_per_class", "transfer_schedule", "transfer_lr", "scratch_lr",
-             "transfer", "scratch", "pixels", "gain_pp", "ci_pp", "seed_sd_pp", "test_se_pp", "q", "n_seeds",
-             "verdict", "flags"]]), ""]
-    text += ["## Run", "", f"- cells: {len(runs)} ({', '.join(f'{k}: {v}' for k, v in status.items())})"]
-    if not domains:
-        text.append("- domain measures skipped (--skip-domains): targets in the study file's order, no estimator "
-                    "ranked")
-    if timing:
-        text += ["", "```", timing, "```"]
+    drawn = plots.draw_all(t, plots.make_style(t.runs, t.order, t.ordered_by), out / "figures") if len(t.runs) else []
+    page = Page(study, t, {f.stem: f for f in drawn}, timing, domains)
+    text: list[str] = []
+    for name, write in SECTIONS.items():
+        lines = write(page)
+        page.written |= {name} if lines else set()
+        closing = [f for f in plots.FIGURES if plots.FIGURES.meta(f)["section"] == name and f in page.figures]
+        text += lines + (sum((figure_block(f, page.figures[f]) for f in closing), []) if lines else [])
     path = out / "report.md"
     atomic.write_text(path, "\n".join(text) + "\n")
     write_html(path, study.name)
-    atomic.write_text(out / "findings.txt", "\n".join(found) + "\n")
+    atomic.write_text(out / "findings.txt", "\n".join(page.found) + "\n")
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from transferbench.analysis.gains import (  # noqa: E402
     ok_runs,
     with_tuning,
 )
+from transferbench.analysis.tables import Tables  # noqa: E402
 from transferbench.core import atomic  # noqa: E402
 from transferbench.core.paths import results_subfolder  # noqa: E402
 from transferbench.core.registry import Registry  # noqa: E402
@@ -208,9 +210,21 @@ def save(fig, directory: Path, name: str) -> list[Path]:
         for p in paths:
             with atomic.replacing(p) as tmp:
                 fig.savefig(tmp, format=p.suffix[1:], dpi=DPI, bbox_inches="tight", metadata=_metadata(p.suffix))
+                if p.suffix == ".svg":
+                    tmp.write_text(stable_clip_ids(tmp.read_text(encoding="utf-8")), encoding="utf-8")
     finally:
         plt.close(fig)
     return paths
+
+
+def stable_clip_ids(svg: str) -> str:
+    """Clip-path ids numbered in order of appearance: matplotlib derives a non-rectangular clip path's id from the
+    object's address (id()), which svg.hashsalt does not fix, so the same figure drawn twice differed there."""
+    ids: dict[str, str] = {}
+    return CLIP_ID.sub(lambda m: m.group(1) + ids.setdefault(m.group(2), f"clip{len(ids)}") + m.group(3), svg)
+
+
+CLIP_ID = re.compile(r'((?:id="|url\(#))(p[0-9a-f]{10})([")])')
 
 
 def _metadata(suffix: str) -> dict:
@@ -221,14 +235,14 @@ def _metadata(suffix: str) -> dict:
 # ---------------------------------------------------------------- the figures -----------------------------------
 
 # name -> function(tables, style) -> Figure, or None when the tables cannot carry it (no domains, one source);
-# metadata `section`: the report section the figure closes (None: under "Figures" at the end).
+# metadata `section`: the report section the figure closes (document.SECTIONS; None: under "Figures").
 FIGURES = Registry("figure")
 
 
 def figure(name: str, section: str | None = None):
     def register(fn):
         @functools.wraps(fn)
-        def draw(t: dict, style: Style):
+        def draw(t: Tables, style: Style):
             with plt.rc_context(RC):
                 return fn(t, style)
         FIGURES.register(name, section=section)(draw)
@@ -259,12 +273,12 @@ def selected_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([networks.assign(label=arm_labels(networks)), px], ignore_index=True)
 
 
-@figure("accuracy_vs_size", section="## Findings")
-def accuracy_vs_size(t: dict, style: Style):
+@figure("accuracy_vs_size", section="findings")
+def accuracy_vs_size(t: Tables, style: Style):
     """Test accuracy against labelled examples per class, per backbone and target: every transfer depth and scratch
     (each at the configuration chosen on validation) beside the pixel baselines of the same k-shot subsets; mean
     over seeds with its t-interval."""
-    df = selected_runs(t["runs"])
+    df = selected_runs(t.runs)
     if df.empty:
         return None
     stats = mean_interval(df, ["backbone", "target", "label", "n_per_class"], "test_acc")
@@ -291,23 +305,23 @@ def accuracy_vs_size(t: dict, style: Style):
                   legend_columns=4)
 
 
-@figure("gain_forest", section="## Headline")
-def gain_forest(t: dict, style: Style):
+@figure("gain_forest", section="headline")
+def gain_forest(t: Tables, style: Style):
     """Forest plot: each grid point's gain over scratch with its t-interval over seeds; target conditions from
     near (top) to far as measured; one panel per backbone and size. Filled: a verdict (BH discovery of at least the
     minimum effect); open: inconclusive; a grey ring: flagged (an arm not converged or below the pixels)."""
-    sel = t["selected"]
+    sel = t.selected
     if sel.empty:
         return None
     return forest(sel, style, "gain of transfer over scratch (pp), 95% t-interval over seeds")
 
 
-@figure("arm_differences", section="## Which layers to train")
-def arm_differences(t: dict, style: Style):
+@figure("arm_differences", section="arms")
+def arm_differences(t: Tables, style: Style):
     """Which layers to train: each arm's test accuracy minus full fine-tuning's, paired by seed, with its t-interval
     over seeds; target conditions from near (top) to far. Filled: better or worse after Benjamini-Hochberg (and at
     least the minimum effect); open: inconclusive."""
-    d = t["arm_differences"]
+    d = t.arm_differences
     if d.empty:
         return None
     return forest(d.rename(columns={"diff": "gain"}).assign(flags=""), style,
@@ -349,9 +363,9 @@ def forest(rows: pd.DataFrame, style: Style, xlabel: str):
 
 
 @figure("gain_heatmap")
-def gain_heatmap(t: dict, style: Style):
+def gain_heatmap(t: Tables, style: Style):
     """Mean gain (pp) per target (rows, near -> far) and frozen depth x size (columns), one panel per backbone."""
-    sel = t["selected"]
+    sel = t.selected
     if sel.empty:
         return None
     depths = [lbl for lbl in style.arm_order if lbl != "scratch" and not lbl.startswith("pixels")]
@@ -380,10 +394,10 @@ def gain_heatmap(t: dict, style: Style):
 
 
 @figure("gain_vs_fd")
-def gain_vs_distance(t: dict, style: Style, distance: str = "fd"):
+def gain_vs_distance(t: Tables, style: Style, distance: str = "fd"):
     """Gain against each target's measured distance from the source (per backbone, its own features), one panel
     per backbone and size; colour = target, marker = frozen depth."""
-    sel, domains = t["selected"], t["domains"]
+    sel, domains = t.selected, t.domains
     if sel.empty or domains.empty or distance not in domains:
         return None
     df = sel.merge(domains[["backbone", "weights", "target", distance]], on=["backbone", "weights", "target"])
@@ -411,10 +425,10 @@ def gain_vs_distance(t: dict, style: Style, distance: str = "fd"):
 
 
 @figure("bn_divergence_profile")
-def bn_divergence_profile(t: dict, style: Style):
+def bn_divergence_profile(t: Tables, style: Style):
     """Source-free: KL of each target's activation statistics from the BatchNorm running statistics, by depth group,
     beside the source reference's own."""
-    domains = t["domains"]
+    domains = t.domains
     if domains.empty:
         return None
     cols = sorted((c for c in domains.columns if c.startswith("bn_kl_group")), key=lambda c: int(c[11:]))
@@ -439,10 +453,10 @@ def bn_divergence_profile(t: dict, style: Style):
 
 
 @figure("estimators_vs_accuracy")
-def estimators_vs_accuracy(t: dict, style: Style):
+def estimators_vs_accuracy(t: Tables, style: Style):
     """Each label-free distance and transferability estimate (rows of domains.csv) against the realized probe
     accuracy at the largest size; Kendall tau over targets in the title, with the number of targets."""
-    sel, domains, corr = t["selected"], t["domains"], t["correlations"]
+    sel, domains, corr = t.selected, t.domains, t.correlations
     if sel.empty or domains.empty:
         return None
     n = sel["n_per_class"].max()
@@ -473,10 +487,10 @@ def estimators_vs_accuracy(t: dict, style: Style):
 
 
 @figure("accuracy_vs_compute")
-def accuracy_vs_compute(t: dict, style: Style):
+def accuracy_vs_compute(t: Tables, style: Style):
     """Validation accuracy against images seen in training at the largest size (He et al. 2019: does scratch catch
     up with more compute?), mean over the cells of each arm."""
-    runs, curves = ok_runs(t["runs"]), t["curves"]
+    runs, curves = ok_runs(t.runs), t.curves
     if runs.empty or curves.empty:
         return None
     n = runs["n_per_class"].max()
@@ -501,11 +515,11 @@ def accuracy_vs_compute(t: dict, style: Style):
                   title=f"{n} labelled examples per class")
 
 
-@figure("fairness", section="## Is the comparison fair?")
-def fairness(t: dict, style: Style):
+@figure("fairness", section="fairness")
+def fairness(t: Tables, style: Style):
     """Share of cells that converged, per arm and size (the bar the study holds itself to: 90%), beside the share
     that collapsed to one class."""
-    runs = ok_runs(t["runs"])
+    runs = ok_runs(t.runs)
     if runs.empty or "converged" not in runs:
         return None
     runs = runs.assign(label=arm_labels(runs))
@@ -539,10 +553,10 @@ def source_label(weights: str) -> str:
 
 
 @figure("transfer_matrix")
-def transfer_matrix(t: dict, style: Style):
+def transfer_matrix(t: Tables, style: Style):
     """Gain (pp) with its CI for every source x target pair, where a study has several weight sources; negative
     points marked."""
-    sel = t["selected"]
+    sel = t.selected
     if sel.empty or sel["weights"].nunique() < 2:
         return None
     df = sel.assign(source=sel["weights"].map(source_label))
@@ -564,10 +578,10 @@ def transfer_matrix(t: dict, style: Style):
     return finish(fig, axes, "target", "source")
 
 
-def draw_all(t: dict, style: Style, directory: Path) -> list[Path]:
+def draw_all(t: Tables, style: Style, directory: Path) -> list[Path]:
     """Every registered figure the tables can carry, saved; the PNG paths, in registry order. The figures folder
-    is the report's own: a PNG or SVG this build did not draw (a figure the tables no longer carry, one renamed
-    since an earlier version) is removed, so the folder never shows a stale picture."""
+    is the report's own: a PNG or SVG this build did not draw (a figure the tables cannot carry, or one of
+    another name) is removed, so the folder never shows a stale picture."""
     out = []
     for name, draw in FIGURES.items():
         fig = draw(t, style)

@@ -3,8 +3,8 @@
 On disk a record is {study, cell_id, cell, result, provenance, checksum}: `cell` is the cell's config exactly as
 hashed into its id, `result` what training measured (metrics, convergence check, curves, status), `provenance`
 where and with what it ran (resolved device, versions, host, git commit and a hash of uncommitted changes,
-threads, times). Readers get one flat dict per record (`flat`), the shape the tables are built from; records
-written flat by earlier versions read the same way.
+threads, times). Readers get one flat dict per record (`flat`), the shape the tables are built from; flat records
+read the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def nest(record: dict) -> dict:
 
 
 def flat(record: dict) -> dict:
-    """One flat dict of a stored record (nested, or flat from an earlier version)."""
+    """One flat dict of a stored record (nested or flat)."""
     if "cell" not in record:
         return record
     parts = [record["cell"], record["result"], record["provenance"]]

@@ -247,9 +247,8 @@ def probe_head(cell: Cell, bb, target, ys: dict, idx: torch.Tensor, device) -> d
     """LP-FT's first stage: the linear probe fitted to convergence on the pooled features of the frozen network,
     written into the head that fine-tuning then starts from. The features are the network's as fine-tuning sees it:
     BatchNorm statistics of the training subset (train-mode batches, and precise BN before each validation), not
-    the source's. (Fitted on the source-statistics features the probe cells use, the head no longer matched the
-    network once training began: on noise@5 its validation accuracy fell from 0.52 to 0.27 in the first 30 steps
-    and one seed diverged.)"""
+    the source's: a head fitted on the source-statistics features the probe cells use would not match the network
+    once training begins (docs/measurements.md)."""
     t0 = time.perf_counter()
     frozen = create_backbone(cell.model, cell.weights, target.num_classes, cell.seed)  # a copy to cut: bb trains
     cast(Any, frozen.model).reset_classifier(0)  # pooled features out (a timm method)
