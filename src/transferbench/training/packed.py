@@ -7,8 +7,8 @@ copy), the head a batched matrix product. No layer mixes channels across groups,
 on its own batch exactly as it would alone, and on a GPU each layer of all copies is one kernel launch instead of
 one per copy (a small cell is launch-bound), with the per-cell path's own kernels: cuDNN's fused BatchNorm, bf16
 autocast and channels_last (vmapping over copies would spell BatchNorm out in plain tensor operations, about eight
-memory passes where cuDNN makes two, and bf16 autocast breaks its backward). Only layers known to keep channels apart are stacked
-(`STACKABLE`); a network with any other layer trains alone.
+memory passes where cuDNN makes two, and bf16 autocast breaks its backward). Only layers known to keep channels
+apart are stacked (`STACKABLE`); a network with any other layer trains alone.
 
 The optimizer updates every copy in a handful of kernels over one flat [copies, parameters] tensor. What makes a run
 its own stays its own: its data order (its seed), LR and schedule (read each step from the run's own torch
