@@ -126,12 +126,12 @@ def test_a_download_without_a_network_says_so(monkeypatch, capsys):
     failed (not a disk error), exit 2."""
     from urllib.error import URLError
 
-    from transferbench.sweep import runner
+    from transferbench.sweep import planning
 
     def offline(study):
         raise URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(runner, "plan", offline)
+    monkeypatch.setattr(planning, "plan", offline)
     assert main(["plan", "smoke"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: download failed") and "fix:" in err and len(err.splitlines()) == 1
