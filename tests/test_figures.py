@@ -119,3 +119,15 @@ def test_a_report_from_pixel_records_alone_draws_what_it_can(tmp_path):
     order, by = analysis.distance_order([c.condition for c in study.targets], t.domains)
     drawn = plots.draw_all(t, plots.make_style(t.runs, order, by), tmp_path)
     assert t.gains.empty and all(p.exists() for p in drawn)
+
+
+def test_every_section_opens_its_registered_heading(reference):
+    """A report section's registered heading is the one it writes (the registry cannot drift from the text), and
+    every figure closes a registered section (a misspelt one would silently move the figure)."""
+    study, t, _ = reference
+    page = report.Page(study, t, {}, None, True)
+    written = [name for name, write in report.SECTIONS.items() if (lines := write(page))
+               and report.SECTIONS.meta(name)["heading"] in lines]
+    assert written == [name for name, write in report.SECTIONS.items() if write(page)]
+    assert len(written) >= 7  # question, study, fairness, headline, findings, anchors, failure, gains, run at least
+    assert {plots.FIGURES.meta(f)["section"] for f in plots.FIGURES} - {None} <= set(report.SECTIONS)

@@ -311,6 +311,13 @@ def resolve_groups(groups: list[int], n_groups: int, field: str = "grid.train_gr
     return sorted({g % n_groups for g in groups})
 
 
+def trained_groups(frozen_depth, train_groups: list[int] | None, n_groups: int) -> list[int]:
+    """The depth groups a cell trains: those after a frozen prefix of `frozen_depth` groups, or `train_groups`."""
+    if train_groups is not None:
+        return resolve_groups(train_groups, n_groups)
+    return list(range(resolve_depth(frozen_depth, n_groups), n_groups))
+
+
 @dataclass
 class Split:
     """A backbone cut for one cell: the frozen prefix (cacheable or not) and the suffix that trains."""
@@ -329,8 +336,7 @@ def split_for_training(bb: Backbone, frozen_depth, train_groups: list[int] | Non
     the prefix before the first of them is cached, and the groups after it that do not train are frozen in place,
     their BatchNorm statistics too (FrozenBatchNorm2d)."""
     n = bb.n_groups
-    trained = resolve_groups(train_groups, n) if train_groups is not None else \
-        list(range(resolve_depth(frozen_depth, n), n))
+    trained = trained_groups(frozen_depth, train_groups, n)
     k = min(trained, default=n)
     group_of = {id(p): g for g, names in enumerate(bb.groups) for name in names
                 for p in bb.model.get_submodule(name).parameters()}

@@ -68,12 +68,10 @@ def cell_work(cell: Cell) -> float:
 
 def trained_share(cell: Cell) -> float:
     """The share of the backbone's depth groups a cell trains (0 for a linear probe)."""
-    from transferbench.models.backbones import resolve_depth, resolve_groups
+    from transferbench.models.backbones import trained_groups
 
     n = depth_group_count(cell.model)
-    if cell.train_groups is not None:
-        return len(resolve_groups(cell.train_groups, n)) / n
-    return 1 - resolve_depth(cell.frozen_depth, n) / n
+    return len(trained_groups(cell.frozen_depth, cell.train_groups, n)) / n
 
 
 def arm_of(cell: Cell) -> str:

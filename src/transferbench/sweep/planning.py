@@ -146,7 +146,7 @@ def feature_groups(cells: list[Cell]) -> list[list[Cell]]:
     """Cells grouped by what their frozen prefix computes (weights, depth, target condition: every field but those in
     SHARE_FEATURES_ACROSS)."""
     groups: dict[tuple, list[Cell]] = {}
-    for c in cells:
+    for c in cells:  # same_fields decides the groups; the fields before it only set the order they run in
         key = (c.model, c.weights, c.dataset, str(c.shift), c.severity, str(c.frozen_depth), str(c.train_groups), c.arm,
                same_fields(c, SHARE_FEATURES_ACROSS))
         groups.setdefault(key, []).append(c)
