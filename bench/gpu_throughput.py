@@ -8,8 +8,8 @@ import timm
 import torch
 
 sys.path.insert(0, "src")
+from transferbench.training.loop import Step  # noqa: E402
 from transferbench.training.schedules import SCHEDULES, make_optimizer  # noqa: E402
-from transferbench.training.train import Step  # noqa: E402
 
 
 def bench(step, x, y, warmup=10, iters=40) -> float:

@@ -19,8 +19,9 @@ from conftest import TIMES, record, seconds_of
 
 from transferbench.core.study import Cell
 from transferbench.models.features import FeatureCache
+from transferbench.training.cell import Prepared, train_together
+from transferbench.training.loop import alone
 from transferbench.training.packed import Pack, packed
-from transferbench.training.train import Prepared, alone, train_together
 
 GPU = torch.cuda.is_available()
 COPIES = [int(c) for c in os.environ.get("BENCH_COPIES", "1,8,16" if GPU else "1,4").split(",")]

@@ -19,8 +19,9 @@ from transferbench.models.backbones import create_backbone, split_at_depth
 from transferbench.models.device import forward_batched
 from transferbench.models.fastconv import use_plain_convs
 from transferbench.models.features import FeatureCache
+from transferbench.training.cell import train_cell
+from transferbench.training.loop import Step
 from transferbench.training.schedules import SCHEDULES, make_optimizer
-from transferbench.training.train import Step, train_cell
 
 BATCH = 32
 CELL = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,

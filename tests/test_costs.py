@@ -6,7 +6,7 @@ from transferbench.cli import main
 from transferbench.core.study import Cell, expand, load_study, study_path
 from transferbench.models.features import FeatureCache
 from transferbench.sweep.costs import cell_cost, gpu_packing, shed
-from transferbench.training.train import Prepared, train_together
+from transferbench.training.cell import Prepared, train_together
 
 CELL = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
             severity=0, frozen_depth="all", n_per_class=2, schedule="cosine", lr=0.0, lrs=[1e-3, 3e-3], seed=0,

@@ -277,7 +277,8 @@ def test_report_waits_for_no_one_and_refuses_a_locked_folder(tmp_path, capsys):
 
 def test_a_last_batch_of_one_joins_the_batch_before(torch_single_thread):
     from transferbench.models.features import FeatureCache
-    from transferbench.training.train import batch_bounds, train_cell
+    from transferbench.training.cell import train_cell
+    from transferbench.training.loop import batch_bounds
 
     assert batch_bounds(33, 32) == [(0, 33)]
     assert batch_bounds(65, 32) == [(0, 32), (32, 65)]

@@ -106,8 +106,8 @@ def test_no_lower_floor_imports_an_upper_one():
 
 
 def test_the_floor_check_can_fail():
-    edges = {"transferbench.data.raw": {"transferbench.core.errors", "transferbench.training.train"}}
-    assert upward(edges) == [("transferbench.data.raw", "transferbench.training.train")]
+    edges = {"transferbench.data.raw": {"transferbench.core.errors", "transferbench.training.loop"}}
+    assert upward(edges) == [("transferbench.data.raw", "transferbench.training.loop")]
 
 
 def test_the_cycle_finder_finds_a_cycle():

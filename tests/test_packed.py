@@ -9,7 +9,8 @@ import torch
 
 from transferbench.core.study import Cell
 from transferbench.models.features import FeatureCache
-from transferbench.training import train
+from transferbench.training import cell as training_cell
+from transferbench.training import loop
 from transferbench.training.packed import Pack, pack_sizes, packed
 
 BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
@@ -19,11 +20,11 @@ BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", d
             keep_best=True)
 
 
-def float64(prepared: train.Prepared) -> train.Training:
+def float64(prepared: training_cell.Prepared) -> training_cell.CellTraining:
     """The prepared cell's training rebuilt in float64 (both sides of a comparison start from the same copy)."""
     suffix = copy.deepcopy(prepared.suffix).double()
     feats = {s: v.double() for s, v in prepared.feats.items()}
-    return train.Training(prepared.cell, suffix, feats, prepared.ys, prepared.idx, torch.device("cpu"),
+    return training_cell.CellTraining(prepared.cell, suffix, feats, prepared.ys, prepared.idx, torch.device("cpu"),
                           prepared.num_classes, prepared.lr, prepared.layer_lrs)
 
 
@@ -38,8 +39,8 @@ def cache():
     return FeatureCache()
 
 
-def prepare(cache, **kw) -> train.Prepared:
-    return train.Prepared(Cell(**(BASE | kw)), cache)
+def prepare(cache, **kw) -> training_cell.Prepared:
+    return training_cell.Prepared(Cell(**(BASE | kw)), cache)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -52,8 +53,8 @@ def test_a_pack_trains_each_cell_as_it_trains_alone(optimizer, cache, torch_sing
     prepared = [prepare(cache, optimizer=optimizer, **c) for c in cells]
     alone = [float64(p) for p in prepared]
     together = [float64(p) for p in prepared]
-    train.train_together(alone)
-    train.train_together(together, packed(most=8))
+    training_cell.train_together(alone)
+    training_cell.train_together(together, packed(most=8))
     for a, b in zip(alone, together):
         ra, rb = a.result(), b.result()
         assert ra["lr_chosen"] == rb["lr_chosen"] and ra["steps_taken"] == rb["steps_taken"]
@@ -80,8 +81,8 @@ def test_packed_outputs_and_gradients_equal_each_copy_alone(channels_last, cache
         t = float64(prepare(cache, seed=seed, channels_last=channels_last))
         runs.append(t.runs[0])
     pack = Pack(runs)
-    x = torch.stack([r.data["x_train"][:6] for r in runs])
-    y = torch.stack([r.data["y_train"][:6] for r in runs])
+    x = torch.stack([r.examples("train")[0][:6] for r in runs])
+    y = torch.stack([r.examples("train")[1][:6] for r in runs])
     for r in runs:
         r.suffix.train()
     pack.template.train()
@@ -172,8 +173,8 @@ def test_only_layers_that_keep_copies_apart_are_stacked(cache, torch_single_thre
     assert signature(run) is None
     reference = float64(prepare(cache, seed=5))
     reference.suffix.add_module("drop", nn.Dropout(0.0))
-    train.train_together([odd], packed(most=4))
-    train.train_together([reference])
+    training_cell.train_together([odd], packed(most=4))
+    training_cell.train_together([reference])
     assert odd.result()["curves"] == reference.result()["curves"]
 
 
@@ -188,8 +189,8 @@ def test_a_pack_sheds_its_stopped_copies(cache, torch_single_thread, monkeypatch
     specs = [dict(seed=s, lr=3e-3, steps=n, patience=0) for s, n in ((0, 3), (1, 6), (2, 9))]
     prepared = [prepare(cache, **c) for c in specs]
     alone, together = [float64(p) for p in prepared], [float64(p) for p in prepared]
-    train.train_together(alone)
-    train.train_together(together, packed(most=8))
+    training_cell.train_together(alone)
+    training_cell.train_together(together, packed(most=8))
     assert sizes == [3, 2]
     for a, b in zip(alone, together):
         ra, rb = a.result(), b.result()
@@ -230,7 +231,7 @@ def test_validation_in_the_pack_equals_each_run_validating_alone(chunk, cache, t
     average). Curves, best steps and best weights equal each run trained alone."""
     from transferbench.training import packed as packed_module
 
-    monkeypatch.setattr(train, "PRECISE_BN_CHUNK", chunk)
+    monkeypatch.setattr(loop, "PRECISE_BN_CHUNK", chunk)
     stacked_passes = []
     validate = packed_module.Pack.validate
 
@@ -243,8 +244,8 @@ def test_validation_in_the_pack_equals_each_run_validating_alone(chunk, cache, t
     specs = [dict(seed=s, lr=3e-3, steps=6, patience=0, eval_every=e) for s, e in ((0, 3), (1, 3), (2, 3), (3, 2))]
     prepared = [prepare(cache, n_per_class=2, batch_size=20, **c) for c in specs]
     alone, together = [float64(p) for p in prepared], [float64(p) for p in prepared]
-    train.train_together(alone)
-    train.train_together(together, packed(most=8))
+    training_cell.train_together(alone)
+    training_cell.train_together(together, packed(most=8))
     assert stacked_passes == [0, 0, 3, 0, 0, 4]  # steps 2 and 4: one copy due; 3: three of four; 6: all
     for a, b in zip(alone, together):
         ra, rb = a.result(), b.result()
@@ -275,8 +276,8 @@ def test_arms_that_train_chosen_groups_pack(groups, cache, torch_single_thread):
     frozen too) pack like any other: the same curves and weights as alone."""
     prepared = [prepare(cache, seed=s, frozen_depth=0, train_groups=groups, steps=4, eval_every=2) for s in (0, 1)]
     alone, together = [float64(p) for p in prepared], [float64(p) for p in prepared]
-    train.train_together(alone)
-    train.train_together(together, packed(most=4))
+    training_cell.train_together(alone)
+    training_cell.train_together(together, packed(most=4))
     for a, b in zip(alone, together):
         ra, rb = a.result(), b.result()
         for pa, pb in zip(ra["curves"], rb["curves"]):
@@ -290,8 +291,8 @@ def test_a_run_that_diverges_in_a_pack_fails_its_own_cell(cache, torch_single_th
     specs = [dict(seed=s, lr=3e-3, optimizer="sgd") for s in range(3)] + [dict(seed=3, lr=1e4, optimizer="sgd")]
     prepared = [prepare(cache, **c) for c in specs]
     alone, together = [float64(p) for p in prepared], [float64(p) for p in prepared]
-    train.train_together(alone)
-    train.train_together(together, packed(most=2))
+    training_cell.train_together(alone)
+    training_cell.train_together(together, packed(most=2))
     assert [t.error is not None for t in alone] == [t.error is not None for t in together] == [False] * 3 + [True]
 
 
@@ -303,7 +304,7 @@ def test_cells_trained_together_each_take_their_share_of_the_time(cache, torch_s
 
     cells = [(Cell(**(BASE | dict(seed=s, steps=3 * (s + 1), eval_every=3))), None) for s in range(2)]
     t0 = time.perf_counter()
-    (a, _), (b, _) = train.fit_together(cells, cache, packed(most=2))
+    (a, _), (b, _) = training_cell.fit_together(cells, cache, packed(most=2))
     wall = time.perf_counter() - t0
     assert b["images_seen"] == 2 * a["images_seen"] and b["train_seconds"] == pytest.approx(2 * a["train_seconds"])
     assert a["images_per_second"] == pytest.approx(b["images_per_second"])

@@ -8,7 +8,7 @@ from transferbench.core.study import Cell
 from transferbench.models.features import FeatureCache
 from transferbench.sweep.runner import run_one
 from transferbench.sweep.store import read_records
-from transferbench.training.train import train_cell
+from transferbench.training.cell import train_cell
 
 BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
             severity=0, frozen_depth="all", n_per_class=2, schedule="cosine", lr=1e-3, seed=0, epochs=2,
@@ -62,7 +62,7 @@ def test_a_diverging_cell_is_recorded_as_failed(tmp_path, torch_single_thread):
 
 
 def test_eval_epochs_every_or_log_spaced():
-    from transferbench.training.train import eval_epochs
+    from transferbench.training.loop import eval_epochs
 
     assert eval_epochs(10, "log") == {1, 2, 4, 8, 10}
     assert eval_epochs(8, "log") == {1, 2, 4, 8}
@@ -87,7 +87,7 @@ PROTOCOL = dict(steps=200, eval_every=10, patience=3, min_steps=20, precise_bn=T
 def test_early_stopping_fires_and_the_best_validation_weights_are_tested():
     from torch import nn
 
-    from transferbench.training.train import train_loop
+    from transferbench.training.cell import train_loop
 
     feats, ys = synthetic()
     c = cell(frozen_depth=0, lr=0.3, optimizer="sgd", batch_size=8, **PROTOCOL)
@@ -105,10 +105,10 @@ def test_precise_bn_gives_the_exact_statistics_of_the_training_set(chunk, monkey
     the chunks' own variances)."""
     from torch import nn
 
-    from transferbench.training import train
-    from transferbench.training.train import precise_bn
+    from transferbench.training import loop
+    from transferbench.training.loop import precise_bn
 
-    monkeypatch.setattr(train, "PRECISE_BN_CHUNK", chunk)
+    monkeypatch.setattr(loop, "PRECISE_BN_CHUNK", chunk)
     x = torch.randn(50, 4) * 3 + 1
     bn = nn.BatchNorm1d(4)
     precise_bn(nn.Sequential(bn), x, channels_last=False)
@@ -121,7 +121,7 @@ def test_precise_bn_gives_the_exact_statistics_of_the_training_set(chunk, monkey
 def test_lr_candidates_race_and_the_best_on_validation_goes_on():
     from torch import nn
 
-    from transferbench.training.train import train_loop
+    from transferbench.training.cell import train_loop
 
     feats, ys = synthetic()
 

@@ -1,4 +1,4 @@
-"""Which layers train: train_groups arms, LP-FT and layer-wise LR decay, on the real training path (train.fit)."""
+"""Which layers train: train_groups arms, LP-FT and layer-wise LR decay, on the real training path (cell.fit)."""
 
 import copy
 
@@ -9,7 +9,8 @@ from transferbench.core.errors import ConfigError
 from transferbench.core.study import Cell, expand, load_study, n_cells, study_path
 from transferbench.models.backbones import create_backbone, split_for_training
 from transferbench.models.features import FeatureCache
-from transferbench.training import train
+from transferbench.training import cell as training_cell
+from transferbench.training import loop
 from transferbench.training.schedules import layer_lrs
 
 BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
@@ -31,7 +32,7 @@ def test_only_the_named_groups_and_the_head_train(groups, torch_single_thread):
     """Weights and BatchNorm statistics of every other group come out exactly as they went in."""
     fresh = split_for_training(create_backbone("tf_efficientnet_lite0", "imagenet", 10, 0), 0, groups)
     before = {k: v.clone() for k, v in fresh.suffix.state_dict().items()}
-    suffix, record = train.fit(cell(train_groups=groups), FeatureCache())
+    suffix, record = training_cell.fit(cell(train_groups=groups), FeatureCache())
     after = suffix.state_dict()
     assert set(after) == set(before)  # the same structure, frozen BatchNorm included
     frozen_bn = [n for n, m in suffix.named_modules() if type(m).__name__.startswith("FrozenBatchNorm")]
@@ -52,8 +53,8 @@ def test_the_last_group_alone_is_frozen_depth_7_exactly(torch_single_thread):
     """train_groups [-1] and frozen_depth 7 are the same network on the same batches: the same numbers, and the
     prefix before the last group is served from the cache."""
     cache = FeatureCache()
-    last = train.train_cell(cell(train_groups=[-1], lrs=[1e-3, 3e-3], lr=0.0), cache)
-    seven = train.train_cell(cell(frozen_depth=7, lrs=[1e-3, 3e-3], lr=0.0), cache)
+    last = training_cell.train_cell(cell(train_groups=[-1], lrs=[1e-3, 3e-3], lr=0.0), cache)
+    seven = training_cell.train_cell(cell(frozen_depth=7, lrs=[1e-3, 3e-3], lr=0.0), cache)
     assert last["frozen_groups"] == 7 and last["cache"] == "miss" and seven["cache"] == "memory"
     for key in ("test_acc", "test_loss", "val_acc", "lr_chosen", "steps_taken", "trainable_params",
                 "trained_fraction"):
@@ -66,19 +67,19 @@ def test_lp_ft_starts_fine_tuning_from_the_converged_probe(monkeypatch, torch_si
     training subset (as validation computes them) it scores the probe's validation accuracy, and its head is the
     L-BFGS solution (a fitted probe is far better than the random head full fine-tuning starts from)."""
     seen = {}
-    together = train.train_together
+    together = training_cell.train_together
 
     def spy(trainings, *args, **kw):
         t = trainings[0]
-        data, net = t.runs[0].data, copy.deepcopy(t.suffix)
-        train.precise_bn(net, data["x_train"], t.cell.channels_last)
-        seen.setdefault("val_acc", train.evaluate(net, data["val"], data["y_val"], torch.device("cpu"), False,
-                                                  t.cell.channels_last)[0])
+        learner, net = t.runs[0], copy.deepcopy(t.suffix)
+        loop.precise_bn(net, learner.examples("train")[0], t.cell.channels_last)
+        seen.setdefault("val_acc", loop.evaluate(net, *learner.examples("val"), torch.device("cpu"), False,
+                                                 t.cell.channels_last)[0])
         return together(trainings, *args, **kw)
 
-    monkeypatch.setattr(train, "train_together", spy)
-    _, record = train.fit(cell(schedule="lp_ft", n_per_class=8), FeatureCache())
-    _, plain = train.fit(cell(schedule="cosine"), FeatureCache())
+    monkeypatch.setattr(training_cell, "train_together", spy)
+    _, record = training_cell.fit(cell(schedule="lp_ft", n_per_class=8), FeatureCache())
+    _, plain = training_cell.fit(cell(schedule="cosine"), FeatureCache())
     assert seen["val_acc"] == pytest.approx(record["probe_val_acc"], abs=1.5 / record["n_test"])
     assert record["probe_val_acc"] > 0.3  # 10 classes: a fitted head, not a random one
     assert record["tuning"] == "LP-FT" and record["trained_fraction"] == 1.0 and "probe_val_acc" not in plain
@@ -86,15 +87,15 @@ def test_lp_ft_starts_fine_tuning_from_the_converged_probe(monkeypatch, torch_si
 
 def test_layer_decay_gives_each_group_its_lr(monkeypatch, torch_single_thread):
     groups_seen = []
-    make = train.make_optimizer
+    make = loop.make_optimizer
 
     def spy(*args, **kw):
         opt = make(*args, **kw)
         groups_seen.append(sorted(g["initial_lr"] if "initial_lr" in g else g["lr"] for g in opt.param_groups))
         return opt
 
-    monkeypatch.setattr(train, "make_optimizer", spy)
-    record = train.train_cell(cell(schedule="cosine_llrd"), FeatureCache())
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    record = training_cell.train_cell(cell(schedule="cosine_llrd"), FeatureCache())
     lrs = groups_seen[0]
     assert len(lrs) == 9 and lrs[-1] == pytest.approx(3e-3) and lrs[0] == pytest.approx(3e-3 * 0.75 ** 8)
     assert record["tuning"] == "LLRD 0.75" and record["converged"] in (True, False)

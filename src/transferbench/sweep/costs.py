@@ -36,9 +36,9 @@ class CellCost:
 
 
 def cell_cost(cell: Cell) -> CellCost | None:
-    """A cell's SGD training as train.Training plans it, before early stopping; None for a closed-form cell
+    """A cell's SGD training as cell.CellTraining plans it, before early stopping; None for a closed-form cell
     (pixels, L-BFGS probe). A cell that reuses another seed's LR counts one run (it races if that cell failed)."""
-    from transferbench.training.train import batch_bounds, budget, race_steps
+    from transferbench.training.loop import batch_bounds, budget, race_steps
 
     if cell.arm == "pixels" or cell.solver == "lbfgs":
         return None

@@ -70,7 +70,7 @@ _WORKER_CACHE = None
 def run_one(cell: Cell, lr: float | None, study_name: str, records_dir: str, threads: int, context: dict) -> dict:
     """Train one cell (at `lr`, another seed's choice, where given) and write its record; a failure becomes a record
     too (status 'failed')."""
-    from transferbench.training.train import train_cell
+    from transferbench.training.cell import train_cell
 
     record = start_record(cell, lr, study_name, threads, context)
     try:
@@ -126,8 +126,8 @@ def run_pack(cells: list[tuple[Cell, float | None]], study_name: str, records_di
              pack_size: int) -> list[dict]:
     """Cells trained together in one worker, the runs of those of one network shape packed (packed.py); each still
     gets its own record, written when the group ends."""
+    from transferbench.training.cell import fit_together
     from transferbench.training.packed import packed
-    from transferbench.training.train import fit_together
 
     starts = [start_record(c, lr, study_name, threads, context) | dict(packed=True) for c, lr in cells]
     results = fit_together(cells, worker_cache(threads), packed(pack_size))

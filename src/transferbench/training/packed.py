@@ -15,7 +15,7 @@ its own stays its own: its data order (its seed), LR and schedule (read each ste
 optimizer, which its scheduler drives and the pack never steps), AdamW or SGD state (handed back to that optimizer
 in torch's own format, so a run can leave a pack and go on alone or in another pack), early stopping, validation
 (precise BN and evaluation on the run's own module, into which the pack first writes its copy), best weights and
-curves: `train.Run` does all of that, the pack only replaces its optimizer step.
+curves: the learner (`loop.Learner`) does all of that, the pack only replaces its optimizer step.
 
 Equivalence with separate training is tested in float64 on CPU (tests/test_packed.py); the runner packs only on
 CUDA: on this 2-core CPU packing loses (`bench/test_packed.py`).
@@ -42,8 +42,8 @@ from torch.func import functional_call, stack_module_state
 from transferbench.models import device
 from transferbench.models.device import as_layout, autocast
 from transferbench.models.fastconv import FastConv2d
-from transferbench.training import train
-from transferbench.training.train import Diverged, alone, batch_bounds
+from transferbench.training import loop
+from transferbench.training.loop import Diverged, Learner, alone, batch_bounds, scores, tracked_norms
 
 
 class StackedLinear(nn.Linear):
@@ -110,14 +110,14 @@ def stacked(module: nn.Module, copies: int) -> nn.Module:
 
 
 class Pack:
-    """Runs (train.Run) of one network shape, stepped together. `advance(until)` trains each run to step `until` or
-    its early stop with Run's own bookkeeping (Run.after_step); a run whose loss diverges leaves the pack with the
-    exception recorded in `failed` (its index), the others go on."""
+    """Runs (`loop.Learner`s) of one network shape, stepped together. `advance(until)` trains each run to step
+    `until` or its early stop with the learner's own bookkeeping (Learner.after_step); a run whose loss diverges
+    leaves the pack with the exception recorded in `failed` (its index), the others go on."""
 
-    def __init__(self, runs: list):
+    def __init__(self, runs: list[Learner]):
         modules = [r.suffix for r in runs]
         shapes = {tuple((n, tuple(p.shape), p.requires_grad) for n, p in m.named_parameters()) for m in modules}
-        if len(shapes) != 1 or len({type(r.step.opt) for r in runs}) != 1:
+        if len(shapes) != 1 or len({type(r.optimizer) for r in runs}) != 1:
             raise ValueError("a pack holds runs of one network shape and one optimizer")
         self.failed: dict[int, Exception]  # run index -> why it diverged
         self.runs, self.failed = runs, {}
@@ -136,7 +136,7 @@ class Pack:
         self.template = stacked(modules[0], len(runs))
         cell = runs[0].cell
         self.autocast, self.channels_last = lambda: autocast(runs[0].device, cell.amp), cell.channels_last
-        self.optimizer = PackedOptimizer(self, [r.step.opt for r in runs], [dict(m.named_parameters())
+        self.optimizer = PackedOptimizer(self, [r.optimizer for r in runs], [dict(m.named_parameters())
                                                                             for m in modules])
 
     def grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,7 +173,8 @@ class Pack:
                 break
             batches = {i: self.runs[i].next_batch() for i in active}
             losses = self.step(*self._stack(batches), active)
-            measured = self.validate([i for i in active if self.runs[i].steps + 1 in self.runs[i].evals], active)
+            due = [i for i in active if self.runs[i].validates_after(self.runs[i].steps + 1)]
+            measured = self.validate(due, active)
             for i in active:
                 epoch, xb, yb, last = batches[i]
                 run = self.runs[i]
@@ -182,7 +183,7 @@ class Pack:
                                    measured=measured.get(i))
                 except Diverged as e:  # it leaves the pack; the rest go on
                     self.failed[i] = e
-                if run.steps in run.evals and i not in measured:
+                if run.validates_after(run.steps) and i not in measured:
                     self.read_back(i)  # the BatchNorm statistics its own validation recomputed (precise BN) go on
         for i in live:
             self.write_back(i)
@@ -191,36 +192,35 @@ class Pack:
 
     @torch.no_grad()
     def validate(self, due: list[int], active: list[int]) -> dict[int, tuple[float, float]]:
-        """Validation (accuracy, loss) of the copies in `due`, measured in stacked passes as Run measures it alone:
-        precise BN over each copy's training subset (the cumulative average over chunks of PRECISE_BN_CHUNK, in the
-        weights' precision), then its validation set in eval mode. {} when they should validate one by one instead:
-        fewer than half the active copies due (a stacked pass computes every copy), or validation data or settings
-        that differ between copies. The copies not due keep their BatchNorm statistics."""
+        """Validation (accuracy, loss) of the copies in `due`, measured in stacked passes as a learner measures it
+        alone: precise BN over each copy's training subset (the cumulative average over chunks of
+        loop.PRECISE_BN_CHUNK, in the weights' precision), then its validation set in eval mode. {} when they should
+        validate one by one instead: fewer than half the active copies due (a stacked pass computes every copy), or
+        validation data or settings that differ between copies. The copies not due keep their BatchNorm statistics."""
         runs = [self.runs[i] for i in due]
         if len(due) < max(2, len(active) / 2) or not self._same_validation(runs):
             return {}
         if runs[0].cell.precise_bn:
             self._precise_bn(due)
         self.template.eval()
-        first = runs[0].data
-        chunk = device.eval_batch_size(first["val"].device)
-        logits = torch.cat([self.forward(torch.stack([self.runs[i].data["val"][j:j + chunk] if i in due
-                                                      else first["val"][j:j + chunk]
+        first = runs[0].examples("val")[0]
+        val = {i: self.runs[i].examples("val")[0] for i in due}
+        chunk = device.eval_batch_size(first.device)
+        logits = torch.cat([self.forward(torch.stack([val.get(i, first)[j:j + chunk]
                                                       for i in range(len(self.runs))])).float().cpu()
-                            for j in range(0, len(first["val"]), chunk)], 1)
+                            for j in range(0, len(first), chunk)], 1)
         self.template.train()
-        return {i: train.scores(logits[i], self.runs[i].data["y_val"])[:2] for i in due}
+        return {i: scores(logits[i], self.runs[i].examples("val")[1])[:2] for i in due}
 
-    def _same_validation(self, runs: list) -> bool:
-        c = runs[0].cell
-        return all(r.data["val"].shape == runs[0].data["val"].shape and r.cell.precise_bn == c.precise_bn
-                   for r in runs)
+    def _same_validation(self, runs: list[Learner]) -> bool:
+        shape, c = runs[0].examples("val")[0].shape, runs[0].cell
+        return all(r.examples("val")[0].shape == shape and r.cell.precise_bn == c.precise_bn for r in runs)
 
     def _precise_bn(self, due: list[int]) -> None:
-        """train.precise_bn for the copies in `due`: statistics reset, then the cumulative average over chunks of the
+        """loop.precise_bn for the copies in `due`: statistics reset, then the cumulative average over chunks of the
         training subset (momentum 1/j for chunk j). The pass computes every copy; the others get their statistics
         back."""
-        norms = train.tracked_norms(self.template)
+        norms = tracked_norms(self.template)
         stats = [f"{name}.{b}" for name in norms for b in ("running_mean", "running_var", "num_batches_tracked")]
         before = {n: self.fixed[n].clone() for n in stats}
         for name in norms:
@@ -228,10 +228,10 @@ class Pack:
             self.fixed[f"{name}.running_var"].fill_(1)
             self.fixed[f"{name}.num_batches_tracked"].zero_()
         momenta = {name: m.momentum for name, m in norms.items()}
-        x = {i: self.runs[i].data["x_train"] for i in due}
+        x = {i: self.runs[i].examples("train")[0] for i in due}
         first = x[due[0]]
         self.template.train()
-        for j, (a, b) in enumerate(batch_bounds(len(first), train.PRECISE_BN_CHUNK)):
+        for j, (a, b) in enumerate(batch_bounds(len(first), loop.PRECISE_BN_CHUNK)):
             for m in norms.values():
                 m.momentum = 1.0 / (j + 1)
             self.forward(torch.stack([x.get(i, first)[a:b] for i in range(len(self.runs))]), amp=False)
@@ -263,7 +263,7 @@ class Pack:
         with warnings.catch_warnings():  # the run's own optimizer never steps: the pack steps for it
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
             for i in active:
-                self.runs[i].step.sched.step()  # the run's own schedule sets its next LR
+                self.runs[i].scheduler.step()  # the run's own schedule sets its next LR
         return losses.detach()
 
     @torch.no_grad()
@@ -409,16 +409,16 @@ def chunks(items: list, most: int) -> list[list]:
     return out
 
 
-def signature(run) -> tuple | None:
+def signature(run: Learner) -> tuple | None:
     """What runs must share to be stacked (None: this run cannot be packed and trains alone): the trainable layers
     and their LR groups, the optimizer and its fixed hyperparameters, the batch shapes (examples and batch size
     decide every batch's size), device, precision and layout."""
-    opt = run.step.opt
+    opt = run.optimizer
     if not PackedOptimizer.supports(opt) or unstackable(run.suffix):
         return None
-    x = run.data["x_train"]
+    x = run.examples("train")[0]
     group_of = {id(p): k for k, g in enumerate(opt.param_groups) for p in g["params"]}  # layer-wise LRs
-    sizes = [j - i for i, j in batch_bounds(len(x), min(run.cell.batch_size, len(x)))]
+    sizes = run.batch_sizes()
     where = run.steps % len(sizes) if len(set(sizes)) > 1 else 0  # with a short last batch, runs must be in step
     fixed = tuple((k, str(v)) for k, v in sorted(opt.param_groups[0].items()) if k in PackedOptimizer.HYPER)
     return (tuple((n, tuple(p.shape), p.requires_grad, group_of.get(id(p))) for n, p in run.suffix.named_parameters()),
@@ -427,11 +427,11 @@ def signature(run) -> tuple | None:
 
 
 def packed(most: int = 16, refill: float = 0.75):
-    """An advancer for train.train_together: runs that can share a pack train in packs of at most `most` copies;
+    """An advancer for cell.train_together: runs that can share a pack train in packs of at most `most` copies;
     returns {index: error} of the runs that diverged. When early stopping leaves fewer than `refill` of a pack's
     copies active, the rest are repacked without the idle ones, and a last run alone goes on by itself (a pack of
     one is slower than the plain step: 0.4x on an H200)."""
-    def advance(runs: list, until: int) -> dict[int, Exception]:
+    def advance(runs: list[Learner], until: int) -> dict[int, Exception]:
         groups: dict[tuple | None, list[int]] = {}
         for i, r in enumerate(runs):
             groups.setdefault(signature(r), []).append(i)
@@ -446,7 +446,7 @@ def packed(most: int = 16, refill: float = 0.75):
     return advance
 
 
-def train_pack(runs: list, until: int, refill: float) -> dict[int, Exception]:
+def train_pack(runs: list[Learner], until: int, refill: float) -> dict[int, Exception]:
     """Train these runs in one pack, repacked as they stop (see `packed`); {index: error} of those that diverged."""
     failed: dict[int, Exception]
     failed, members = {}, list(range(len(runs)))

@@ -38,7 +38,7 @@ def ensure_checkpoints(study: Study, log=print) -> None:
     from safetensors.torch import save_file
 
     from transferbench.models.backbones import source_checkpoint
-    from transferbench.training.train import fit
+    from transferbench.training.cell import fit
 
     for (model, weights), resolved in weights_map(study).items():
         cell = source_cell(study, model, weights[len(PREFIX):])

@@ -1,133 +1,35 @@
-"""One training loop for every arm: scratch is "no pretrained weights, nothing frozen".
-
-A cell = frozen prefix (its output cached) + trainable suffix trained on a k-shot subset within a budget of
-optimizer steps, validated every few steps (curves), stopped early on validation, and tested once at the end
-with its best validation weights. A linear probe is solved by L-BFGS and the pixel baselines are closed-form
-(baselines.py); everything else goes through `Run`.
+"""Train one cell: prepare it (data, frozen prefix cached, the suffix to train), race its LR candidates with the
+one loop (`training/loop.py`), and measure the winner into the record's fields. A linear probe is solved by L-BFGS
+and the pixel baselines are closed-form (baselines.py); every other arm goes through the loop.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from functools import partial
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transferbench.core.study import Cell, tuning_label
 from transferbench.data import load_target, nested_kshot
 from transferbench.models.backbones import create_backbone, split_at_depth, split_for_training
-from transferbench.models.device import as_layout, autocast, forward_batched, prefix_features, resolve_device
+from transferbench.models.device import forward_batched, prefix_features, resolve_device
 from transferbench.models.features import FeatureCache
 from transferbench.training.baselines import collapsed, fit_linear_probe, pixel_baseline
-from transferbench.training.schedules import SCHEDULES, layer_lrs, make_optimizer, recipe
-
-
-class Diverged(RuntimeError):
-    """The loss went NaN or infinite: the cell fails, the study goes on."""
-
-
-def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Per-sample horizontal flip and one random translation per batch, on tensors (airbench-style)."""
-    flip = torch.rand(len(x), generator=g) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
-    dx, dy = torch.randint(-pad, pad + 1, (2,), generator=g).tolist()
-    return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-
-
-def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp,
-             channels_last) -> tuple[float, float, torch.Tensor]:
-    """(accuracy, loss, predicted classes)."""
-    return scores(forward_batched(module, x, device, amp, channels_last), y)
-
-
-def scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(accuracy, mean cross-entropy, predicted classes) of float32 CPU logits."""
-    y = y.cpu()
-    pred = logits.argmax(1)
-    return (pred == y).float().mean().item(), F.cross_entropy(logits, y).item(), pred
-
-
-PRECISE_BN_CHUNK = 512  # examples per forward pass of precise BN
-
-
-def tracked_norms(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers that keep running statistics (those precise BN recomputes), by name."""
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
-
-
-@torch.no_grad()
-def precise_bn(module: nn.Module, x: torch.Tensor, channels_last: bool) -> None:
-    """BatchNorm statistics recomputed over the training subset (Wu & Johnson 2021, "precise BN"): exact in one pass
-    when the subset fits PRECISE_BN_CHUNK examples (k-shot subsets do), else the average of chunk statistics. With
-    momentum 0.1, 6 steps leave 53% of the initial statistics in timm's running averages."""
-    bns = list(tracked_norms(module).values())
-    if not bns:
-        return
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    was_training = module.training
-    module.train()
-    for i, j in batch_bounds(len(x), PRECISE_BN_CHUNK):
-        module(as_layout(x[i:j], channels_last))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    module.train(was_training)
-
-
-def eval_epochs(epochs: int, mode: str) -> set[int]:
-    """Epochs after which val is evaluated: every one, or log-spaced (1, 2, 4, ... and the last),
-    which keeps the accuracy-vs-compute curve and costs a fraction of the forward passes."""
-    if mode == "epoch":
-        return set(range(1, epochs + 1))
-    return {e for e in (2 ** i for i in range(epochs.bit_length())) if e <= epochs} | {epochs}
-
-
-def budget(cell: Cell, batches_per_epoch: int) -> tuple[int, set[int]]:
-    """(optimizer steps, the steps after which val is evaluated)."""
-    if cell.steps:
-        every = cell.eval_every or max(1, cell.steps // 20)
-        return cell.steps, set(range(every, cell.steps + 1, every)) | {cell.steps}
-    return cell.epochs * batches_per_epoch, {e * batches_per_epoch for e in eval_epochs(cell.epochs, cell.eval_at)}
-
-
-def race_steps(total: int) -> int:
-    """The steps of an LR race: the first fifth of the budget."""
-    return max(1, total // 5)
-
-
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """[start, end) of each batch of an epoch. A last batch of one example joins the one before it:
-    BatchNorm in training mode cannot normalise a single example (and its statistics would be noise)."""
-    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds[-2:] = [(bounds[-2][0], n)]
-    return bounds
-
-
-class Step:
-    """One optimizer step: the whole harness overhead over a bare PyTorch step lives here."""
-
-    def __init__(self, module, opt, sched, device, amp: bool, channels_last: bool):
-        self.module, self.opt, self.sched = module, opt, sched
-        self.autocast = lambda: autocast(device, amp)
-        self.channels_last = channels_last
-
-    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            loss = F.cross_entropy(self.module(as_layout(xb, self.channels_last)), yb)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        return loss.detach()
+from transferbench.training.loop import (
+    Diverged,
+    Learner,
+    alone,
+    batch_bounds,
+    budget,
+    convergence,
+    precise_bn,
+    race_steps,
+)
+from transferbench.training.schedules import layer_lrs, recipe
 
 
 class Prepared:
@@ -175,7 +77,7 @@ class Prepared:
         decay = self.plan.get("layer_decay")
         self.layer_lrs = partial(layer_lrs, split.depth_of, decay=decay) if decay else None
         if cell.solver != "lbfgs":
-            self.training = Training(cell, self.suffix, self.feats, self.ys, self.idx.to(device), device,
+            self.training = CellTraining(cell, self.suffix, self.feats, self.ys, self.idx.to(device), device,
                                      target.num_classes, lr, self.layer_lrs)
         self.t_ready = time.perf_counter()
 
@@ -260,128 +162,8 @@ def probe_head(cell: Cell, bb, target, ys: dict, idx: torch.Tensor, device) -> d
                 probe_seconds=time.perf_counter() - t0)
 
 
-class Run:
-    """One network trained by the one SGD loop, resumable: `advance(until)` trains to step `until` (or to an early
-    stop), validating every few steps (precise BN first, when asked), tracking the best validation state.
-    Validation accuracy decides (ties: lower loss); early stopping fires after `patience` validations without a
-    better one, never before `min_steps`."""
 
-    def __init__(self, cell: Cell, suffix: nn.Module, lr: float, data: dict, device, num_classes: int, total: int,
-                 evals: set[int], layer_lrs=None):
-        self.cell, self.suffix, self.lr, self.data, self.device = cell, suffix, lr, data, device
-        self.total, self.evals, self.num_classes = total, evals, num_classes
-        opt = make_optimizer(suffix.named_parameters(), cell.optimizer, lr, cell.weight_decay,
-                             layer_lrs(lr) if layer_lrs else None)
-        sched = SCHEDULES.get(cell.schedule, "grid.schedule")(opt, total)  # the schedule spans the whole budget
-        self.step = Step(suffix, opt, sched, device, cell.amp, cell.channels_last)
-        self.g = torch.Generator().manual_seed(cell.seed)  # every LR candidate sees the same batches
-        self.batches = self._batches()
-        self.steps, self.seen, self.since_best = 0, 0, 0
-        self.best: tuple[float, float, int] | None  # (val accuracy, -val loss, step)
-        self.best_state: dict[str, torch.Tensor] | None
-        self.curves: list[dict]
-        self.train_losses: list[float]
-        self._losses: list[torch.Tensor]
-        self.best, self.best_state, self.curves, self.train_losses = None, None, [], []
-        self._losses, self._seen_in_epoch = [], 0  # the epoch so far
-
-    @property
-    def stopped(self) -> bool:
-        c = self.cell
-        patient = c.patience and self.since_best >= c.patience and self.steps >= c.min_steps
-        return self.steps >= self.total or bool(patient)
-
-    def _batches(self):
-        x, y = self.data["x_train"], self.data["y_train"]
-        n, epoch = len(y), 0
-        bounds = batch_bounds(n, min(self.cell.batch_size, n))
-        while True:
-            epoch += 1
-            perm = torch.randperm(n, generator=self.g).to(self.device)
-            for k, (i, j) in enumerate(bounds):
-                xb = x[perm[i:j]]
-                xb = augment_batch(xb, self.g) if self.cell.augment else xb
-                yield epoch, xb, y[perm[i:j]], k == len(bounds) - 1
-
-    def advance(self, until: int) -> Run:
-        """Train alone to step `until` (or the budget, or an early stop)."""
-        self.suffix.train()
-        while self.active(until):
-            epoch, xb, yb, last = self.next_batch()
-            self.after_step(self.step(xb, yb), len(yb), epoch, last, until)
-        return self
-
-    def active(self, until: int) -> bool:
-        return self.steps < min(until, self.total) and not self.stopped
-
-    def next_batch(self) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
-        """(epoch, x, y, last batch of its epoch) in this run's own data order."""
-        return next(self.batches)
-
-    def after_step(self, loss: torch.Tensor, n: int, epoch: int, last: bool, until: int, sync=None,
-                   measured: tuple[float, float] | None = None) -> None:
-        """The bookkeeping of one optimizer step taken on n examples with this loss (by Run.step, or by a pack that
-        calls `sync` to write this run's weights into its module before the module is read, and may hand over the
-        validation it `measured` for this run: accuracy and loss)."""
-        self._losses.append(loss * n)
-        self.steps, self.seen, self._seen_in_epoch = self.steps + 1, self.seen + n, self._seen_in_epoch + n
-        if self.steps in self.evals:
-            if measured is None:
-                if sync:
-                    sync()
-                measured, sync = self._measure(), None  # the module holds the state measured
-            self._observe(epoch, *measured, sync)
-        if last or self.stopped or self.steps >= until:  # one sync per epoch (or pause), not per step
-            self._record_loss(epoch, torch.stack(self._losses).sum().item() / self._seen_in_epoch)
-            self._losses, self._seen_in_epoch = [], 0
-
-    def _record_loss(self, epoch: int, train_loss: float) -> None:
-        if not math.isfinite(train_loss) or train_loss > 100 * max(1.0, math.log(self.num_classes)):
-            raise Diverged(f"train loss {train_loss:.3g} in epoch {epoch} at LR {self.lr:g} (chance is "
-                           f"{math.log(self.num_classes):.2f}); lower the LR (grid.schedule lr, train.lrs)")
-        self.train_losses.append(train_loss)
-        self.curves.append(dict(epoch=epoch, step=self.steps, split="train", metric="loss", value=train_loss,
-                                images_seen=self.seen))
-
-    def _measure(self) -> tuple[float, float]:
-        """Validation accuracy and loss of the module as it is (precise BN first, when asked)."""
-        if self.cell.precise_bn:
-            precise_bn(self.suffix, self.data["x_train"], self.cell.channels_last)
-        acc, loss, _ = self.evaluate("val")
-        self.suffix.train()
-        return acc, loss
-
-    def _observe(self, epoch: int, acc: float, loss: float, sync=None) -> None:
-        """A validation's curves, best state (its module's, after `sync`) and patience."""
-        self.curves += [dict(epoch=epoch, step=self.steps, split="val", metric=m, value=v, images_seen=self.seen)
-                        for m, v in (("acc", acc), ("loss", loss))]
-        if self.best is None or (acc, -loss) > self.best[:2]:
-            self.best, self.since_best = (acc, -loss, self.steps), 0
-            if self.cell.keep_best:
-                if sync:
-                    sync()
-                self.best_state = copy.deepcopy(self.suffix.state_dict())
-        else:
-            self.since_best += 1
-
-    def evaluate(self, split: str):
-        d = self.data
-        x, y = (d["x_train"], d["y_train"]) if split == "train" else (d[split], d[f"y_{split}"])
-        return evaluate(self.suffix, x, y, self.device, self.cell.amp, self.cell.channels_last)
-
-
-def alone(runs: list[Run], until: int) -> dict[int, Exception]:
-    """Advance each run by itself (its own optimizer step); returns {index: error} of the runs that diverged."""
-    failed: dict[int, Exception] = {}
-    for i, r in enumerate(runs):
-        try:
-            r.advance(until)
-        except Diverged as e:
-            failed[i] = e
-    return failed
-
-
-class Training:
+class CellTraining:
     """One cell's SGD training: a run per LR candidate, raced by successive halving when there are several (each
     trains from the same initial weights on the same batches for the first fifth of the budget; the best on
     validation goes on to the whole budget: Hyperband-style, about 1.4x one run instead of 3x). An advancer moves
@@ -390,15 +172,15 @@ class Training:
     def __init__(self, cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.Tensor, device,
                  num_classes: int, lr: float | None = None, layer_lrs=None):
         self.cell, self.suffix = cell, suffix
-        data = dict(x_train=feats["train"][idx], y_train=ys["train"][idx], val=feats["val"], y_val=ys["val"],
-                    test=feats["test"], y_test=ys["test"])
+        data = dict(train=(feats["train"][idx], ys["train"][idx]), val=(feats["val"], ys["val"]),
+                    test=(feats["test"], ys["test"]))
         self.total, evals = budget(cell, len(batch_bounds(len(idx), min(cell.batch_size, len(idx)))))
         self.candidates = [lr] if lr else cell.lrs or [cell.lr]
         self.first = race_steps(self.total) if len(self.candidates) > 1 else None
-        self.runs = [Run(cell, copy.deepcopy(suffix) if self.first else suffix, c, data, device, num_classes,
+        self.runs = [Learner(cell, copy.deepcopy(suffix) if self.first else suffix, c, data, device, num_classes,
                          self.total, evals | ({self.first} if self.first else set()), layer_lrs)
                      for c in self.candidates]
-        self.winner: Run | None
+        self.winner: Learner | None
         self.rung: dict[float, float | None]  # LR -> its best val accuracy in the race (None: diverged)
         self.error: Exception | None
         self.t0: float | None
@@ -437,7 +219,7 @@ class Training:
             images_seen=seen, curves=run.curves)
 
 
-def train_together(trainings: list[Training], advance=alone) -> None:
+def train_together(trainings: list[CellTraining], advance=alone) -> None:
     """Race every training's candidates, then train each winner to its budget: each phase over all trainings at
     once, so an advancer can step the runs of many cells together. A training that fails keeps its `error`."""
     for t in trainings:
@@ -460,22 +242,12 @@ def train_loop(cell: Cell, suffix: nn.Module, feats: dict, ys: dict, idx: torch.
                num_classes: int, lr: float | None = None, layer_lrs=None) -> dict:
     """The one SGD loop for every arm, for one cell alone. `layer_lrs(lr)`: each parameter's LR for a base LR
     (layer-wise decay). Records what a convergence check needs."""
-    training = Training(cell, suffix, feats, ys, idx, device, num_classes, lr, layer_lrs)
+    training = CellTraining(cell, suffix, feats, ys, idx, device, num_classes, lr, layer_lrs)
     train_together([training])
     if training.error:
         raise training.error
     return training.result()
 
-
-def convergence(**facts) -> dict:
-    """The record's convergence check for the SGD loop. A cell converged when more steps would not have helped:
-    validation stopped improving before the budget ran out (early stopping fired, or the best validation came in
-    the first 75% of the steps taken), or the network fits its training subset (train accuracy >= 99%); and it
-    does not predict one class for more than 90% of the test set. (A decaying schedule often peaks at its last
-    step: fitting the training set is then the sign of a finished optimisation.)"""
-    plateau = facts["early_stopped"] or facts["best_step"] <= 0.75 * facts["steps_taken"]
-    fitted = facts["train_acc"] >= 0.99
-    return facts | dict(converged=bool((plateau or fitted) and not facts["collapsed"]))
 
 
 def train_cell(cell: Cell, cache: FeatureCache | None = None, use_prefix_cache: bool = True,
