@@ -7,12 +7,10 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-import time
 from pathlib import Path
 from urllib.error import URLError
 
 from transferbench.core.errors import ConfigError
-from transferbench.core.paths import check_results_folder, check_writable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,90 +50,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def study_folder(results: Path, name: str) -> Path:
-    """results/<name>, refused unless it resolves inside results/ (a name is never a path)."""
-    from transferbench.core.study import IDENTIFIER
-
-    outside = ConfigError("study name", f"{name!r} would write outside {results}/",
-                          "use a plain name: letters, digits, '_' and '-'")
-    if not IDENTIFIER.fullmatch(name):
-        raise outside
-    check_results_folder(results / name)  # before resolving: a linked study folder is named as a link
-    out = (results / name).resolve()
-    if out.parent != results.resolve():
-        raise outside
-    return out
-
-
 def cmd_study(args) -> int:
     from transferbench.core.study import load_study, study_path
+    from transferbench.pipeline import Options, run_study
 
     # The file is validated before torch, pandas or matplotlib are imported: a bad file is refused in well under a
     # second (what needs the data or the model is checked by plan()).
     study = load_study(study_path(args.study), args.overrides, args.profile)
-    out = study_folder(args.results, study.name)
-
-    from transferbench.sweep.planning import plan
-    from transferbench.sweep.runner import dask_address, results_lock, run_cells
-    from transferbench.sweep.store import read_records, remove_orphans
-    from transferbench.training.source import ensure_checkpoints
-
-    if (args.backend or study.run.backend) == "dask":
-        dask_address(args.scheduler or study.run.scheduler)  # refused before anything is written
-    cells = plan(study)
-    check_writable(out, "--results", "choose a writable --results folder or fix its permissions")
-    read_records(out / "records")  # a corrupted record is refused before anything is written
-    with results_lock(out):
-        removed = remove_orphans(out)
-        print(f"{study.name}: {len(cells)} cells -> {out}/" + (f" ({removed} orphan temporary file(s) removed)"
-                                                              if removed else ""), flush=True)
-        from transferbench.report.document import save_study
-
-        save_study(study, out)
-        t0 = time.perf_counter()
-        ensure_checkpoints(study)  # `pretrain:<dataset>` sources, trained once and cached
-        pretrain_seconds = time.perf_counter() - t0
-        summary = run_cells(study, cells, out / "records", jobs=args.jobs, backend=args.backend,
-                            scheduler=args.scheduler, retry_failed=args.retry_failed, progress=not args.no_progress)
-        summary.pretrain_seconds = pretrain_seconds if pretrain_seconds > 0.5 else 0.0  # (nothing to pretrain)
-        timing = _measure_domains(study, out, summary, args.skip_domains)
-        from transferbench.report.document import build
-
-        report = build(study, out, timing, domains=not args.skip_domains)
-    if timing:
-        print(timing)
-    else:
-        print(f"nothing to do: all {len(cells)} cells already have records (timing of the run that trained them "
-              f"kept in {out / 'timing.txt'})")
-    print(f"report: {report} (and report.html)\nfindings:")
-    found = (out / "findings.txt").read_text().splitlines()
-    print("".join(f"  {i}. {line}\n" for i, line in enumerate(found, 1)), end="")
-    records = read_records(out / "records")  # this run's failures and those kept from earlier runs, once each
-    failed = sum(records[c.cell_id]["status"] == "failed" for c in cells if c.cell_id in records)
-    if failed:
-        print(f"{failed} cell(s) failed; see runs.csv (status, error) and rerun with --retry-failed",
+    done = run_study(study, args.results, Options(jobs=args.jobs, backend=args.backend, scheduler=args.scheduler,
+                                                  retry_failed=args.retry_failed, progress=not args.no_progress,
+                                                  skip_domains=args.skip_domains))
+    print(done.timing or f"nothing to do: all {done.cells} cells already have records (timing of the run that "
+                         f"trained them kept in {done.report.parent / 'timing.txt'})")
+    print(f"report: {done.report} (and report.html)\nfindings:")
+    print("".join(f"  {i}. {line}\n" for i, line in enumerate(done.findings, 1)), end="")
+    if done.failed:
+        print(f"{done.failed} cell(s) failed; see runs.csv (status, error) and rerun with --retry-failed",
               file=sys.stderr)
         return 1
     return 0
-
-
-def _measure_domains(study, out: Path, summary, skip: bool = False) -> str | None:
-    """domains.csv (rebuilt when cells ran or it is missing or unreadable; each pair's measures come from the disk
-    cache when nothing they depend on changed); the timing block, None if nothing ran."""
-    from transferbench.core.atomic import write_text
-    from transferbench.measures.domains import domain_tables
-    from transferbench.sweep.runner import timing_table
-    from transferbench.sweep.store import read_domains
-
-    t1 = time.perf_counter()
-    if not skip and (summary.ran or read_domains(out) is None or not (out / "estimators.csv").exists()):
-        domains, estimators = domain_tables(study)
-        write_text(out / "estimators.csv", estimators.to_csv(index=False))
-        write_text(out / "domains.csv", domains.to_csv(index=False))  # last: its presence says both are whole
-    if not summary.ran:
-        return None
-    return timing_table(summary) + ("\ndomain measures: skipped (--skip-domains)" if skip else
-                                    f"\ndomain measures: {time.perf_counter() - t1:.1f} s")
 
 
 def cmd_plan(args) -> int:
@@ -149,15 +82,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_report(args) -> int:
-    out = study_folder(args.results, args.study)
-    if not (out / "study.resolved.yaml").exists():
-        raise ConfigError("study", f"no results for '{args.study}' in {args.results}/", "run `transferbench study` "
-                                                                                        "first")
-    from transferbench.report.document import build, load_saved_study
-    from transferbench.sweep.runner import results_lock
+    from transferbench.pipeline import rebuild_report
 
-    with results_lock(out):  # a report is never rebuilt from a folder a runner is writing
-        print(f"report: {build(load_saved_study(out), out)}")
+    print(f"report: {rebuild_report(args.results, args.study)}")
     return 0
 
 
