@@ -88,14 +88,17 @@ def cmd_report(args) -> int:
     return 0
 
 
-LISTS = ("datasets", "shifts", "schedules", "recipes", "optimizers", "weights", "measures", "figures")
+LISTS = ("datasets", "shifts", "schedules", "recipes", "optimizers", "weights", "measures", "figures", "sections",
+         "anchors", "claims")
 
 
 def cmd_list(args) -> int:
     """timm's list_models, for each of the harness's registries: the names a study file can use, with metadata."""
+    from transferbench.analysis.arms import CLAIMS
     from transferbench.data import DATASETS, SHIFTS
     from transferbench.measures import MEASURES
     from transferbench.models.backbones import WEIGHTS
+    from transferbench.report.document import ANCHORS, SECTIONS
     from transferbench.report.plots import FIGURES
     from transferbench.training.schedules import OPTIMIZERS, SCHEDULES
 
@@ -103,7 +106,8 @@ def cmd_list(args) -> int:
     registry, names = {"datasets": (DATASETS, None), "shifts": (SHIFTS, None), "optimizers": (OPTIMIZERS, None),
                        "schedules": (SCHEDULES, [n for n in SCHEDULES if n not in recipes]),
                        "recipes": (SCHEDULES, recipes), "weights": (WEIGHTS, None), "measures": (MEASURES, None),
-                       "figures": (FIGURES, None)}[args.kind]
+                       "figures": (FIGURES, None), "sections": (SECTIONS, None), "anchors": (ANCHORS, None),
+                       "claims": (CLAIMS, None)}[args.kind]
     print(registry.describe(names))
     return 0
 

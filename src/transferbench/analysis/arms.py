@@ -13,12 +13,11 @@ each seed's difference averaged over the conditions a claim covers, then a t-int
 
 from __future__ import annotations
 
-from typing import cast
-
 import numpy as np
 import pandas as pd
 
 from transferbench.analysis.gains import POINT, bh_q, choose, kendall_tau_b, mean_interval, ok_runs, t_interval, verdict
+from transferbench.core.registry import Registry
 
 FULL = "frozen 0"  # full fine-tuning: the reference every other arm is compared with
 CELL = ["backbone", "weights", "target", "n_per_class"]  # a condition at one size; arms vary within it
@@ -198,20 +197,35 @@ def condition_kinds(runs: pd.DataFrame) -> dict[str, list[str]]:
 
 
 KINDS = {"input": "input-level (corrupted)", "clean": "clean base", "far": "far", "all": ""}
-CLAIMS = [  # (claim, source, arm a, arm b, conditions, kind): kind 'beats' wants a - b > 0, 'keeps' a - b >= -min
-    ("Tuning only the first block beats full fine-tuning under input-level shifts", "Lee et al. 2023", "first",
-     "full", "input", "beats"),
-    ("Under input-level shifts the first block is the one to tune, not the last", "Lee et al. 2023", "first", "last",
-     "input", "beats"),
-    ("Without input corruption (new labels on natural photos), tuning the last block beats full fine-tuning",
-     "Lee et al. 2023", "last", "full", "clean", "beats"),
-    ("Without input corruption, the last block is the one to tune, not the first", "Lee et al. 2023", "last",
-     "first", "clean", "beats"),
-    ("LP-FT keeps full fine-tuning's accuracy on the fine-tuning distribution", "Kumar et al. 2022", "lp_ft", "full",
-     "all", "keeps"),
-    ("LP-FT beats full fine-tuning far from the source", "Kumar et al. 2022", "lp_ft", "full", "far", "beats"),
-    ("Layer-wise LR decay beats full fine-tuning at one LR", "ULMFiT; BEiT", "llrd", "full", "all", "beats"),
-]
+CLAIMS = Registry("claim")  # name -> verdict(ci_low, ci_high, min_effect); the docstring states the claim
+
+
+def claim(name: str, text: str, source: str, a: str, b: str, conditions: str, kind: str) -> None:
+    """Register an anchor claim: arm `a` minus arm `b` (as `arm_names` names them), pooled over one kind of
+    condition (KINDS), 'beats' (the difference above 0) or 'keeps' (not below -min_effect)."""
+    def holds(low: float, high: float, min_effect: float) -> str:
+        bar = 0.0 if kind == "beats" else -min_effect
+        return "reproduces" if low > bar else "reverses" if high < bar else \
+            "not shown (the interval includes " + ("0)" if kind == "beats" else f"-{100 * min_effect:g} pp)")
+
+    holds.__doc__ = text
+    CLAIMS.register(name, source=source, a=a, b=b, conditions=conditions, kind=kind)(holds)
+
+
+claim("first_beats_full_input", "Tuning only the first block beats full fine-tuning under input-level shifts",
+      "Lee et al. 2023", "first", "full", "input", "beats")
+claim("first_not_last_input", "Under input-level shifts the first block is the one to tune, not the last",
+      "Lee et al. 2023", "first", "last", "input", "beats")
+claim("last_beats_full_clean", "Without input corruption (new labels on natural photos), tuning the last block "
+      "beats full fine-tuning", "Lee et al. 2023", "last", "full", "clean", "beats")
+claim("last_not_first_clean", "Without input corruption, the last block is the one to tune, not the first",
+      "Lee et al. 2023", "last", "first", "clean", "beats")
+claim("lp_ft_keeps_accuracy", "LP-FT keeps full fine-tuning's accuracy on the fine-tuning distribution",
+      "Kumar et al. 2022", "lp_ft", "full", "all", "keeps")
+claim("lp_ft_beats_full_far", "LP-FT beats full fine-tuning far from the source", "Kumar et al. 2022", "lp_ft",
+      "full", "far", "beats")
+claim("llrd_beats_one_lr", "Layer-wise LR decay beats full fine-tuning at one LR", "ULMFiT; BEiT", "llrd", "full",
+      "all", "beats")
 
 
 def claims(runs: pd.DataFrame, confidence: float = 0.95, min_effect: float = 0.01) -> pd.DataFrame:
@@ -219,16 +233,16 @@ def claims(runs: pd.DataFrame, confidence: float = 0.95, min_effect: float = 0.0
     names, kinds = arm_names(runs), condition_kinds(runs)
     kinds["all"] = sorted(set(kinds["input"]) | set(kinds["clean"]) | set(kinds["far"]))
     rows = []
-    for claim, source, a, b, where, kind in CLAIMS:
-        if not (names[a] and names[b] and kinds[where]):
+    for key, holds in CLAIMS.items():
+        meta = CLAIMS.meta(key)
+        a, b, where = names[meta["a"]], names[meta["b"]], meta["conditions"]
+        if not (a and b and kinds[where]):
             continue
-        seeds = contrast(runs, cast(str, names[a]), cast(str, names[b]))  # both names are set: checked above
-        result = pooled(seeds, cast(str, names[a]), kinds[where], confidence) if len(seeds) else None
+        seeds = contrast(runs, a, b)
+        result = pooled(seeds, a, kinds[where], confidence) if len(seeds) else None
         if result is None:
             continue
-        bar = 0.0 if kind == "beats" else -min_effect
-        holds = "reproduces" if result["ci_low"] > bar else "reverses" if result["ci_high"] < bar else \
-            "not shown (the interval includes " + ("0)" if kind == "beats" else f"-{100 * min_effect:g} pp)")
-        rows.append(dict(claim=claim, source=source, contrast=f"{names[a]} - {names[b]}", kind=KINDS[where],
-                         conditions=", ".join(kinds[where]), **result, verdict=holds))
+        rows.append(dict(claim=holds.__doc__, source=meta["source"], contrast=f"{a} - {b}", kind=KINDS[where],
+                         conditions=", ".join(kinds[where]), **result,
+                         verdict=holds(result["ci_low"], result["ci_high"], min_effect)))
     return pd.DataFrame(rows)

@@ -164,47 +164,75 @@ def fairness_sentence(runs: pd.DataFrame, sel: pd.DataFrame) -> str:
             "with transfer below the best pixel baseline.")
 
 
+ANCHORS = Registry("anchor finding")  # name -> (study, tables) -> its line in the report, or None (not testable)
+
+
 def anchors(study: Study, t: Tables) -> list[str]:
     """The findings a correct harness reproduces or refutes (DESIGN.md), each said plainly with its numbers."""
-    sel, corr = t.selected, t.correlations
-    if sel.empty:
+    if t.selected.empty:
         return []
-    lines = ["## Do the known findings reproduce?", ""]
+    found = [finding(study, t) for _, finding in ANCHORS.items()]
+    return ["## Do the known findings reproduce?", ""] + [line for line in found if line] + [""]
+
+
+@ANCHORS.register(source="VTAB-1k (Zhai et al. 2019)")
+def gains_shrink_with_data(study: Study, t: Tables) -> str:
+    """Gains are largest with little data and shrink as data grows."""
     by_size = analysis.mean_gain(t.runs, ["n_per_class"], study.analysis.confidence)
     shrinks = bool((np.diff(by_size["gain"].to_numpy()) < 0).all()) if len(by_size) > 1 else False
-    lines.append("- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
-                 + ", ".join(f"{interval(r)} at {r.n_per_class}" for r in by_size.itertuples()) + " per class -- "
-                 + ("**reproduces** (means in order; the intervals say how firmly)." if shrinks else
-                    "**does not reproduce** here."))
+    return ("- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
+            + ", ".join(f"{interval(r)} at {r.n_per_class}" for r in by_size.itertuples()) + " per class -- "
+            + ("**reproduces** (means in order; the intervals say how firmly)." if shrinks else
+               "**does not reproduce** here."))
+
+
+@ANCHORS.register(source="Raghu et al. 2019; VTAB structured")
+def gains_shrink_with_distance(study: Study, t: Tables) -> str | None:
+    """Gains shrink as the target moves away from the source (Kendall tau of gain with Frechet distance)."""
+    corr = t.correlations
     fd = corr[(corr["measure"] == "fd") & (corr["outcome"] == "gain")] if len(corr) else corr
-    if len(fd):
-        taus = ", ".join(f"{r.tau:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] at {r.n_per_class}"
-                         for r in fd.itertuples())
-        clear = fd[fd["ci_high"] < 0]
-        lines.append(f"- Gains shrink as the target moves away from the source (Raghu et al. 2019; VTAB structured): "
-                     f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
-                     + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
-                        "**not shown**: no interval lies below 0."))
-    order, ordered_by = t.order, t.ordered_by
+    if not len(fd):
+        return None
+    taus = ", ".join(f"{r.tau:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] at {r.n_per_class}" for r in fd.itertuples())
+    clear = fd[fd["ci_high"] < 0]
+    return (f"- Gains shrink as the target moves away from the source (Raghu et al. 2019; VTAB structured): "
+            f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
+            + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
+               "**not shown**: no interval lies below 0."))
+
+
+@ANCHORS.register(source="Yosinski et al. 2014")
+def frozen_features_fail_far(study: Study, t: Tables) -> str | None:
+    """Deep frozen features transfer worst across a large gap (probe minus full fine-tuning, near vs far)."""
     gap = analysis.arm_gap(t.runs, "probe (all)", "frozen 0", study.analysis.confidence)
-    gap = gap.set_index("target").reindex(order).dropna(subset=["gain"]) if len(gap) else gap
-    if len(gap) > 1 and ordered_by != "the study file":
-        near, far = gap.iloc[0], gap.iloc[-1]
-        lines.append(f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe minus "
-                     f"full fine-tuning {interval(near)} on the nearest target as measured ({near.name}), "
-                     f"{interval(far)} on the farthest ({far.name}) -- "
-                     + ("**reproduces**." if far.gain < near.gain and far.ci_high < 0 else
-                        "**does not reproduce** here."))
+    gap = gap.set_index("target").reindex(t.order).dropna(subset=["gain"]) if len(gap) else gap
+    if len(gap) <= 1 or t.ordered_by == "the study file":
+        return None
+    near, far = gap.iloc[0], gap.iloc[-1]
+    return (f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe minus "
+            f"full fine-tuning {interval(near)} on the nearest target as measured ({near.name}), "
+            f"{interval(far)} on the farthest ({far.name}) -- "
+            + ("**reproduces**." if far.gain < near.gain and far.ci_high < 0 else "**does not reproduce** here."))
+
+
+@ANCHORS.register(source="Wang et al. 2019 (negative transfer)")
+def negative_transfer(study: Study, t: Tables) -> str:
+    """The grid points where transfer is reliably below training from scratch."""
+    sel = t.selected
     neg = sel[sel["verdict"] == "negative"]
-    lines.append(f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
-                 + (": " + "; ".join(f"{r.backbone} {r.target} {r.tuning} "
-                                     f"n={r.n_per_class} {pp(r.gain)} pp" for r in neg.itertuples())
-                    if len(neg) else "")
-                 + ".")
+    return (f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
+            + (": " + "; ".join(f"{r.backbone} {r.target} {r.tuning} n={r.n_per_class} {pp(r.gain)} pp"
+                                for r in neg.itertuples()) if len(neg) else "")
+            + ".")
+
+
+@ANCHORS.register(source="trivial baselines")
+def below_pixels(study: Study, t: Tables) -> str:
+    """The grid points where transfer does not beat the best classifier on raw pixels."""
+    sel = t.selected
     below = sel[sel["below_pixels"]]
-    lines.append(f"- Transfer below the best pixel baseline at {len(below)} of {len(sel)} grid points"
-                 + (" (" + ", ".join(sorted(set(below["target"]))) + ")" if len(below) else "") + ".")
-    return lines + [""]
+    return (f"- Transfer below the best pixel baseline at {len(below)} of {len(sel)} grid points"
+            + (" (" + ", ".join(sorted(set(below["target"]))) + ")" if len(below) else "") + ".")
 
 
 def arms_section(study: Study, t: Tables) -> list[str]:
@@ -442,9 +470,16 @@ def question_section(p: Page) -> list[str]:
             quoted or "> (no description)", "", "*The study file's own words; what ran is stated below.*", ""]
 
 
-SECTIONS.register("study", heading="## The study as run")(
-    lambda p: study_as_run(p.study, p.t, p.timing, p.t.ordered_by, p.t.order))
-SECTIONS.register("fairness", heading="## Is the comparison fair?")(lambda p: fairness_section(p.study, p.t))
+@SECTIONS.register("study", heading="## The study as run")
+def study_section(p: Page) -> list[str]:
+    """What ran: the grid, budgets, LR search and analysis settings, from the resolved configuration and records."""
+    return study_as_run(p.study, p.t, p.timing, p.t.ordered_by, p.t.order)
+
+
+@SECTIONS.register("fairness", heading="## Is the comparison fair?")
+def fairness_page(p: Page) -> list[str]:
+    """Convergence, collapse and the weakest arm per arm and size: what every later number rests on."""
+    return fairness_section(p.study, p.t)
 
 
 @SECTIONS.register("headline", heading="## Headline")
@@ -464,10 +499,22 @@ def findings_section(p: Page) -> list[str]:
     return ["## Findings", ""] + [f"{i}. {line}" for i, line in enumerate(p.found, 1)] + [""]
 
 
-SECTIONS.register("anchors", heading="## Do the known findings reproduce?")(lambda p: anchors(p.study, p.t))
-SECTIONS.register("arms", heading="## Which layers to train")(lambda p: arms_section(p.study, p.t))
-SECTIONS.register("failure", heading="## When transfer fails")(
-    lambda p: failure_section(p.study, p.t) + [""] if not p.t.selected.empty else [])
+@SECTIONS.register("anchors", heading="## Do the known findings reproduce?")
+def anchors_page(p: Page) -> list[str]:
+    """The literature's findings (`transferbench list anchors`), each reproduced or not, with its numbers."""
+    return anchors(p.study, p.t)
+
+
+@SECTIONS.register("arms", heading="## Which layers to train")
+def arms_page(p: Page) -> list[str]:
+    """Each transfer arm against full fine-tuning, the best arm per condition, and the claims about arms."""
+    return arms_section(p.study, p.t)
+
+
+@SECTIONS.register("failure", heading="## When transfer fails")
+def failure_page(p: Page) -> list[str]:
+    """Negative points, where gains stop, the best depth and how well each estimator ranks the targets."""
+    return failure_section(p.study, p.t) + [""] if not p.t.selected.empty else []
 
 
 @SECTIONS.register("figures", heading="## Figures")
