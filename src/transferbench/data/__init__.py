@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from transferbench.core.study import condition_name
-from transferbench.data import embedded, external  # noqa: F401  (each registers its builders in raw.DATASETS)
+from transferbench.data import embedded, external, procedural  # noqa: F401  (each registers its builders in raw.DATASETS)
 from transferbench.data.raw import DATASETS, SPLITS, fingerprints, load_raw
 from transferbench.data.sampling import class_counts, nested_kshot
 from transferbench.data.shifts import SHIFTS, apply_shift

@@ -52,3 +52,42 @@ def low_resolution(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.
 def apply_shift(x: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return SHIFTS.get(name, "targets.shift")(x, severity, g)
+
+
+# Label-preserving shifts: they move the input away from natural-image statistics while the task stays about as
+# learnable from scratch (the information is rearranged or re-coded, not destroyed), so a falling gain measures
+# what pretraining loses, not a harder task. Neyshabur, Sedghi & Zhang 2020 used block shuffling as such a dial.
+
+@SHIFTS.register(label_preserving=True)
+def block_shuffle(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    """The image cut into 2x2 to 32x32 blocks per side, the blocks permuted by one permutation shared by every image
+    of every split (Neyshabur et al. 2020): local statistics stay, the global layout goes."""
+    side = x.shape[-1]
+    n = min([2, 4, 8, 16, 32][severity - 1], side)
+    b = side // n
+    # one permutation for the condition, whatever the split: `g` is seeded per split, so it is not used here
+    perm = torch.randperm(n * n, generator=torch.Generator().manual_seed(1000 + n))
+    head = x[..., :n * b, :n * b]
+    blocks = head.unfold(-2, b, b).unfold(-2, b, b)  # [N, C, n, n, b, b]
+    blocks = blocks.reshape(*x.shape[:2], n * n, b, b)[:, :, perm].reshape(*x.shape[:2], n, n, b, b)
+    out = x.clone()
+    out[..., :n * b, :n * b] = blocks.permute(0, 1, 2, 4, 3, 5).reshape(*x.shape[:2], n * b, n * b)
+    return out
+
+
+@SHIFTS.register(label_preserving=True)
+def solarize(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    """Every value above a threshold inverted (0.8 down to 0: at 5 the whole image is the colour negative)."""
+    return F.solarize(x, [0.8, 0.6, 0.4, 0.2, 0.0][severity - 1])
+
+
+@SHIFTS.register(label_preserving=True)
+def high_pass(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    """Low spatial frequencies removed: the image minus its Gaussian blur (sigma 12% down to 2% of the side),
+    rescaled per image to [0, 1]; edges and fine texture stay, shading and colour regions go."""
+    sigma = [0.12, 0.08, 0.05, 0.03, 0.02][severity - 1] * x.shape[-1]
+    k = 2 * int(3 * sigma) + 1
+    detail = x - F.gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
+    lo = detail.amin(dim=(1, 2, 3), keepdim=True)
+    hi = detail.amax(dim=(1, 2, 3), keepdim=True)
+    return (detail - lo) / (hi - lo).clamp_min(1e-6)
