@@ -84,7 +84,8 @@ def sprites(label: Literal["position", "orientation"] = "position", seed: NonNeg
         if rng.random() < 0.5:  # an ellipse: its outline as a polygon, so it rotates like the bar
             t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
             corners = np.stack([length / 2 * np.cos(t), width / 2 * np.sin(t)], 1)
-        rot = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])  # counter-clockwise as seen (y down)
+        c, s = np.cos(angle), np.sin(angle)
+        rot = np.array([[c, s], [-s, c]])  # counter-clockwise as seen (image y points down)
         draw.polygon([tuple(p) for p in corners @ rot.T + [x, y]], fill=_colour(rng))
         return img
 
