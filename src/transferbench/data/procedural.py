@@ -23,7 +23,7 @@ PER_CLASS = {"train": 100, "val": 40, "test": 50}  # scratch curves up to 100 pe
 def _canvas(rng: np.random.Generator) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     """A dark background with a random tint, so colour carries no label."""
     tint = tuple(int(v) for v in rng.integers(0, 60, size=3))
-    img = Image.new("RGB", (SIDE, SIDE), tint)  # type: ignore[arg-type]
+    img = Image.new("RGB", (SIDE, SIDE), tint)
     return img, ImageDraw.Draw(img)
 
 
