@@ -63,6 +63,37 @@ def test_expand_counts_and_matched_scratch(tmp_path):
     assert {c.lr for c in sgd if c.schedule == "constant"} == {0.001}  # train.lr default
 
 
+def test_a_target_may_train_fewer_arms_and_scratch_draws_its_curve(tmp_path):
+    """A fractional design: digits trains one schedule and full fine-tuning only; scratch and the pixel baselines
+    also train at the curve's size 8, where no transfer arm does; n_cells counts as expand builds."""
+    from transferbench.core.study import n_cells
+
+    text = MINIMAL.replace("{dataset: digits}", "{dataset: digits, frozen_depth: [0], schedule: [cosine]}") + \
+        "scratch: {curve: [8, 2]}\n"
+    study = load_study(write(tmp_path, text))
+    cells = expand(study)
+    digits = [c for c in cells if c.dataset == "digits"]
+    assert {(c.frozen_depth, c.schedule) for c in digits if c.arm == "transfer"} == {(0, "cosine")}
+    assert {c.schedule for c in digits if c.arm == "scratch"} == {"cosine"}
+    at_8 = [c for c in cells if c.n_per_class == 8]
+    assert {c.arm for c in at_8} == {"scratch", "pixels"} and len(at_8) == (2 + 1 + 2 + 2) * 2  # seeds
+    assert n_cells(study) == len(cells)
+    plain = expand(load_study(write(tmp_path, MINIMAL)))  # the untouched target's cells keep their ids
+    assert {c.cell_id for c in cells if c.dataset == "textures" and c.n_per_class != 8} == \
+        {c.cell_id for c in plain if c.dataset == "textures"}
+
+
+@pytest.mark.parametrize("target,field", [("{dataset: digits, schedule: [cosin]}", "targets.1.schedule"),
+                                          ("{dataset: digits, backbones: [resnet18]}", "targets.1.backbones"),
+                                          ("{dataset: digits, schedule: []}", "targets.1.schedule")])
+def test_a_target_picks_its_arms_from_the_study(tmp_path, target, field):
+    from transferbench.sweep.planning import plan
+
+    with pytest.raises(ConfigError) as e:
+        plan(load_study(write(tmp_path, MINIMAL.replace("{dataset: digits}", target))))
+    assert e.value.field == field
+
+
 def test_lr_candidates_race_in_a_cell_or_make_a_grid(tmp_path):
     racing = expand(load_study(write(tmp_path, MINIMAL), ["train.lrs=[0.001,0.003]", "scratch.lrs=[0.003,0.01]"]))
     assert {tuple(c.lrs) for c in racing if c.arm == "transfer" and c.solver == "sgd"} == {(0.001, 0.003)}

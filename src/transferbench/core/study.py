@@ -89,6 +89,12 @@ class TargetSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="dataset options, e.g. "
                                                                       "{root: data/, download: true}")
     n_per_class: list[PositiveInt] | None = Field(None, description="this target's sizes, instead of grid.n_per_class")
+    frozen_depth: list[Depth] | None = Field(None, description="this target's frozen depths, instead of "
+                                             "grid.frozen_depth (a fractional design: the full grid on a few anchor "
+                                             "targets, fewer arms across the rest)")
+    schedule: list[str] | None = Field(None, description="this target's schedules, a subset of grid.schedule's names")
+    backbones: list[str] | None = Field(None, description="the backbones (models) trained on this target, a subset of "
+                                        "the study's; default: all")
 
     @field_validator("name")
     @classmethod
@@ -242,6 +248,9 @@ class Scratch(Strict):
                                             "validation)")
     budget_factor: PositiveFloat = Field(1.0, le=100, description="scratch's budget relative to transfer's (He, "
                                          "Girshick & Dollar 2019: scratch catches up with longer schedules)")
+    curve: list[PositiveInt] = Field(default_factory=list, description="more sizes (examples per class) at which "
+                                     "scratch and the pixel baselines alone train, to draw scratch's learning curve: "
+                                     "the effective data transferred reads transfer's accuracy off it")
 
 
 class Baselines(Strict):
@@ -469,23 +478,30 @@ def cell_fields(study: Study, weights_map: dict[tuple[str, str], str] | None = N
     lbfgs = probe_by_lbfgs(study)
     axes = [dict(zip(cell_axes(), values)) for values in itertools.product(*(getattr(g, a) for a in cell_axes()))]
     for bb, tg in itertools.product(study.backbones, study.targets):
+        if tg.backbones is not None and bb.model not in tg.backbones:
+            continue
         weights = weights_map.get((bb.model, bb.weights), bb.weights)
-        for n, seed in itertools.product(tg.n_per_class or g.n_per_class, g.seed):
+        sizes = tg.n_per_class or g.n_per_class
+        depths = g.frozen_depth if tg.frozen_depth is None else tg.frozen_depth
+        schedules = [s for s in g.schedule if tg.schedule is None or s.name in tg.schedule]
+        curve_only = [n for n in study.scratch.curve if n not in sizes]
+        for n, seed in itertools.product(sizes + curve_only, g.seed):
             data = dict(dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n, seed=seed,
                         data_options=tg.options, target_name=tg.label if tg.label != tg.dataset else None)
             transfer = dict(arm="transfer", model=bb.model, weights=weights, **data, **protocol)
-            for axis, sch in itertools.product(axes, g.schedule):
-                arms = [dict(frozen_depth=d) for d in g.frozen_depth if not (d == "all" and lbfgs)] + \
-                    [dict(frozen_depth=0, train_groups=groups) for groups in g.train_groups]
+            on_grid = n in sizes  # a curve-only size trains scratch and the pixel baselines, no transfer arm
+            for axis, sch in itertools.product(axes, schedules):
+                arms = [dict(frozen_depth=d) for d in depths if not (d == "all" and lbfgs)] + \
+                    [dict(frozen_depth=0, train_groups=groups) for groups in g.train_groups] if on_grid else []
                 for arm, lr in itertools.product(arms, lr_settings(study, transfer_lrs(study, sch), seed)):
                     yield dict(schedule=sch.name, **arm, **lr, **axis, **transfer)
                 for lr in lr_settings(study, scratch_lrs(study, sch), seed) if study.scratch.enabled else []:
                     yield dict(arm="scratch", model=bb.model, weights="none", frozen_depth=0, schedule=sch.name,
                                **lr, **axis, **data, **(protocol | scratch_budget))  # shared by the model's backbones
-            for axis, sch in itertools.product(axes, recipe_specs(g)):  # a recipe: an arm of its own, no scratch twin
+            for axis, sch in itertools.product(axes, recipe_specs(g) if on_grid else []):  # an arm of its own
                 for lr in lr_settings(study, transfer_lrs(study, sch), seed):
                     yield dict(frozen_depth=0, schedule=sch.name, **lr, **axis, **transfer)
-            if "all" in g.frozen_depth and lbfgs:  # one convex fit; schedule and LR do not apply
+            if "all" in depths and lbfgs and on_grid:  # one convex fit; schedule and LR do not apply
                 for axis in axes:
                     yield dict(frozen_depth="all", schedule="lbfgs", lr=0.0, solver="lbfgs", **axis, **transfer)
             for method in study.baselines.methods:  # shared by every backbone

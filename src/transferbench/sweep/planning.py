@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 
-from transferbench.core.errors import ConfigError
+from transferbench.core.errors import ConfigError, did_you_mean
 from transferbench.core.paths import cache_dir, check_writable
 from transferbench.core.study import SHARE_FEATURES_ACROSS, SHARE_PACK_ACROSS, Cell, Study
 
@@ -47,6 +47,15 @@ def plan(study: Study) -> list[Cell]:
             raise ConfigError(f"grid.recipes.{i}", f"'{r}' is a plain schedule, not a recipe",
                               f"list it under grid.schedule, or use a recipe: {', '.join(recipes)}")
     OPTIMIZERS.get(study.train.optimizer, "train.optimizer")
+    schedules, models = [s.name for s in study.grid.schedule], [b.model for b in study.backbones]
+    for i, t in enumerate(study.targets):  # a target's own arms are picked from the study's
+        for field, picked, known in (("schedule", t.schedule, schedules), ("backbones", t.backbones, models)):
+            for v in picked or []:
+                if v not in known:
+                    raise ConfigError(f"targets.{i}.{field}", f"'{v}' is not in the study's {field}",
+                                      did_you_mean(v, known))
+            if picked is not None and not picked:
+                raise ConfigError(f"targets.{i}.{field}", "an empty list trains nothing", f"name some of {known}")
     for i, b in enumerate(study.backbones):
         check_model_name(b.model)
         if trained_here(b.weights):
@@ -59,6 +68,9 @@ def plan(study: Study) -> list[Cell]:
         n_groups = depth_group_count(b.model)
         for d in study.grid.frozen_depth:
             resolve_depth(d, n_groups, field=f"grid.frozen_depth (backbones.{i}: {b.model})")
+        for j, t in enumerate(study.targets):
+            for d in t.frozen_depth or []:
+                resolve_depth(d, n_groups, field=f"targets.{j}.frozen_depth (backbones.{i}: {b.model})")
         for groups in study.grid.train_groups:
             resolve_groups(groups, n_groups, field=f"grid.train_groups (backbones.{i}: {b.model})")
     images = {t.condition: check_target(study, i, t) for i, t in enumerate(study.targets)}
@@ -81,12 +93,13 @@ def check_target(study: Study, i: int, t) -> int:
                           "classification target needs at least 2", "add a class folder, or choose another target")
     counts = class_counts(raw.splits["train"][1])
     smallest = min(counts.get(c, 0) for c in range(len(raw.classes)))  # a class absent from train counts as 0
-    too_big = [n for n in (t.n_per_class or study.grid.n_per_class) if n > smallest]
-    if too_big:
-        raise ConfigError(f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class",
-                          f"{too_big} examples per class asked, but '{t.label}' holds "
-                          f"only {smallest} in its smallest class", f"use sizes up to {smallest}" if smallest
-                          else "give every class enough images for its train split")
+    for field, sizes in ((f"targets.{i}.n_per_class" if t.n_per_class else "grid.n_per_class",
+                          t.n_per_class or study.grid.n_per_class), ("scratch.curve", study.scratch.curve)):
+        too_big = [n for n in sizes if n > smallest]
+        if too_big:
+            raise ConfigError(field, f"{too_big} examples per class asked, but '{t.label}' holds only {smallest} in "
+                              "its smallest class", f"use sizes up to {smallest}" if smallest
+                              else "give every class enough images for its train split")
     return sum(len(labels) for _, labels in raw.splits.values())
 
 
