@@ -17,7 +17,8 @@ from transferbench.cli import main
 from transferbench.data import load_target
 from transferbench.models import backbones
 from transferbench.sweep import runner
-from transferbench.training import train
+from transferbench.training import cell as training_cell
+from transferbench.training import loop
 
 pytestmark = pytest.mark.slow
 
@@ -95,15 +96,15 @@ def test_a_frozen_prefix_left_trainable_fails(base, tmp_path, monkeypatch):
 
 
 def test_the_lr_multiplied_by_100_fails(base, tmp_path, monkeypatch):
-    make = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer",
+    make = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer",
                         lambda params, name, lr, wd, lrs=None: make(params, name, 100 * lr, wd, lrs))
     result = gate(base, run(tmp_path, OTHER_SEEDS))
     assert any("scratch accuracy dropped" in p or "failed" in p for p in result.problems), result.problems
 
 
 def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
-    load = train.load_target
+    load = training_cell.load_target
 
     def shuffled(dataset, *args, **kwargs):
         t = load(dataset, *args, **kwargs)
@@ -113,6 +114,6 @@ def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
         y = dict(t.y, train=t.y["train"][torch.randperm(len(t.y["train"]), generator=g)])
         return dataclasses.replace(t, y=y)
 
-    monkeypatch.setattr(train, "load_target", shuffled)
+    monkeypatch.setattr(training_cell, "load_target", shuffled)
     result = gate(base, run(tmp_path, OTHER_SEEDS))
     assert any("of gain dropped" in p and "digits" in p for p in result.problems), result.problems

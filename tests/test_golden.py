@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from transferbench.analysis import gains as analysis
+from transferbench.analysis.comparable import comparable
 from transferbench.sweep.store import curves_table, read_records, runs_table
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -27,6 +28,7 @@ def runs():
 
 def derived(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {"gains": analysis.negative_transfer(analysis.gains(runs, 0.95, 0.05, 0.01)),
+            "comparable": comparable(runs, 0.95, 0.05, 0.01),
             "fairness": analysis.fairness(runs),
             "mean_gain_by_size": analysis.mean_gain(runs, ["n_per_class"]),
             "schedules": analysis.schedule_effect(runs).reset_index(),
@@ -34,7 +36,7 @@ def derived(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                           "converged", "lr_chosen"]]}
 
 
-@pytest.mark.parametrize("name", ["gains", "fairness", "mean_gain_by_size", "schedules", "runs"])
+@pytest.mark.parametrize("name", ["gains", "comparable", "fairness", "mean_gain_by_size", "schedules", "runs"])
 def test_table_equals_its_golden_copy(runs, name):
     table = derived(runs)[name]
     path = GOLDEN / f"{name}.csv"

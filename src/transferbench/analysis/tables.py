@@ -12,6 +12,7 @@ import pandas as pd
 
 from transferbench.analysis import arms
 from transferbench.analysis import gains as analysis
+from transferbench.analysis.comparable import comparable
 from transferbench.core import atomic
 from transferbench.core.errors import ConfigError
 from transferbench.core.study import Study
@@ -105,6 +106,7 @@ def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.D
     targets)."""
     a = study.analysis
     gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
+    gains = gains.merge(comparable(runs, a.confidence, a.fdr, a.min_effect), on=analysis.POINT, how="left")
     corr = analysis.correlations(domains, gains, a.n_bootstrap // 2, a.confidence, estimators=estimators)
     order, ordered_by = analysis.distance_order([c.condition for c in study.targets], domains)
     ranking = analysis.measure_ranking(corr)
