@@ -114,3 +114,15 @@ def test_logme_golden_value_with_more_dimensions_than_examples():
     r.normal(size=(40, 8))  # the draw the golden value was computed after
     f = r.normal(size=(40, 300)) + np.eye(300)[y % 300] * 2
     assert logme(f, y) == pytest.approx(-0.6805433296493075, rel=1e-9)
+
+
+def test_gbc_is_zero_for_separated_classes_and_falls_as_they_overlap():
+    from transferbench.measures import gbc
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    centres = np.eye(3, 8) * 50
+    far = centres[y] + rng.normal(size=(60, 8))
+    near = centres[y] / 50 + rng.normal(size=(60, 8))
+    assert -1e-6 < gbc(far, y) <= 0 and gbc(near, y) < gbc(far, y) - 1
+    assert gbc(near @ np.linalg.qr(rng.normal(size=(8, 8)))[0], y) == pytest.approx(gbc(near, y), rel=1e-6)

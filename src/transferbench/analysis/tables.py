@@ -13,6 +13,7 @@ import pandas as pd
 from transferbench.analysis import arms
 from transferbench.analysis import gains as analysis
 from transferbench.analysis.comparable import comparable
+from transferbench.analysis.dial import dial
 from transferbench.core import atomic
 from transferbench.core.errors import ConfigError
 from transferbench.core.study import Study
@@ -44,7 +45,7 @@ def write_tables(study: Study, out: Path, use_domains: bool = True) -> Tables:
     t = derive(study, runs, curves, domains, estimators)
     write_csv(t.gains, out / "gains.csv")
     write_csv(t.correlations, out / "correlations.csv")
-    for name in ("arm_accuracy", "arm_differences", "claims"):
+    for name in ("arm_accuracy", "arm_differences", "claims", "dial"):
         if len(frame := getattr(t, name)):
             write_csv(frame, out / f"{name}.csv")
     return t
@@ -88,6 +89,8 @@ class Tables:
     arm_differences: pd.DataFrame
     claims: pd.DataFrame
     depth_prediction: dict | None
+    dial: pd.DataFrame  # gain against distance per backbone x tuning x size: the line and its break-even
+    dial_band: pd.DataFrame  # the line's confidence band across the dial, for the figure
 
     @property
     def selected(self) -> pd.DataFrame:
@@ -113,6 +116,7 @@ def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.D
     enough = gains["target"].nunique() >= analysis.MIN_TARGETS_TO_RANK and not domains.empty and len(ranking)
     duel = analysis.top_two(domains, gains, ranking, a.n_bootstrap // 2, a.confidence, estimators=estimators) \
         if enough else None
+    lines, band = dial(gains, domains, list(analysis.DISTANCES), a.confidence)
     compared = arms.several_arms(runs)  # which layers to train: the arms against full fine-tuning
     accuracy = arms.arm_accuracy(runs, a.confidence) if compared else pd.DataFrame()
     return Tables(runs=runs, curves=curves, gains=gains, arm_accuracy=accuracy, best_arms=arms.best_arms(accuracy),
@@ -122,4 +126,4 @@ def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.D
                   oracle=analysis.gains(runs, a.confidence, a.fdr, a.min_effect, on="test_acc"), domains=domains,
                   correlations=corr, estimators=estimators, fairness=analysis.fairness(runs),
                   schedules=analysis.schedule_effect(runs), order=order, ordered_by=ordered_by, ranking=ranking,
-                  duel=duel)
+                  duel=duel, dial=lines, dial_band=band)

@@ -16,7 +16,7 @@ import numpy as np
 from transferbench.core.registry import Registry
 from transferbench.measures.degenerate import Degenerate, safely
 from transferbench.measures.distance import frechet_distance, gaussian_kl, mmd2_unbiased, proxy_a_distance
-from transferbench.measures.transferability import h_score, knn_accuracy, leep, logme, nce
+from transferbench.measures.transferability import gbc, h_score, knn_accuracy, leep, logme, nce
 
 MEASURES = Registry("measure")
 LABEL_FREE = ("pair", "bn_profile")  # measured on the target's unlabelled images
@@ -44,6 +44,7 @@ def nce_of_probs(source_probs: np.ndarray, labels: np.ndarray) -> float:
 
 MEASURES.register("h_score", inputs="labelled", sign=1, label="H-score")(h_score)
 MEASURES.register("knn_acc", inputs="labelled", sign=1, label="kNN accuracy")(knn_accuracy)
+MEASURES.register("gbc", inputs="labelled", sign=1, label="GBC")(gbc)
 
 
 def measures(*inputs: str) -> list[str]:
@@ -56,4 +57,4 @@ def signs() -> dict[str, int]:
 
 
 __all__ = ["Degenerate", "safely", "MEASURES", "LABEL_FREE", "measures", "signs", "frechet_distance", "gaussian_kl",
-           "mmd2_unbiased", "proxy_a_distance", "h_score", "knn_accuracy", "leep", "logme", "nce"]
+           "mmd2_unbiased", "proxy_a_distance", "gbc", "h_score", "knn_accuracy", "leep", "logme", "nce"]

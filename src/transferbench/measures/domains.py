@@ -91,7 +91,7 @@ def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None) -> tuple[d
     return {k: v for k, (v, _) in found.items()}, [f"{k}: {why}" for k, (_, why) in found.items() if why]
 
 
-DOMAINS_FORMAT = 1  # bump when a measure's arithmetic or inputs change: cached rows are then recomputed
+DOMAINS_FORMAT = 2  # bump when a measure is added or its arithmetic or inputs change: cached rows are then recomputed
 
 
 def domain_tables(study: Study, cache: FeatureCache | None = None,
