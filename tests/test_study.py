@@ -30,16 +30,28 @@ def test_shipped_studies_load(name):
 
 
 def test_domain_gap_meets_the_grid_floor():
+    """The default study can answer its question: >= 24 conditions from >= 6 base datasets, natural to structured,
+    label-preserving shifts at graded severities, all four axes swept on anchor conditions, scratch's curve."""
+    from transferbench.data import SHIFTS
+
     s = load_study(STUDIES / "domain_gap.yaml")
+    cells = expand(s)
     assert len(s.backbones) >= 2 and all(b.weights == "imagenet" for b in s.backbones)
-    assert {0, "all"} <= set(s.grid.frozen_depth) and len(s.grid.frozen_depth) >= 3
-    assert len(s.grid.n_per_class) >= 3 and len(s.grid.schedule) >= 2 and len(s.grid.seed) >= 3
-    assert len(s.targets) >= 5 and s.targets[0].dataset == "textures"
-    assert {t.dataset for t in s.targets} >= {"digits", "glyphs"}
-    graded = {}  # a controlled distance series: one dataset, clean and under a shift of growing severity
+    assert len(s.targets) >= 24 and len({t.dataset for t in s.targets}) >= 6
+    assert {"textures", "digits", "glyphs", "counting", "sprites"} <= {t.dataset for t in s.targets}
+    graded = {}  # label-preserving shift families: one dataset, the shift at several severities
     for t in s.targets:
-        graded.setdefault((t.dataset, t.shift or next(u.shift for u in s.targets if u.shift)), set()).add(t.severity)
-    assert max(len(v) for v in graded.values()) >= 3
+        if t.shift and SHIFTS.meta(t.shift).get("label_preserving"):
+            graded.setdefault((t.dataset, t.shift), set()).add(t.severity)
+    assert max(len(v) for v in graded.values()) >= 3 and len({shift for _, shift in graded}) >= 2
+    # anchor conditions sweep backbone x frozen depth x size x schedule
+    for axis in ("model", "frozen_depth", "n_per_class", "schedule"):
+        assert len({getattr(c, axis) for c in cells if c.arm == "transfer"}) >= 2, axis
+    assert {0, "all"} <= set(s.grid.frozen_depth) and len(s.grid.frozen_depth) >= 3 and len(s.grid.seed) >= 3
+    conditions = {c.condition for c in cells if c.arm == "transfer" and c.frozen_depth == 0 and c.n_per_class == 8
+                  and c.model == "tf_efficientnet_lite0" and c.schedule == "cosine"}
+    assert len(conditions) == len(s.targets)  # one arm at one size across the whole dial
+    assert s.scratch.curve and max(s.scratch.curve) > 8  # scratch's curve reaches above the dial's size
     # the fair protocol: a step budget, early stopping, best-validation weights, LR chosen per arm on validation
     assert s.train.steps and s.train.patience and s.train.precise_bn and len(s.train.lrs) >= 2
     assert s.scratch.lrs and len(s.scratch.lrs) >= 2 and s.train.probe == "lbfgs"

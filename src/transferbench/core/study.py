@@ -165,6 +165,9 @@ class Grid(Strict):
                                "cosine_llrd: layer-wise LR decay); an arm of its own, not a schedule chosen on val")
     schedule: list[ScheduleSpec]
     seed: list[Seed]
+    per_target: bool = Field(True, description="honour each target's own n_per_class, frozen_depth, schedule and "
+                             "backbones (a fractional design); false: every target takes the whole grid (the full "
+                             "cross product, e.g. in a GPU profile)")
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -478,12 +481,13 @@ def cell_fields(study: Study, weights_map: dict[tuple[str, str], str] | None = N
     lbfgs = probe_by_lbfgs(study)
     axes = [dict(zip(cell_axes(), values)) for values in itertools.product(*(getattr(g, a) for a in cell_axes()))]
     for bb, tg in itertools.product(study.backbones, study.targets):
-        if tg.backbones is not None and bb.model not in tg.backbones:
+        own = tg if g.per_target else TargetSpec(dataset=tg.dataset)  # a fractional design, or the whole grid
+        if own.backbones is not None and bb.model not in own.backbones:
             continue
         weights = weights_map.get((bb.model, bb.weights), bb.weights)
-        sizes = tg.n_per_class or g.n_per_class
-        depths = g.frozen_depth if tg.frozen_depth is None else tg.frozen_depth
-        schedules = [s for s in g.schedule if tg.schedule is None or s.name in tg.schedule]
+        sizes = own.n_per_class or g.n_per_class
+        depths = g.frozen_depth if own.frozen_depth is None else own.frozen_depth
+        schedules = [s for s in g.schedule if own.schedule is None or s.name in own.schedule]
         curve_only = [n for n in study.scratch.curve if n not in sizes]
         for n, seed in itertools.product(sizes + curve_only, g.seed):
             data = dict(dataset=tg.dataset, shift=tg.shift, severity=tg.severity, n_per_class=n, seed=seed,
