@@ -126,7 +126,7 @@ def test_kendall_tau_b_matches_scipy_with_ties():
 
 
 def test_estimators_are_judged_with_targets_as_units():
-    from transferbench.analysis.gains import correlations, measure_ranking, top_two
+    from transferbench.analysis.predictors import correlations, measure_ranking, top_two
 
     targets = [f"t{i}" for i in range(6)]
     gain = np.array([0.30, 0.25, 0.20, 0.12, 0.05, 0.01])
@@ -144,3 +144,42 @@ def test_estimators_are_judged_with_targets_as_units():
     assert ranking["measure"].iloc[0] == "fd"
     verdict = top_two(domains, selected, ranking, n_boot=500)
     assert verdict["first"] == "fd" and verdict["second"] == "knn_acc" and verdict["ci_low"] <= verdict["difference"]
+
+
+def dial_tables(rng, gain_of):
+    """12 conditions of 6 base datasets (two each; 2 to 20 classes by dataset), one backbone, at 8 per class;
+    `gain_of(classes, i)` gives each condition's gain. fd tracks nothing; knn_acc is noise."""
+    rows, doms, classes = [], [], {}
+    for i in range(12):
+        t, c = f"t{i}", [2, 4, 6, 8, 10, 20][i // 2]
+        classes[t] = c
+        rows.append(dict(backbone="m", weights="imagenet", target=t, n_per_class=8, frozen_depth=0,
+                         gain=gain_of(c, i), transfer_mean=0.5))
+        doms.append(dict(backbone="m", weights="imagenet", target=t, dataset=f"d{i // 2}", fd=rng.uniform(0, 10),
+                         knn_acc=rng.uniform()))
+    return pd.DataFrame(doms), pd.DataFrame(rows), pd.Series(classes)
+
+
+def test_the_trivial_predictor_is_the_bar_a_measure_must_clear():
+    """Where the gain follows the number of classes alone, the trivial predictor (fitted without each condition's
+    base dataset) ranks the conditions, intervals resample base datasets, and no measure beats it."""
+    from transferbench.analysis.predictors import correlations, measure_ranking, top_two
+
+    rng = np.random.default_rng(0)
+    domains, selected, classes = dial_tables(rng, lambda c, i: 0.05 * np.log(c))
+    corr = correlations(domains, selected, n_boot=200, classes=classes)
+    trivial = corr[(corr["measure"] == "trivial") & (corr["outcome"] == "gain")].iloc[0]
+    assert trivial["tau"] == 1 and trivial["resampled"] == "datasets" and trivial["n_datasets"] == 6
+    duel = top_two(domains, selected, measure_ranking(corr), n_boot=200, classes=classes)
+    assert duel["first"] != "trivial" and duel["beats_trivial"] is False and duel["vs_trivial"] < 0
+
+
+def test_a_measure_that_tracks_the_gain_beats_the_trivial_predictor():
+    from transferbench.analysis.predictors import correlations, measure_ranking, top_two
+
+    rng = np.random.default_rng(1)
+    domains, selected, classes = dial_tables(rng, lambda c, i: 0.3 - 0.02 * i)
+    domains["fd"] = np.arange(12) + rng.normal(0, 0.1, 12)  # the distance grows as the gain falls
+    corr = correlations(domains, selected, n_boot=200, classes=classes)
+    duel = top_two(domains, selected, measure_ranking(corr), n_boot=200, classes=classes)
+    assert duel["first"] == "fd" and duel["beats_trivial"] is True and duel["trivial_low"] > 0

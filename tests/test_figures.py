@@ -8,8 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from transferbench.analysis import gains as analysis
-from transferbench.analysis import tables
+from transferbench.analysis import predictors, tables
 from transferbench.report import document as report
 from transferbench.report import plots
 from transferbench.sweep.store import curves_table
@@ -24,7 +23,7 @@ def reference(request):
     folder = BASELINES / request.param
     study = report.load_saved_study(folder)
     t = tables.read_tables(study, folder)
-    order, by = analysis.distance_order([c.condition for c in study.targets], t.domains)
+    order, by = predictors.distance_order([c.condition for c in study.targets], t.domains)
     return study, t, plots.make_style(t.runs, order, by)
 
 
@@ -69,7 +68,7 @@ def test_one_colour_per_target_and_per_arm():
 def test_findings_carry_intervals_and_follow_measured_distance():
     study = report.load_saved_study(BASELINES / "domain_gap")
     t = tables.read_tables(study, BASELINES / "domain_gap")
-    order, by = analysis.distance_order([c.condition for c in study.targets], t.domains)
+    order, by = predictors.distance_order([c.condition for c in study.targets], t.domains)
     assert by.startswith("measured") and order != [c.condition for c in study.targets]  # FD reorders this study
     lines = report.findings(study, t)
     assert sum(" pp [" in line for line in lines) >= 2
@@ -80,7 +79,7 @@ def test_findings_carry_intervals_and_follow_measured_distance():
 def test_no_estimator_is_ranked_from_fewer_than_four_targets():
     study = report.load_saved_study(BASELINES / "smoke")
     t = tables.read_tables(study, BASELINES / "smoke")
-    assert t.selected["target"].nunique() < analysis.MIN_TARGETS_TO_RANK
+    assert t.selected["target"].nunique() < predictors.MIN_TARGETS_TO_RANK
     text = " ".join(report.findings(study, t) + report.failure_section(study, t))
     assert "Best predictor" not in text and "No estimator is ranked" in text and "+nan" not in text
 
@@ -116,7 +115,7 @@ def test_a_report_from_pixel_records_alone_draws_what_it_can(tmp_path):
     study = report.load_saved_study(BASELINES / "smoke")
     runs = tables.read_tables(study, BASELINES / "smoke").runs
     t = tables.derive(study, runs[runs["arm"] == "pixels"], curves_table([]), pd.DataFrame(), None)
-    order, by = analysis.distance_order([c.condition for c in study.targets], t.domains)
+    order, by = predictors.distance_order([c.condition for c in study.targets], t.domains)
     drawn = plots.draw_all(t, plots.make_style(t.runs, order, by), tmp_path)
     assert t.gains.empty and all(p.exists() for p in drawn)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from transferbench.analysis import arms
+from transferbench.analysis import arms, predictors
 from transferbench.analysis import gains as analysis
 from transferbench.analysis.comparable import comparable
 from transferbench.analysis.dial import dial
@@ -110,13 +110,16 @@ def derive(study: Study, runs: pd.DataFrame, curves: pd.DataFrame, domains: pd.D
     a = study.analysis
     gains = analysis.negative_transfer(analysis.gains(runs, a.confidence, a.fdr, a.min_effect))
     gains = gains.merge(comparable(runs, a.confidence, a.fdr, a.min_effect), on=analysis.POINT, how="left")
-    corr = analysis.correlations(domains, gains, a.n_bootstrap // 2, a.confidence, estimators=estimators)
-    order, ordered_by = analysis.distance_order([c.condition for c in study.targets], domains)
-    ranking = analysis.measure_ranking(corr)
-    enough = gains["target"].nunique() >= analysis.MIN_TARGETS_TO_RANK and not domains.empty and len(ranking)
-    duel = analysis.top_two(domains, gains, ranking, a.n_bootstrap // 2, a.confidence, estimators=estimators) \
+    classes = runs.groupby("target")["num_classes"].first() if "num_classes" in runs else None
+    corr = predictors.correlations(domains, gains, a.n_bootstrap // 2, a.confidence, estimators=estimators,
+                                   classes=classes)
+    order, ordered_by = predictors.distance_order([c.condition for c in study.targets], domains)
+    ranking = predictors.measure_ranking(corr)
+    enough = gains["target"].nunique() >= predictors.MIN_TARGETS_TO_RANK and not domains.empty and len(ranking)
+    duel = predictors.top_two(domains, gains, ranking, a.n_bootstrap // 2, a.confidence, estimators=estimators,
+                              classes=classes) \
         if enough else None
-    lines, band = dial(gains, domains, list(analysis.DISTANCES), a.confidence)
+    lines, band = dial(gains, domains, list(predictors.DISTANCES), a.confidence)
     compared = arms.several_arms(runs)  # which layers to train: the arms against full fine-tuning
     accuracy = arms.arm_accuracy(runs, a.confidence) if compared else pd.DataFrame()
     return Tables(runs=runs, curves=curves, gains=gains, arm_accuracy=accuracy, best_arms=arms.best_arms(accuracy),

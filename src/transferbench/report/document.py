@@ -14,7 +14,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from transferbench.analysis import arms
+from transferbench.analysis import arms, predictors
 from transferbench.analysis import gains as analysis
 from transferbench.analysis.tables import Tables, write_tables
 from transferbench.core import atomic
@@ -108,13 +108,13 @@ def findings(study: Study, t: Tables) -> list[str]:
 
 def estimator_sentence(study: Study, t: Tables) -> str:
     """Which measure ranked the targets best, and whether it is distinguishable from the runner-up; nothing is
-    ranked from fewer than analysis.MIN_TARGETS_TO_RANK targets or without domain measures."""
+    ranked from fewer than predictors.MIN_TARGETS_TO_RANK targets or without domain measures."""
     n_targets, ranking, corr = t.selected["target"].nunique(), t.ranking, t.correlations
     if t.domains.empty:
         return ""
-    if n_targets < analysis.MIN_TARGETS_TO_RANK:
+    if n_targets < predictors.MIN_TARGETS_TO_RANK:
         return (f"No estimator is ranked: {n_targets} target condition(s), fewer than the "
-                f"{analysis.MIN_TARGETS_TO_RANK} a rank correlation across targets needs.")
+                f"{predictors.MIN_TARGETS_TO_RANK} a rank correlation across targets needs.")
     if ranking.empty:
         return ""
     top = ranking.iloc[0]
@@ -348,7 +348,7 @@ def failure_section(study: Study, t: Tables) -> list[str]:
     lines += [f"- {tg}: {interval(r)}, {100 * positive.get(tg, np.nan):.0f}% positive (transfer "
               f"{100 * r.transfer:.1f}%, scratch {100 * r.scratch:.1f}%)" for tg, r in by_target.iterrows()]
     if not domains.empty:
-        d = domains.groupby("target")[[m for m in analysis.DISTANCES if m in domains]].mean().reindex(by_target.index)
+        d = domains.groupby("target")[[m for m in predictors.DISTANCES if m in domains]].mean().reindex(by_target.index)
         lines += ["", "Measured distance to the source reference (mean over backbones):", "",
                   markdown_table(d.round(3).reset_index())]
     best = analysis.best_depth(selected)
@@ -362,7 +362,7 @@ def failure_section(study: Study, t: Tables) -> list[str]:
     sentence = estimator_sentence(study, t)
     if sentence:
         lines += ["", sentence]
-    if len(ranking) and selected["target"].nunique() >= analysis.MIN_TARGETS_TO_RANK:
+    if len(ranking) and selected["target"].nunique() >= predictors.MIN_TARGETS_TO_RANK:
         lines += ["", "Per size, with a bootstrap over targets and the range of leave-one-target-out taus:", "",
                   markdown_table(corr[corr["outcome"] == "gain"].drop(columns=["outcome", "expected_sign"]).round(3)),
                   "", "Mean over sizes:", "", markdown_table(ranking.round(3))]

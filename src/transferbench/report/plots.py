@@ -30,7 +30,6 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from transferbench.analysis.gains import (  # noqa: E402
-    MEASURES,
     POINT,
     SCRATCH_POINT,
     arm_labels,
@@ -39,6 +38,7 @@ from transferbench.analysis.gains import (  # noqa: E402
     ok_runs,
     with_tuning,
 )
+from transferbench.analysis.predictors import SIGNS  # noqa: E402
 from transferbench.analysis.tables import Tables  # noqa: E402
 from transferbench.core import atomic  # noqa: E402
 from transferbench.core.paths import results_subfolder  # noqa: E402
@@ -463,7 +463,7 @@ def estimators_vs_accuracy(t: Tables, style: Style):
     probe = sel[(sel["frozen_depth"].astype(str) == "all") & (sel["n_per_class"] == n)]
     probe = probe if len(probe) else sel[sel["n_per_class"] == n]
     df = probe[probe["tuning"] == probe["tuning"].iloc[0]].merge(domains, on=["backbone", "weights", "target"])
-    measures = [m for m in MEASURES if m in df and df[m].notna().any()]
+    measures = [m for m in SIGNS if m in df and df[m].notna().any()]
     if df.empty or not measures:
         return None
     fig, axes = panels(len(measures), panel_w=1.45, panel_h=1.3, sharex=False)
