@@ -98,7 +98,8 @@ def cmd_list(args) -> int:
     from transferbench.data import DATASETS, SHIFTS
     from transferbench.measures import MEASURES
     from transferbench.models.backbones import WEIGHTS
-    from transferbench.report.document import ANCHORS, SECTIONS
+    from transferbench.report.anchors import ANCHORS
+    from transferbench.report.document import SECTIONS
     from transferbench.report.plots import FIGURES
     from transferbench.training.schedules import OPTIMIZERS, SCHEDULES
 

@@ -94,3 +94,14 @@ def dial(gains: pd.DataFrame, domains: pd.DataFrame, distances: list[str],
                 bands += [head | dict(d=d, fit=r["intercept"] + r["slope"] * d, low=lo, high=hi)
                           for d, lo, hi in zip(r["grid"], r["band_low"], r["band_high"])]
     return pd.DataFrame(rows), pd.DataFrame(bands)
+
+
+def widest(lines: pd.DataFrame, distance: str = "fd", outcome: str = "gain") -> pd.DataFrame:
+    """The lines of one distance and outcome measured over the most base datasets (the dial's own arms, in a
+    fractional design), full fine-tuning first: what the figure and the summary show."""
+    if lines.empty:
+        return lines
+    lines = lines[(lines["distance"] == distance) & (lines["outcome"] == outcome)]
+    lines = lines[lines["n_datasets"] == lines["n_datasets"].max()] if len(lines) else lines
+    return lines.assign(full=lines["tuning"] != "frozen 0").sort_values(["full", "backbone", "tuning",
+                                                                          "n_per_class"]).drop(columns="full")

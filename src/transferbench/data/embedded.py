@@ -51,19 +51,19 @@ def photo_patches(names: list[str], counts=(60, 20, 30), patch: int = 64, seed: 
     return RawDataset({s: (np.stack(xs), np.array(ys, dtype=np.int64)) for s, (xs, ys) in out.items()}, list(names))
 
 
-@DATASETS.register()
+@DATASETS.register(family="natural")
 def textures() -> RawDataset:
     """Natural photo and texture patches (10 classes): the target nearest the ImageNet source."""
     return photo_patches(TEXTURE_IMAGES)
 
 
-@DATASETS.register()
+@DATASETS.register(family="natural")
 def source_reference() -> RawDataset:
     """Natural-photo patches from photos no target uses: the source reference for domain distances."""
     return photo_patches(SOURCE_REFERENCE_IMAGES, counts=(40, 10, 10), seed=1)
 
 
-@DATASETS.register()
+@DATASETS.register(family="characters")
 def digits() -> RawDataset:
     """sklearn's 1,797 real handwritten digits (8x8): far from the source."""
     from sklearn.datasets import load_digits
@@ -95,7 +95,7 @@ def glyph_fonts_by_split(seed: int = 0) -> dict[str, list[str]]:
     return {"train": sorted(order[:a]), "val": sorted(order[a:b]), "test": sorted(order[b:])}
 
 
-@DATASETS.register()
+@DATASETS.register(family="characters")
 def glyphs(variants: PositiveInt = 5, size: Annotated[int, Field(ge=8)] = 64, seed: NonNegativeInt = 0) -> RawDataset:
     """Letters A-T rendered from matplotlib's bundled fonts with random affine variation: synthetic, far.
     Split by font (13 / 3 / 6 of the 22 fonts)."""
@@ -126,7 +126,7 @@ def glyphs(variants: PositiveInt = 5, size: Annotated[int, Field(ge=8)] = 64, se
     return RawDataset(splits, list(GLYPH_CLASSES))
 
 
-@DATASETS.register()
+@DATASETS.register(family="natural")
 def faces() -> RawDataset:
     """skimage's lfw_subset: 100 faces vs 100 non-faces (25x25 gray)."""
     from skimage.data import lfw_subset

@@ -45,7 +45,7 @@ def _draw(make_scene, classes: list[str], seed: int) -> RawDataset:
     return RawDataset(splits, classes)
 
 
-@DATASETS.register()
+@DATASETS.register(family="structured")
 def counting(most: Literal[4, 5, 6] = 6, seed: NonNegativeInt = 0) -> RawDataset:
     """How many objects (1 to 6 discs and squares of random size and colour, apart): a CLEVR-count-like
     structured task. Object sizes vary so that the painted area does not give the count away."""
@@ -64,7 +64,7 @@ def counting(most: Literal[4, 5, 6] = 6, seed: NonNegativeInt = 0) -> RawDataset
     return _draw(scene, [str(i) for i in range(1, most + 1)], seed)
 
 
-@DATASETS.register()
+@DATASETS.register(family="structured")
 def sprites(label: Literal["position", "orientation"] = "position", seed: NonNegativeInt = 0) -> RawDataset:
     """One elongated sprite (an ellipse or a bar, random colour, scale, position and angle) per image, dSprites-like:
     the label is its horizontal position (5 bands) or its orientation (6 bins of 30 degrees), the other factors

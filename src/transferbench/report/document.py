@@ -22,20 +22,9 @@ from transferbench.core.errors import ConfigError
 from transferbench.core.paths import results_subfolder
 from transferbench.core.registry import Registry
 from transferbench.core.study import Study, format_validation_error, safe_yaml, scratch_lrs, transfer_lrs
-from transferbench.report import plots
-
-
-def pp(x: float) -> str:
-    return "n/a" if pd.isna(x) else f"{100 * x:+.1f}"
-
-
-def per_class(n: int) -> str:
-    return f"{n} example{'s' if n != 1 else ''} per class"
-
-
-def interval(row) -> str:
-    """'+12.3 pp [+8.1, +16.5]' for a row with gain, ci_low and ci_high."""
-    return f"{pp(row.gain)} pp [{pp(row.ci_low)}, {pp(row.ci_high)}]"
+from transferbench.report import dial, plots
+from transferbench.report.anchors import ANCHORS, anchors
+from transferbench.report.words import interval, markdown_table, per_class, pp
 
 
 def gain_text(row) -> str:
@@ -110,6 +99,7 @@ def estimator_sentence(study: Study, t: Tables) -> str:
     """Which measure ranked the targets best, and whether it is distinguishable from the runner-up; nothing is
     ranked from fewer than predictors.MIN_TARGETS_TO_RANK targets or without domain measures."""
     n_targets, ranking, corr = t.selected["target"].nunique(), t.ranking, t.correlations
+    ranking = ranking[ranking["measure"] != "trivial"] if len(ranking) else ranking  # the bar, not a candidate
     if t.domains.empty:
         return ""
     if n_targets < predictors.MIN_TARGETS_TO_RANK:
@@ -129,22 +119,11 @@ def estimator_sentence(study: Study, t: Tables) -> str:
     if duel is None:
         return text + "."
     word = "distinguishable" if duel["distinguishable"] else "not distinguishable"
+    trivial = "" if duel.get("beats_trivial") is None else \
+        f"; it {'beats' if duel['beats_trivial'] else 'does not reliably beat'} the trivial predictor " \
+        f"(difference {duel['vs_trivial']:+.2f} [{duel['trivial_low']:+.2f}, {duel['trivial_high']:+.2f}])"
     return (text + f"; {word} from {duel['second']} (difference {duel['difference']:+.2f}, "
-            f"{study.analysis.confidence:.0%} CI [{duel['ci_low']:+.2f}, {duel['ci_high']:+.2f}] over targets).")
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    cols = [md_cell(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def md_cell(value) -> str:
-    """A value as one markdown table cell: a `|` would end the cell and a line break the row (a weights path or an
-    error message may hold either), so values never move under another heading."""
-    one_line = re.sub(r"[\r\n]+", " ", str(value))
-    return re.sub(r"(\\*)\|", lambda m: 2 * m.group(1) + "\\|", one_line)  # backslashes before a | escaped too
+            f"{study.analysis.confidence:.0%} CI [{duel['ci_low']:+.2f}, {duel['ci_high']:+.2f}])" + trivial + ".")
 
 
 def _fmt_gains(df: pd.DataFrame) -> pd.DataFrame:
@@ -162,77 +141,6 @@ def fairness_sentence(runs: pd.DataFrame, sel: pd.DataFrame) -> str:
     return (f"Converged: {', '.join(f'{arm} {100 * v:.0f}%' for arm, v in share.items())} of cells; "
             f"{int((sel['flags'] != '').sum())} of {len(sel)} grid points flagged, {int(sel['below_pixels'].sum())} "
             "with transfer below the best pixel baseline.")
-
-
-ANCHORS = Registry("anchor finding")  # name -> (study, tables) -> its line in the report, or None (not testable)
-
-
-def anchors(study: Study, t: Tables) -> list[str]:
-    """The findings a correct harness reproduces or refutes (DESIGN.md), each said plainly with its numbers."""
-    if t.selected.empty:
-        return []
-    found = [finding(study, t) for _, finding in ANCHORS.items()]
-    return ["## Do the known findings reproduce?", ""] + [line for line in found if line] + [""]
-
-
-@ANCHORS.register(source="VTAB-1k (Zhai et al. 2019)")
-def gains_shrink_with_data(study: Study, t: Tables) -> str:
-    """Gains are largest with little data and shrink as data grows."""
-    by_size = analysis.mean_gain(t.runs, ["n_per_class"], study.analysis.confidence)
-    shrinks = bool((np.diff(by_size["gain"].to_numpy()) < 0).all()) if len(by_size) > 1 else False
-    return ("- Gains largest with little data, shrinking as data grows (VTAB-1k): mean gain "
-            + ", ".join(f"{interval(r)} at {r.n_per_class}" for r in by_size.itertuples()) + " per class -- "
-            + ("**reproduces** (means in order; the intervals say how firmly)." if shrinks else
-               "**does not reproduce** here."))
-
-
-@ANCHORS.register(source="Raghu et al. 2019; VTAB structured")
-def gains_shrink_with_distance(study: Study, t: Tables) -> str | None:
-    """Gains shrink as the target moves away from the source (Kendall tau of gain with Frechet distance)."""
-    corr = t.correlations
-    fd = corr[(corr["measure"] == "fd") & (corr["outcome"] == "gain")] if len(corr) else corr
-    if not len(fd):
-        return None
-    taus = ", ".join(f"{r.tau:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] at {r.n_per_class}" for r in fd.itertuples())
-    clear = fd[fd["ci_high"] < 0]
-    return (f"- Gains shrink as the target moves away from the source (Raghu et al. 2019; VTAB structured): "
-            f"Kendall tau of gain with measured Frechet distance across targets {taus} per class -- "
-            + (f"**reproduces** at {len(clear)} of {len(fd)} sizes (interval below 0)." if len(clear) else
-               "**not shown**: no interval lies below 0."))
-
-
-@ANCHORS.register(source="Yosinski et al. 2014")
-def frozen_features_fail_far(study: Study, t: Tables) -> str | None:
-    """Deep frozen features transfer worst across a large gap (probe minus full fine-tuning, near vs far)."""
-    gap = analysis.arm_gap(t.runs, "probe (all)", "frozen 0", study.analysis.confidence)
-    gap = gap.set_index("target").reindex(t.order).dropna(subset=["gain"]) if len(gap) else gap
-    if len(gap) <= 1 or t.ordered_by == "the study file":
-        return None
-    near, far = gap.iloc[0], gap.iloc[-1]
-    return (f"- Deep frozen features transfer worst across a large gap (Yosinski et al. 2014): probe minus "
-            f"full fine-tuning {interval(near)} on the nearest target as measured ({near.name}), "
-            f"{interval(far)} on the farthest ({far.name}) -- "
-            + ("**reproduces**." if far.gain < near.gain and far.ci_high < 0 else "**does not reproduce** here."))
-
-
-@ANCHORS.register(source="Wang et al. 2019 (negative transfer)")
-def negative_transfer(study: Study, t: Tables) -> str:
-    """The grid points where transfer is reliably below training from scratch."""
-    sel = t.selected
-    neg = sel[sel["verdict"] == "negative"]
-    return (f"- Negative transfer: {len(neg)} of {len(sel)} grid points"
-            + (": " + "; ".join(f"{r.backbone} {r.target} {r.tuning} n={r.n_per_class} {pp(r.gain)} pp"
-                                for r in neg.itertuples()) if len(neg) else "")
-            + ".")
-
-
-@ANCHORS.register(source="trivial baselines")
-def below_pixels(study: Study, t: Tables) -> str:
-    """The grid points where transfer does not beat the best classifier on raw pixels."""
-    sel = t.selected
-    below = sel[sel["below_pixels"]]
-    return (f"- Transfer below the best pixel baseline at {len(below)} of {len(sel)} grid points"
-            + (" (" + ", ".join(sorted(set(below["target"]))) + ")" if len(below) else "") + ".")
 
 
 def arms_section(study: Study, t: Tables) -> list[str]:
@@ -378,6 +286,28 @@ def failure_section(study: Study, t: Tables) -> list[str]:
     return lines
 
 
+def fractional(study: Study) -> list[str]:
+    """The design's deviations from the full cross product, said: the targets that train fewer arms, and the sizes
+    at which only scratch and the pixel baselines train."""
+    g, out = study.grid, []
+    if g.per_target:
+        own: dict[str, list[str]] = {}
+        for tg in study.targets:
+            parts = [f"frozen depth {', '.join(map(str, tg.frozen_depth))}" if tg.frozen_depth is not None else "",
+                     f"sizes {', '.join(map(str, tg.n_per_class))}" if tg.n_per_class else "",
+                     f"schedule {', '.join(tg.schedule)}" if tg.schedule is not None else "",
+                     f"backbones {', '.join(tg.backbones)}" if tg.backbones is not None else ""]
+            if any(parts):
+                own.setdefault("; ".join(p for p in parts if p), []).append(tg.condition)
+        out += [f"- fractional design: {len(conds)} condition(s) train only {arms} ({', '.join(conds)})"
+                for arms, conds in own.items()]
+    if study.scratch.curve:
+        out.append(f"- scratch's learning curve: scratch and the pixel baselines also train at "
+                   f"{', '.join(map(str, study.scratch.curve))} examples per class on every target (effective data "
+                   "transferred)")
+    return out
+
+
 def study_as_run(study: Study, t: Tables, timing: str | None, ordered_by: str, order: list[str]) -> list[str]:
     """What ran, generated from the resolved configuration and the records (not from the study file's prose)."""
     tr, sc, g, a = study.train, study.scratch, study.grid, study.analysis
@@ -415,6 +345,7 @@ def study_as_run(study: Study, t: Tables, timing: str | None, ordered_by: str, o
              + (f"; recipes {', '.join(g.recipes)}" if g.recipes else "") + f"; {', '.join(map(str, g.n_per_class))} "
              f"labelled examples per class; schedules {', '.join(s.name for s in g.schedule)}; seeds "
              f"{', '.join(map(str, g.seed))}; {len(runs)} cells ({', '.join(f'{k} {v}' for k, v in arms.items())})",
+             *fractional(study),
              f"- images {tr.image_size} px, batch {tr.batch_size}, {tr.optimizer} (weight decay {tr.weight_decay:g}), "
              f"augmentation {'on' if tr.augment else 'off'}",
              f"- budget: {budget}",
@@ -462,11 +393,19 @@ class Page:
 SECTIONS = Registry("report section")
 
 
+@SECTIONS.register("summary", heading="## Summary")
+def summary_section(p: Page) -> list[str]:
+    """The answer in one screen: where the gain stops paying, what it is worth in data, against the strongest
+    baseline without pretraining, and which measure predicts it (left out without a dial of 3+ base datasets)."""
+    said = dial.summary_lines(p.study, p.t)
+    return ["## Summary", ""] + [f"- {s}" for s in said] + [""] if said else []
+
+
 @SECTIONS.register("question", heading="## The question")
 def question_section(p: Page) -> list[str]:
     """The study file's own description, quoted."""
     quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in p.study.description.strip().splitlines())
-    return [f"# transferbench study: {p.study.name}", "", "## The question", "",
+    return ["## The question", "",
             quoted or "> (no description)", "", "*The study file's own words; what ran is stated below.*", ""]
 
 
@@ -492,6 +431,16 @@ def headline_section(p: Page) -> list[str]:
         + [f"- {line}" for line in headlines(p.study, p.t)] + [""]
 
 
+@SECTIONS.register("dial", heading="## When does transfer stop paying?")
+def dial_section(p: Page) -> list[str]:
+    """The break-even distance of every dial arm, the gains made comparable across targets, the measure ranking with
+    the trivial predictor, and the anchor findings the dial settles (the figure is the Summary's)."""
+    settled = [n for n in ANCHORS if ANCHORS.meta(n).get("dial")]
+    said = [line for n in settled if (line := ANCHORS[n](p.study, p.t))]
+    body = dial.dial_lines(p.study, p.t, said)
+    return ["## When does transfer stop paying?", ""] + body + [""] if body else []
+
+
 @SECTIONS.register("findings", heading="## Findings")
 def findings_section(p: Page) -> list[str]:
     """The numbered findings (also written to findings.txt)."""
@@ -501,8 +450,10 @@ def findings_section(p: Page) -> list[str]:
 
 @SECTIONS.register("anchors", heading="## Do the known findings reproduce?")
 def anchors_page(p: Page) -> list[str]:
-    """The literature's findings (`transferbench list anchors`), each reproduced or not, with its numbers."""
-    return anchors(p.study, p.t)
+    """The literature's findings (`transferbench list anchors`), each reproduced or not, with its numbers; those the
+    dial section settled are not repeated."""
+    said = tuple(n for n in ANCHORS if ANCHORS.meta(n).get("dial")) if "dial" in p.written else ()
+    return anchors(p.study, p.t, skip=said)
 
 
 @SECTIONS.register("arms", heading="## Which layers to train")
@@ -562,7 +513,7 @@ def build(study: Study, out: Path, timing: str | None = None, domains: bool = Tr
         timing = (out / "timing.txt").read_text(encoding="utf-8").strip()
     drawn = plots.draw_all(t, plots.make_style(t.runs, t.order, t.ordered_by), out / "figures") if len(t.runs) else []
     page = Page(study, t, {f.stem: f for f in drawn}, timing, domains)
-    text: list[str] = []
+    text: list[str] = [f"# transferbench study: {study.name}", ""]
     for name, write in SECTIONS.items():
         lines = write(page)
         page.written |= {name} if lines else set()

@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from transferbench.analysis.dial import widest  # noqa: E402
 from transferbench.analysis.gains import (  # noqa: E402
     POINT,
     SCRATCH_POINT,
@@ -422,6 +423,48 @@ def gain_vs_distance(t: Tables, style: Style, distance: str = "fd"):
                                                 for d in depths]
     return finish(fig, axes, f"{REGISTERED.meta(distance)['label']} to the source reference (frozen pooled features)",
                   "gain over scratch (pp)", handles, legend_columns=4)
+
+
+@figure("dial", section="summary")
+def dial_figure(t: Tables, style: Style, distance: str = "fd"):
+    """The domain dial: each condition's gain over scratch (mean over seeds, its t-interval) against its measured
+    distance from the source, colour = base dataset; the fitted line with its band (delete-one-dataset jackknife)
+    and the break-even distance where the line reaches zero (dotted, with its interval shaded) when the dial
+    reaches it."""
+    lines = widest(t.dial, distance)
+    if lines.empty:
+        return None
+    pts = t.selected.merge(t.domains[["backbone", "weights", "target", "dataset", distance]],
+                           on=["backbone", "weights", "target"])
+    keys = ["backbone", "weights", "tuning", "n_per_class"]
+    datasets = sorted(pts["dataset"].unique())
+    colours = dict(zip(datasets, sns.color_palette("colorblind", len(datasets))))
+    fig, axes = panels(len(lines), panel_w=2.4, panel_h=1.8, columns=2, sharex=False)  # each backbone its own FD
+    low, high = 100 * pts["ci_low"].min(), 100 * pts["ci_high"].max()
+    pad = 0.1 * (high - low) if high > low else 1.0
+    for ax, line in zip(axes, lines.itertuples()):
+        ax.set_ylim(min(low, 0) - pad, max(high, 0) + pad)  # the points decide the scale, not a wide band's ends
+        key = dict(zip(keys, (line.backbone, line.weights, line.tuning, line.n_per_class)))
+        sub = pts.loc[(pts[keys] == pd.Series(key)).all(axis=1)]
+        band = t.dial_band.loc[(t.dial_band[keys] == pd.Series(key)).all(axis=1)
+                               & (t.dial_band["distance"] == distance) & (t.dial_band["outcome"] == "gain")]
+        ax.axhline(0, color="black", lw=0.7)
+        ax.fill_between(band["d"], 100 * band["low"], 100 * band["high"], color="0.85", lw=0)
+        ax.plot(band["d"], 100 * band["fit"], color="0.3", lw=1)
+        for r in sub.itertuples():
+            ax.errorbar(getattr(r, distance), 100 * r.gain, yerr=[[100 * (r.gain - r.ci_low)],
+                                                                   [100 * (r.ci_high - r.gain)]],
+                        fmt="o", ms=3, color=colours[r.dataset], lw=0.6, capsize=0)
+        if line.reached:
+            ax.axvline(line.break_even, color="0.2", ls=":", lw=1)
+            if np.isfinite(line.be_low) and np.isfinite(line.be_high):
+                ax.axvspan(max(line.be_low, line.d_min), min(line.be_high, line.d_max), color="0.6", alpha=0.25,
+                           lw=0)
+        ax.set_title(f"{line.backbone.replace('tf_efficientnet_', '')}, {line.tuning}, {line.n_per_class} per "
+                     "class")
+    handles = [Line2D([], [], ls="", marker="o", ms=4, color=c, label=d) for d, c in colours.items()]
+    return finish(fig, axes, f"{REGISTERED.meta(distance)['label']} to the source reference (frozen pooled features)",
+                  "gain over scratch (pp)", handles, legend_columns=6)
 
 
 @figure("bn_divergence_profile")
