@@ -33,7 +33,8 @@ def test_figure_has_no_overlapping_labels_and_fits_a_page(reference, name):
     fig = plots.FIGURES[name](t, style)
     if fig is None:
         absent = {"transfer_matrix": t.selected["weights"].nunique() == 1,  # only these may be absent, and only
-                  "arm_differences": t.arm_differences.empty}  # where the study has nothing to draw in them
+                  "arm_differences": t.arm_differences.empty,  # where the study has nothing to draw in them
+                  "dial": t.dial.empty}  # fewer than 3 base datasets measured
         assert absent.get(name)
         return
     try:

@@ -45,9 +45,10 @@ def break_even_sentence(line, confidence: float) -> str:
         return (f"The {unit} of {arm_name(line)} reaches zero at {name} {line.break_even:.3g} {where} "
                 f"({confidence:.0%} interval over {line.n_datasets} base datasets, {line.n_conditions} conditions; "
                 f"the dial spans {span}); {reliably}.")
-    trend = "falls" if line.slope < 0 else "does not fall"
-    return (f"The {unit} of {arm_name(line)} {trend} with {name} (slope {100 * line.slope:+.3g} pp per unit, "
-            f"[{100 * line.slope_low:+.3g}, {100 * line.slope_high:+.3g}]) but does not reach zero within the dial "
+    trend = ("falls" if line.slope_high < 0 else "rises" if line.slope_low > 0 else "shows no reliable trend") + \
+        f" with {name} (slope {100 * line.slope:+.3g} pp per unit, [{100 * line.slope_low:+.3g}, " \
+        f"{100 * line.slope_high:+.3g}])"
+    return (f"The {unit} of {arm_name(line)} {trend} and does not reach zero within the dial "
             f"({span}, {line.n_conditions} conditions of {line.n_datasets} base datasets): no break-even distance "
             f"inside it; {reliably}.")
 
@@ -118,13 +119,12 @@ def half_width_sentence(study: Study, t: Tables) -> str:
     own = corr[(corr["measure"] == duel["first"]) & (corr["outcome"] == "gain")]
     if own.empty:
         return ""
-    widest_row = own.loc[(own["ci_high"] - own["ci_low"]).idxmax()]
-    half = (own["ci_high"] - own["ci_low"]).max() / 2
-    return (f"Its tau intervals ({own['resampled'].iloc[0]} resampled) have half-widths up to {half:.2f} "
-            f"(at {per_class(int(widest_row.n_per_class))}, {int(widest_row.n_targets)} conditions of "
-            f"{int(widest_row.n_datasets)} base datasets)" + (": within the 0.35 the design aims at." if half <= 0.35
-                                                                else ": wider than the 0.35 the design aims at, so the "
-                                                                "ranking is tentative."))
+    row = own.loc[own["n_targets"].idxmax()]  # the size the dial measured across the most conditions
+    half = (row.ci_high - row.ci_low) / 2
+    return (f"At {per_class(int(row.n_per_class))} ({int(row.n_targets)} conditions of {int(row.n_datasets)} base "
+            f"datasets, {row.resampled} resampled) its tau is {row.tau:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}], "
+            f"half-width {half:.2f}" + (": within the 0.35 the design aims at." if half <= 0.35 else
+                                        ": wider than the 0.35 the design aims at, so the ranking is tentative."))
 
 
 def summary_lines(study: Study, t: Tables) -> list[str]:
