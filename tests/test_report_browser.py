@@ -72,6 +72,10 @@ def open_in_chromium(page: Path, width: int = 1400, screenshot: Path | None = No
         metrics = dict(width=width, height=1000, deviceScaleFactor=1, mobile=False)
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         driver.get(page.as_uri())
+        # a large page (inlined figures: several MB) may still be parsing when get() returns on a loaded machine
+        loaded = "return document.readyState === 'complete' && Array.from(document.images).every(i => i.complete)"
+        pytest.importorskip("selenium.webdriver.support.ui").WebDriverWait(driver, 60).until(
+            lambda d: d.execute_script(loaded))
         seen = driver.execute_script("""return {
             images: Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt]),
             resources: performance.getEntriesByType('resource').map(e => e.name),
