@@ -310,8 +310,9 @@ def _register() -> None:
         builder.__doc__ = f"torchvision's {TORCHVISION[name][0]} (options: root, download, store_size)"
         return builder
 
-    for name in TORCHVISION:
-        DATASETS.register(name, fingerprint=_root_fingerprint)(make(name))
+    for name in TORCHVISION:  # VTAB's grouping: EuroSAT (remote sensing) is "specialized", the rest natural
+        family = "specialized" if name == "eurosat" else "natural"
+        DATASETS.register(name, fingerprint=_root_fingerprint, family=family)(make(name))
 
     @DATASETS.register("imagefolder", fingerprint=_path_fingerprint)
     def imagefolder(path: str | None = None, store_size: PositiveInt = 64) -> RawDataset:

@@ -23,8 +23,8 @@ from transferbench.core.paths import cache_dir
 from transferbench.core.registry import Registry
 
 # name -> builder(**options) -> RawDataset; metadata `fingerprint(options) -> dict` for data read from a folder, so
-# that adding, removing or editing its files invalidates the cached arrays, and `family` (natural, characters or
-# structured: VTAB's grouping, which the report's anchor findings compare).
+# that adding, removing or editing its files invalidates the cached arrays, and `family` (natural, characters,
+# specialized or structured: VTAB's grouping, which the report's anchor findings compare).
 DATASETS = Registry("dataset")
 SPLITS = ("train", "val", "test")
 VERSION = 2  # bump when a builder changes, so stale caches are not read (2: glyphs split by font)
