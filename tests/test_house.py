@@ -139,7 +139,8 @@ def test_every_measure_declares_inputs_sign_and_label():
 
     for name, _ in MEASURES.items():
         meta = MEASURES.meta(name)
-        assert meta["inputs"] in ("pair", "labelled", "source", "bn_profile") and meta["sign"] in (-1, 1)
+        assert meta["inputs"] in ("pair", "labelled", "labelled_pair", "source", "bn_profile")
+        assert meta["sign"] in (-1, 1)
         assert meta["label"]
 
 

@@ -11,6 +11,7 @@ from transferbench.measures import (
     logme,
     mmd2_unbiased,
     nce,
+    otdd_gaussian,
     proxy_a_distance,
 )
 
@@ -99,6 +100,7 @@ def test_h_score_shrinkage_form_stays_within_its_bound():
     (frechet_distance, (A[:1], B), "2 samples a side"),
     (proxy_a_distance, (A[:4], B), "5 samples a side"),
     (logme, (A[:1], np.zeros(1, int)), "fewer than 2 examples"),
+    (otdd_gaussian, (A[:3], np.arange(3) % 2, B, np.zeros(300, int)), "2 samples per class"),
 ])
 def test_degenerate_inputs_give_nan_with_a_reason(fn, args, reason):
     from transferbench.measures import safely
@@ -126,3 +128,28 @@ def test_gbc_is_zero_for_separated_classes_and_falls_as_they_overlap():
     near = centres[y] / 50 + rng.normal(size=(60, 8))
     assert -1e-6 < gbc(far, y) <= 0 and gbc(near, y) < gbc(far, y) - 1
     assert gbc(near @ np.linalg.qr(rng.normal(size=(8, 8)))[0], y) == pytest.approx(gbc(near, y), rel=1e-6)
+
+
+def test_otdd_known_answers_relabelling_and_class_weights():
+    """Zero against itself and under renamed classes; a shift of every class by v moves it |v|; where class shares
+    differ, the transport splits a class (a 1-d case worked by hand: all of N(0, S) meets half N(0, S) and half
+    N(4, S), cost 0.5 * 0 + 0.5 * 16)."""
+    r = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 40)
+    x = np.eye(3, 6)[y] * 5 + r.normal(size=(120, 6))
+    assert otdd_gaussian(x, y, x, y) == pytest.approx(0, abs=1e-6)
+    assert otdd_gaussian(x, y, x, (y + 1) % 3) == pytest.approx(0, abs=1e-6)
+    v = np.array([3.0, 0, 4, 0, 0, 0])
+    assert otdd_gaussian(x + v, y, x, y) == pytest.approx(5.0, rel=1e-6)
+    one = r.normal(size=(50, 1))
+    source = np.concatenate([one, one + 4])
+    assert otdd_gaussian(one, np.zeros(50, int), source, np.repeat([0, 1], 50)) == pytest.approx(np.sqrt(8), rel=1e-6)
+
+
+def test_otdd_sees_labels_where_label_free_distances_cannot():
+    """Two datasets with the same images but classes split differently: FD sees one distribution, OTDD does not."""
+    r = np.random.default_rng(2)
+    x = r.normal(size=(400, 4))
+    by_sign, by_other = (x[:, 0] > 0).astype(int), (x[:, 1] > 0).astype(int)
+    assert frechet_distance(x, x) == pytest.approx(0, abs=1e-6)
+    assert otdd_gaussian(x, by_sign, x, by_other) > 0.5 > otdd_gaussian(x, by_sign, x, by_sign)

@@ -5,7 +5,8 @@ reason; `safely` turns that into NaN plus the reason, so a table says why a valu
 
 Adding a measure is one registered function here: `MEASURES.register(name, inputs=..., sign=..., label=...)`.
 `inputs` says what `domains.py` feeds it -- "pair" (target and source-reference features, in a fixed PCA basis),
-"labelled" (target features and labels), "source" (the source head's probabilities and labels) or "bn_profile"
+"labelled" (target features and labels), "labelled_pair" (target features and labels, and the labelled source
+reference, both in the PCA basis), "source" (the source head's probabilities and labels) or "bn_profile"
 (the per-group BatchNorm divergence of the target); `sign` is the direction it should have against the realized
 gain (-1: grows as transfer gets harder); `label` names it in figures. Tables, the estimator ranking, figures and
 the report all read this registry.
@@ -15,7 +16,13 @@ import numpy as np
 
 from transferbench.core.registry import Registry
 from transferbench.measures.degenerate import Degenerate, safely
-from transferbench.measures.distance import frechet_distance, gaussian_kl, mmd2_unbiased, proxy_a_distance
+from transferbench.measures.distance import (
+    frechet_distance,
+    gaussian_kl,
+    mmd2_unbiased,
+    otdd_gaussian,
+    proxy_a_distance,
+)
 from transferbench.measures.transferability import gbc, h_score, knn_accuracy, leep, logme, nce
 
 MEASURES = Registry("measure")
@@ -45,6 +52,7 @@ def nce_of_probs(source_probs: np.ndarray, labels: np.ndarray) -> float:
 MEASURES.register("h_score", inputs="labelled", sign=1, label="H-score")(h_score)
 MEASURES.register("knn_acc", inputs="labelled", sign=1, label="kNN accuracy")(knn_accuracy)
 MEASURES.register("gbc", inputs="labelled", sign=1, label="GBC")(gbc)
+MEASURES.register("otdd", inputs="labelled_pair", sign=-1, label="OTDD (Gaussian)")(otdd_gaussian)
 
 
 def measures(*inputs: str) -> list[str]:
@@ -57,4 +65,5 @@ def signs() -> dict[str, int]:
 
 
 __all__ = ["Degenerate", "safely", "MEASURES", "LABEL_FREE", "measures", "signs", "frechet_distance", "gaussian_kl",
-           "mmd2_unbiased", "proxy_a_distance", "gbc", "h_score", "knn_accuracy", "leep", "logme", "nce"]
+           "mmd2_unbiased", "otdd_gaussian", "proxy_a_distance",
+           "gbc", "h_score", "knn_accuracy", "leep", "logme", "nce"]

@@ -74,24 +74,26 @@ def bn_profile(model: nn.Module, groups: list[list[str]], x: torch.Tensor, devic
     return profile
 
 
-ESTIMATORS = tuple(measures("labelled", "source"))  # need labels: computed on each k-shot subset too
+ESTIMATORS = tuple(measures("labelled", "source", "labelled_pair"))  # need labels: computed on each k-shot subset too
 DISTANCES = tuple(measures("pair"))
 
 
-def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None) -> tuple[dict, list[str]]:
-    """Every registered estimator on features f with labels y (and the source head's probabilities): values, and for
-    each undefined one the reason."""
+def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None, src: dict) -> tuple[dict, list[str]]:
+    """Every registered estimator on features f with labels y (and the source head's probabilities, and the labelled
+    source reference `src` in its PCA basis): values, and for each undefined one the reason."""
     found: dict[str, tuple[float, str | None]] = {}
     for name in ESTIMATORS:
         fn, inputs = MEASURES.get(name), MEASURES.meta(name)["inputs"]
         if inputs == "source" and probs is None:
             found[name] = (np.nan, "no source head")
+        elif inputs == "labelled_pair":
+            found[name] = safely(fn, (f - src["mean"]) @ src["basis"], y, src["ref_pc"], src["ref_y"])
         else:
             found[name] = safely(fn, probs if inputs == "source" else f, y)
     return {k: v for k, (v, _) in found.items()}, [f"{k}: {why}" for k, (_, why) in found.items() if why]
 
 
-DOMAINS_FORMAT = 2  # bump when a measure is added or its arithmetic or inputs change: cached rows are then recomputed
+DOMAINS_FORMAT = 3  # bump when a measure is added or its arithmetic or inputs change: cached rows are then recomputed
 
 
 def domain_tables(study: Study, cache: FeatureCache | None = None,
@@ -133,16 +135,20 @@ def domain_tables(study: Study, cache: FeatureCache | None = None,
 
 
 def _source_side(model_name: str, bb, reference, study: Study, cache: FeatureCache, device, max_samples: int) -> dict:
-    """The source reference's pooled features (a fixed subsample), their 64-d PCA basis and its BN profile."""
+    """The source reference's pooled features (a fixed subsample) with their labels (one class per photo), their 64-d
+    PCA basis and its BN profile."""
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    ref = np.concatenate(list(_pooled_features(model_name, bb, reference, study, cache, device).values()))
-    ref = ref[rng.permutation(len(ref))[:max_samples]]
+    feats = _pooled_features(model_name, bb, reference, study, cache, device)
+    keep = rng.permutation(sum(len(v) for v in feats.values()))[:max_samples]
+    ref = np.concatenate([feats[s] for s in feats])[keep]
+    ref_y = np.concatenate([reference.y[s].numpy() for s in feats])[keep]
     mean = ref.mean(0)
     basis = np.linalg.svd(ref - mean, full_matrices=False)[2][:PCA_DIMS].T
     ref_x = torch.cat(list(reference.x.values()))
     profile = bn_profile(bb.model, bb.groups, ref_x[torch.randperm(len(ref_x), generator=g)[:max_samples]], device,
                          bb.data_config)
-    return dict(ref=ref, mean=mean, basis=basis, profile=profile, model=model_name)
+    return dict(ref=ref, ref_y=ref_y, ref_pc=(ref - mean) @ basis, mean=mean, basis=basis, profile=profile,
+                model=model_name)
 
 
 def _measure_target(bb, target, t, src: dict, study: Study, cache: FeatureCache, sizes: list[int], device,
@@ -153,14 +159,14 @@ def _measure_target(bb, target, t, src: dict, study: Study, cache: FeatureCache,
     feats = _pooled_features(src["model"], bb, target, study, cache, device)
     f, y = feats["train"], target.y["train"].numpy()
     sub = f[rng.permutation(len(f))[:max_samples]]
-    pa, pb = (sub - src["mean"]) @ src["basis"], (src["ref"] - src["mean"]) @ src["basis"]
+    pa, pb = (sub - src["mean"]) @ src["basis"], src["ref_pc"]
     with torch.inference_mode():
         probs = torch.softmax(bb.source_head(torch.from_numpy(f)).float(), 1).numpy() if bb.source_head else None
     x = target.x["train"]
     profile = bn_profile(bb.model, bb.groups, x[torch.randperm(len(x), generator=g)[:max_samples]], device,
                          bb.data_config)
     distances = {k: safely(MEASURES.get(k), pa, pb) for k in DISTANCES}
-    pool, notes = estimates(f, y, probs)
+    pool, notes = estimates(f, y, probs, src)
     row = dict(dataset=t.dataset, shift=t.shift, severity=t.severity,
                reference=f"{REFERENCE} ({', '.join(SOURCE_REFERENCE_IMAGES)})", n_target=len(sub),
                n_reference=len(src["ref"]), **{k: v for k, (v, _) in distances.items()}, **pool,
@@ -171,7 +177,7 @@ def _measure_target(bb, target, t, src: dict, study: Study, cache: FeatureCache,
     kshot = []
     for n, seed in itertools.product(sizes, study.grid.seed):
         idx = nested_kshot(y, n, seed)
-        values, notes = estimates(f[idx], y[idx], probs[idx] if probs is not None else None)
+        values, notes = estimates(f[idx], y[idx], probs[idx] if probs is not None else None, src)
         kshot.append(dict(n_per_class=n, seed=seed, n_labels=len(idx), **values, notes="; ".join(notes)))
     return dict(row=row, kshot=kshot)
 
