@@ -48,10 +48,12 @@ def test_domain_gap_meets_the_grid_floor():
     for axis in ("model", "frozen_depth", "n_per_class", "schedule"):
         assert len({getattr(c, axis) for c in cells if c.arm == "transfer"}) >= 2, axis
     assert {0, "all"} <= set(s.grid.frozen_depth) and len(s.grid.frozen_depth) >= 3 and len(s.grid.seed) >= 3
-    conditions = {c.condition for c in cells if c.arm == "transfer" and c.frozen_depth == 0 and c.n_per_class == 8
+    dial = set.intersection(*(set(t.n_per_class or s.grid.n_per_class) for t in s.targets))
+    assert dial, "no size is trained on every condition"
+    conditions = {c.condition for c in cells if c.arm == "transfer" and c.frozen_depth == 0 and c.n_per_class in dial
                   and c.model == "tf_efficientnet_lite0" and c.schedule == "cosine"}
     assert len(conditions) == len(s.targets)  # one arm at one size across the whole dial
-    assert s.scratch.curve and max(s.scratch.curve) > 8  # scratch's curve reaches above the dial's size
+    assert s.scratch.curve and max(s.scratch.curve) >= 4 * max(dial)  # the curve reaches 4x above the dial's size
     # the fair protocol: a step budget, early stopping, best-validation weights, LR chosen per arm on validation
     assert s.train.steps and s.train.patience and s.train.precise_bn and len(s.train.lrs) >= 2
     assert s.scratch.lrs and len(s.scratch.lrs) >= 2 and s.train.probe == "lbfgs"
