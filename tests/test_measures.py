@@ -153,3 +153,21 @@ def test_otdd_sees_labels_where_label_free_distances_cannot():
     by_sign, by_other = (x[:, 0] > 0).astype(int), (x[:, 1] > 0).astype(int)
     assert frechet_distance(x, x) == pytest.approx(0, abs=1e-6)
     assert otdd_gaussian(x, by_sign, x, by_other) > 0.5 > otdd_gaussian(x, by_sign, x, by_sign)
+
+
+def test_bures_distance_is_exact_for_singular_covariances():
+    """A class whose images are all alike has a zero covariance: the distance is then the mean gap plus the other
+    side's trace, exactly, with no warning (scipy's sqrtm warned and could be inaccurate here)."""
+    import warnings
+
+    from transferbench.measures.distance import bures_wasserstein2
+
+    r = np.random.default_rng(3)
+    x = r.normal(size=(50, 4))
+    cov = np.cov(x, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = bures_wasserstein2(np.zeros(4), np.zeros((4, 4)), np.ones(4), cov)
+    assert d == pytest.approx(4 + np.trace(cov), rel=1e-12)
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])  # commuting: (sqrt(s1) - sqrt(s2))^2 on the diagonal
+    assert bures_wasserstein2(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx((1 - 3) ** 2 + (2 - 1) ** 2)

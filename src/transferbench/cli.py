@@ -1,5 +1,6 @@
 """Entry points: `transferbench study NAME [key=value ...]`, `transferbench plan NAME [key=value ...]`,
-`transferbench report NAME`, `transferbench compare BASE NEW`, `transferbench list KIND`; errors map to exit codes
+`transferbench report NAME`, `transferbench compare BASE NEW`, `transferbench list KIND`, `transferbench advise DATA`;
+errors map to exit codes
 (bad input: 2, a regression or failed cells: 1)."""
 
 from __future__ import annotations
@@ -47,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
                    "to 0.5)")
     c.add_argument("--speed-fraction", type=float, default=0.5, help="fail when an arm's median images/s falls "
                    "below this share of the base's (0.1 to 1)")
+    a = sub.add_parser("advise", help="will pretraining pay on DATA, and with which tuning? Predicted from the "
+                       "frozen backbones' measures (forward passes only) by a model fitted on a study's domain dial")
+    a.add_argument("data", nargs="?", help="an ImageFolder path (CLASS/image.png, or train/ val/ test/) or a "
+                   "registered dataset's name (`transferbench list datasets`)")
+    a.add_argument("--shift", help="a registered shift applied to DATA (with --severity)")
+    a.add_argument("--severity", type=int, default=0, help="the shift's severity, 1 to 5")
+    a.add_argument("--backbone", action="append", help="a backbone the predictor was fitted on (repeat; default: all)")
+    a.add_argument("--sizes", help="labelled examples per class to predict at, e.g. 2,4,16 (default: the fitted ones)")
+    a.add_argument("--accuracy", type=float, help="a test accuracy to reach (0 to 1): the advice names the fewest "
+                   "labels per class predicted to reach it")
+    a.add_argument("--from", dest="source", type=Path, default=None, help="the results folder holding predictor.json "
+                   "(default: results/baselines/domain_gap)")
+    a.add_argument("--fit", type=Path, nargs="+", help="refit predictor.json from these results folders (written into "
+                   "the first) and print its validation")
+    a.add_argument("--results", type=Path, default=Path("results"), help="advice goes to RESULTS/advice/<target>/")
+    a.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -121,6 +138,50 @@ def cmd_compare(args) -> int:
     return 0 if result.ok else 1
 
 
+def _sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise ConfigError("--sizes", f"{text!r} is not a comma-separated list of whole numbers",
+                          "e.g. --sizes 2,4,16") from None
+    if not sizes or sizes[0] < 1:
+        raise ConfigError("--sizes", f"{text!r}: sizes are labelled examples per class, at least 1",
+                          "e.g. --sizes 2,4,16")
+    return sizes
+
+
+def cmd_advise(args) -> int:
+    from transferbench.advise import DEFAULT_FROM, advise, fit_from, load_predictor, save_predictor
+
+    if args.accuracy is not None and not 0 < args.accuracy < 1:
+        raise ConfigError("--accuracy", f"{args.accuracy} is not a test accuracy", "give a number between 0 and 1")
+    sizes = _sizes(args.sizes)
+    if args.fit:
+        predictor = fit_from(args.fit)
+        print(f"predictor: {save_predictor(predictor, args.fit[0])}")
+        for outcome, v in predictor.validation.items():
+            print(f"  {outcome}: " + "; ".join(f"{k} error {s['mae']:.3f}, coverage 80% {s['coverage80']:.0%} / 90% "
+                                               f"{s['coverage90']:.0%}" for k in ("measures", "trivial")
+                                               if (s := v.get(k))) + ("" if v["beats_trivial"] else
+                                                                      " -- the measures do not beat the trivial one"))
+        if args.data is None:
+            return 0
+    elif args.data is None:
+        raise ConfigError("DATA", "no data to advise on",
+                          "give an ImageFolder path or a dataset name, or --fit RESULTS")
+    else:
+        predictor = load_predictor(args.source or DEFAULT_FROM)
+    found, out = advise(args.data, predictor, args.results, args.shift, args.severity, args.backbone, sizes,
+                        args.accuracy, progress=not args.no_progress)
+    print("\n".join(found.lines))
+    if found.outside:
+        print("warning: outside the fitted conditions -- " + "; ".join(found.outside))
+    print(f"advice: {out / 'advice.md'} (and advice.json)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come after options too
@@ -130,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         return {"study": cmd_study, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
-                "list": cmd_list}[args.command](args)
+                "list": cmd_list, "advise": cmd_advise}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -69,12 +69,19 @@ def gaussian_kl(mu_p: np.ndarray, var_p: np.ndarray, mu_q: np.ndarray, var_q: np
     return float(np.mean(kl))
 
 
+def _psd_sqrt(m: np.ndarray) -> np.ndarray:
+    """The square root of a symmetric positive semi-definite matrix by its eigendecomposition (eigenvalues rounded
+    below zero are clipped): exact where scipy's sqrtm warns on singular input, as a constant class's covariance is."""
+    values, vectors = np.linalg.eigh((m + m.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
 def bures_wasserstein2(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
     """Squared 2-Wasserstein distance between two Gaussians (Bures metric on covariances):
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_b^(1/2) S_a S_b^(1/2))^(1/2))."""
-    root_b = linalg.sqrtm(cov_b).real
-    cross = linalg.sqrtm(root_b @ cov_a @ root_b).real
-    return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross), 0.0))
+    root_b = _psd_sqrt(cov_b)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_b @ cov_a @ root_b), 0, None)).sum()  # the trace of its root
+    return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross, 0.0))
 
 
 def class_gaussians(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:

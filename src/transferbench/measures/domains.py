@@ -93,7 +93,7 @@ def estimates(f: np.ndarray, y: np.ndarray, probs: np.ndarray | None, src: dict)
     return {k: v for k, (v, _) in found.items()}, [f"{k}: {why}" for k, (_, why) in found.items() if why]
 
 
-DOMAINS_FORMAT = 3  # bump when a measure is added or its arithmetic or inputs change: cached rows are then recomputed
+DOMAINS_FORMAT = 4  # bump when a measure is added or its arithmetic or inputs change: cached rows are then recomputed
 
 
 def domain_tables(study: Study, cache: FeatureCache | None = None,
