@@ -102,6 +102,15 @@ def test_welch_drop_is_one_sided_with_a_margin():
     assert np.isnan(welch_drop(base[:1], same, 0.02))
 
 
+def test_welch_drop_without_spread_is_decided_by_the_means():
+    """Seeds all alike on both sides (a probe at chance on every seed): an unchanged rerun is no regression, a drop
+    beyond the margin is one for certain, a drop within it is not."""
+    flat = np.full(3, 0.5)
+    assert welch_drop(flat, flat, 0.02) == 1.0
+    assert welch_drop(flat, flat - 0.05, 0.02) == 0.0
+    assert welch_drop(flat, flat - 0.01, 0.02) == 1.0
+
+
 def test_compare_needs_result_folders(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -129,8 +129,8 @@ def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
         return float("nan")
     delta = new.mean() - base.mean() + margin
     a, b = base.var(ddof=1) / len(base), new.var(ddof=1) / len(new)
-    if a + b == 0:
-        return float(delta < 0)
+    if a + b == 0:  # every seed alike on both sides: the drop is known exactly, beyond the margin or not
+        return float(delta >= 0)
     df = (a + b) ** 2 / (a ** 2 / (len(base) - 1) + b ** 2 / (len(new) - 1))
     return float(stats.t.cdf(delta / np.sqrt(a + b), df))
 
