@@ -136,13 +136,13 @@ def advise(data: str, predictor, results: Path, shift: str | None = None, severi
            progress: bool = True) -> tuple[Advice, Path]:
     """Measure DATA on the frozen backbones, predict, word the advice and write advice.md and advice.json under
     results/advice/<target>/; returns the advice and the folder."""
-    from transferbench.analysis.advice import rows_for_new_target
+    from transferbench.analysis.advice import MIN_DATASETS, rows_for_new_target
     from transferbench.data import load_target
     from transferbench.measures.domains import domain_tables
 
     spec = target_spec(data, shift, severity)
-    sizes = sizes or sorted({int(c["n_per_class"]) for c in predictor.conditions})
-    study = measuring_study(spec, predictor, backbones, sizes)
+    sizes = sizes or [int(n) for n in well_supported(predictor, "n_per_class")]
+    study = measuring_study(spec, predictor, backbones or well_supported(predictor, "backbone"), sizes)
     name = as_identifier(spec.condition)
     if not IDENTIFIER.fullmatch(name):
         raise ConfigError("DATA", f"{spec.condition!r} does not make a folder name", "rename the folder")
@@ -158,6 +158,11 @@ def advise(data: str, predictor, results: Path, shift: str | None = None, severi
     table = rows_for_new_target(domains, kshot, predictor.tunings, target.num_classes)
     found = predictor.predict(table)
     nearest, outside = placement(predictor, table)
+    for key, asked, what in (("n_per_class", sizes, "{} per class"), ("backbone", [b.model for b in study.backbones],
+                                                                      "{}")):
+        seen = support(predictor, key)
+        outside += [f"{what.format(v)} was measured on {seen.get(v, 0)} base dataset(s) only" for v in asked
+                    if seen.get(v, 0) < MIN_DATASETS]
     result = Advice(found, nearest, outside, recommendation(found, predictor, accuracy))
     write_text(out / "advice.md", render(spec.condition, result, predictor))
     write_text(out / "advice.json", json.dumps(dict(
@@ -165,6 +170,23 @@ def advise(data: str, predictor, results: Path, shift: str | None = None, severi
         advice=result.lines, validation=predictor.validation, predictor_source=predictor.source),
         indent=1, allow_nan=True, default=str) + "\n")
     return result, out
+
+
+def support(predictor, key: str) -> dict:
+    """Each fitted value of `key` (a size, a backbone) and the number of base datasets it was measured on: one
+    measured on fewer than MIN_DATASETS rests on too few to predict elsewhere (advised on only when asked, with a
+    warning)."""
+    counts: dict = {}
+    for c in predictor.conditions:
+        counts.setdefault(c[key], set()).add(c["dataset"])
+    return {k: len(v) for k, v in sorted(counts.items())}
+
+
+def well_supported(predictor, key: str) -> list:
+    from transferbench.analysis.advice import MIN_DATASETS
+
+    found = support(predictor, key)
+    return [k for k, n in found.items() if n >= MIN_DATASETS] or list(found)
 
 
 def placement(predictor, table) -> tuple[list[dict], list[str]]:
@@ -189,11 +211,16 @@ def placement(predictor, table) -> tuple[list[dict], list[str]]:
         for i in d.nsmallest(3).index:
             nearest.append(dict(backbone=backbone, n_per_class=int(n), condition=pool.loc[i, "target"],
                                 distance=round(float(d[i]), 2)))
-    lo, hi = known[measured].min(), known[measured].max()
-    values = table[measured].mean()
-    outside = [f"{m} = {values[m]:.3g} (fitted range {lo[m]:.3g} to {hi[m]:.3g})" for m in measured
-               if np.isfinite(values[m]) and (values[m] < lo[m] - OUT_OF_RANGE_SD * sd[m]
-                                              or values[m] > hi[m] + OUT_OF_RANGE_SD * sd[m])]
+    outside = []
+    for backbone, new in table.groupby("backbone"):  # distances differ in scale between backbones
+        own = known[known["backbone"] == backbone]
+        if own.empty:
+            continue
+        lo, hi, spread = own[measured].min(), own[measured].max(), own[measured].std().fillna(0)
+        values = new[measured].mean()
+        margin = OUT_OF_RANGE_SD * spread.where(spread > 0, sd)
+        outside += [f"{backbone} {m} = {values[m]:.3g} (fitted {lo[m]:.3g} to {hi[m]:.3g})" for m in measured
+                    if np.isfinite(values[m]) and not lo[m] - margin[m] <= values[m] <= hi[m] + margin[m]]
     return nearest, outside
 
 
@@ -228,12 +255,12 @@ def recommendation(found, predictor, accuracy: float | None) -> list[str]:
     return lines
 
 
-def _span(row, outcome: str, level: int, exp: bool = False) -> str:
-    """A row's interval at `level`, in pp (or as a multiplier, for log2 effective data)."""
+def _span(row, outcome: str, level: int, exp: bool = False, signed: bool = True) -> str:
+    """A row's interval at `level`: in pp (signed for a gain), or as a multiplier for log2 effective data."""
     lo, hi = getattr(row, f"{outcome}_lo{level}"), getattr(row, f"{outcome}_hi{level}")
     if exp:
         return f"[{2 ** lo:.2g}, {2 ** hi:.2g}]"
-    return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" if signed else f"[{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def render(condition: str, a: Advice, predictor) -> str:
@@ -245,13 +272,17 @@ def render(condition: str, a: Advice, predictor) -> str:
     if a.outside:
         out += ["**Warning: outside the conditions the predictor was fitted on** -- " + "; ".join(a.outside) +
                 ". The predictions extrapolate.", ""]
+    out += ["Effective data is read off scratch's learning curve, which ends at the largest size scratch trained; "
+            "where it never reached transfer the fitted value was a lower bound, so a predicted multiplier near the "
+            "top of the fitted range is a lower bound too.", ""]
     out += ["## Predictions (80% and 90% jackknife+ intervals over base datasets)", "",
             "| backbone | tuning | per class | gain (pp) | 80% | 90% | transfer acc | 80% | eff. data (x) | 80% |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in a.predictions.itertuples():
         eff = f"{2 ** r.eff_log2:.2g} | {_span(r, 'eff_log2', 80, exp=True)}" if hasattr(r, "eff_log2") else "- | -"
+        accuracy = f"{100 * r.transfer_mean:.1f} | {_span(r, 'transfer_mean', 80, signed=False)}"
         out.append(f"| {r.backbone} | {r.tuning} | {r.n_per_class} | {100 * r.gain:+.1f} | {_span(r, 'gain', 80)} | "
-                   f"{_span(r, 'gain', 90)} | {100 * r.transfer_mean:.1f} | {_span(r, 'transfer_mean', 80)} | {eff} |")
+                   f"{_span(r, 'gain', 90)} | {accuracy} | {eff} |")
     out += ["", "## Nearest known conditions (standardised measures)", ""]
     out += [f"- {n['backbone']} at {n['n_per_class']}: {n['condition']} (distance {n['distance']})"
             for n in a.nearest] or ["- none at these backbones and sizes"]
