@@ -84,6 +84,12 @@ def test_the_predictor_survives_its_json():
     (["advise", "textures", "--sizes", "two"], "--sizes"),
     (["advise", "textures", "--accuracy", "80"], "--accuracy"),
     (["advise"], "DATA"),
+    (["advise", "textrues"], "DATA"),
+    (["advise", "/no/such/folder"], "DATA"),
+    (["advise", "textures", "--shift", "solarize"], "--severity"),
+    (["advise", "textures", "--shift", "solarize", "--severity", "9"], "--severity"),
+    (["advise", "textures", "--shift", "blurr", "--severity", "2"], "DATA"),
+    (["advise", "textures", "--backbone", "resnet50"], "--backbone"),
 ])
 def test_advise_refuses_bad_arguments_in_one_line(argv, field, capsys):
     from transferbench.cli import main

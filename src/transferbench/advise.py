@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,7 +87,18 @@ def target_spec(data: str, shift: str | None, severity: int) -> TargetSpec:
     """DATA as a study target: an existing folder is an ImageFolder, anything else a registered dataset's name."""
     from pydantic import ValidationError
 
-    raw = dict(dataset="imagefolder", options=dict(path=data)) if Path(data).is_dir() else dict(dataset=data)
+    if Path(data).is_dir():
+        raw: dict = dict(dataset="imagefolder", options=dict(path=data))
+    elif "/" in data or Path(data).exists():
+        raise ConfigError("DATA", f"{data!r} is not a folder", "give an ImageFolder (a folder of class folders) or a "
+                          "dataset name (transferbench list datasets)")
+    else:
+        raw = dict(dataset=data)
+    if not 0 <= severity <= 5:
+        raise ConfigError("--severity", f"{severity} is not a severity", "give 1 to 5 (with --shift)")
+    if bool(shift) != bool(severity):
+        raise ConfigError("--severity" if shift else "--shift", "a shift and its severity go together",
+                          "give both, e.g. --shift solarize --severity 3")
     try:
         return TargetSpec.model_validate(raw | dict(shift=shift, severity=severity))
     except ValidationError as e:
@@ -136,6 +148,8 @@ def advise(data: str, predictor, results: Path, shift: str | None = None, severi
            progress: bool = True) -> tuple[Advice, Path]:
     """Measure DATA on the frozen backbones, predict, word the advice and write advice.md and advice.json under
     results/advice/<target>/; returns the advice and the folder."""
+    import pandas as pd
+
     from transferbench.analysis.advice import MIN_DATASETS, rows_for_new_target
     from transferbench.data import load_target
     from transferbench.measures.domains import domain_tables
@@ -152,7 +166,13 @@ def advise(data: str, predictor, results: Path, shift: str | None = None, severi
     if progress:
         print(f"measuring {spec.condition} on {len(study.backbones)} frozen backbone(s) at {sizes} per class...",
               flush=True)
-    domains, kshot = domain_tables(study)
+    parts = []
+    for i, backbone in enumerate(study.backbones, 1):  # one at a time, so the wait is shown
+        started = time.perf_counter()
+        parts.append(domain_tables(study.model_copy(update=dict(backbones=[backbone]))))
+        if progress:
+            print(f"  [{i}/{len(study.backbones)}] {backbone.model}: {time.perf_counter() - started:.1f} s", flush=True)
+    domains, kshot = (pd.concat(frames, ignore_index=True) for frames in zip(*parts))
     out.mkdir(parents=True, exist_ok=True)
     target = load_target(spec.dataset, spec.shift, spec.severity, study.train.image_size, spec.options, spec.label)
     table = rows_for_new_target(domains, kshot, predictor.tunings, target.num_classes)
