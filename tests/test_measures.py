@@ -101,6 +101,9 @@ def test_h_score_shrinkage_form_stays_within_its_bound():
     (proxy_a_distance, (A[:4], B), "5 samples a side"),
     (logme, (A[:1], np.zeros(1, int)), "fewer than 2 examples"),
     (otdd_gaussian, (A[:3], np.arange(3) % 2, B, np.zeros(300, int)), "2 samples per class"),
+    (otdd_gaussian, (np.where(A > 2, np.nan, A), np.arange(300) % 2, B, np.zeros(300, int)), "not finite"),
+    (otdd_gaussian, (A[:0], np.zeros(0, int), B, np.zeros(300, int)), "no [n, d] features"),
+    (otdd_gaussian, (A * 1e300, np.arange(300) % 2, B, np.zeros(300, int)), "not finite"),
 ])
 def test_degenerate_inputs_give_nan_with_a_reason(fn, args, reason):
     from transferbench.measures import safely

@@ -124,15 +124,25 @@ def measuring_study(spec: TargetSpec, predictor, backbones: list[str] | None, si
                train=dict(image_size=predictor.source["image_size"]))
     try:
         study = Study.model_validate(raw)
-    except ValidationError as e:
-        raise format_validation_error(e, "advise") from None
+    except ValidationError as e:  # built from the predictor's own settings: a damaged predictor.json
+        problem = format_validation_error(e, "predictor.json").problem
+        raise ConfigError("--from", f"the predictor's settings make no study ({problem})",
+                          "refit it: transferbench advise --fit RESULTS") from None
     try:
         plan(study)
-    except ConfigError as e:  # planning names study fields; the user gave DATA and --sizes
-        field = "--sizes" if e.field.startswith(("grid.n_per_class", "targets.0.n_per_class")) else \
-            "DATA" if e.field.startswith("targets.") else e.field
-        raise e.at(field) from None
+    except ConfigError as e:  # planning names study fields; the user gave DATA, --shift, --sizes and --backbone
+        raise e.at(_flag(e.field)) from None
     return study
+
+
+def _flag(field: str) -> str:
+    """The command-line flag behind a study field that planning refused."""
+    for prefix, flag in (("grid.n_per_class", "--sizes"), ("targets.0.n_per_class", "--sizes"),
+                         ("scratch.curve", "--sizes"), ("targets.0.shift", "--shift"),
+                         ("targets.0.severity", "--severity"), ("targets", "DATA"), ("backbones", "--backbone")):
+        if field.startswith(prefix):
+            return flag
+    return field
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,7 @@ def advise(data: str, predictor, results: Path, shift: str | None = None, severi
         raise ConfigError("DATA", f"{spec.condition!r} does not make a folder name", "rename the folder")
     out = results / "advice" / name
     check_writable(out, "--results", "choose a writable --results folder")
-    check_results_folder(out)  # refused before anything is measured: a link or a FIFO where advice.md goes
+    check_results_folder(results / "advice")  # before anything is measured: a link or a FIFO on the way to advice.md
     if progress:
         print(f"measuring {spec.condition} on {len(study.backbones)} frozen backbone(s) at {sizes} per class...",
               flush=True)
@@ -185,10 +195,10 @@ def advise(data: str, predictor, results: Path, shift: str | None = None, severi
                     if seen.get(v, 0) < MIN_DATASETS]
     result = Advice(found, nearest, outside, recommendation(found, predictor, accuracy))
     write_text(out / "advice.md", render(spec.condition, result, predictor))
-    write_text(out / "advice.json", json.dumps(dict(
+    write_text(out / "advice.json", json.dumps(_finite(dict(
         target=spec.condition, predictions=found.to_dict("records"), nearest=nearest, outside_range=outside,
-        advice=result.lines, validation=predictor.validation, predictor_source=predictor.source),
-        indent=1, allow_nan=True, default=str) + "\n")
+        advice=result.lines, validation=predictor.validation, predictor_source=predictor.source)),
+        indent=1, allow_nan=False, default=str) + "\n")
     return result, out
 
 
@@ -207,6 +217,17 @@ def well_supported(predictor, key: str) -> list:
 
     found = support(predictor, key)
     return [k for k, n in found.items() if n >= MIN_DATASETS] or list(found)
+
+
+def _finite(value):
+    """Valid JSON: a NaN or an infinite bound (an interval open on that side) becomes null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def placement(predictor, table) -> tuple[list[dict], list[str]]:
@@ -232,14 +253,14 @@ def placement(predictor, table) -> tuple[list[dict], list[str]]:
             nearest.append(dict(backbone=backbone, n_per_class=int(n), condition=pool.loc[i, "target"],
                                 distance=round(float(d[i]), 2)))
     outside = []
-    for backbone, new in table.groupby("backbone"):  # distances differ in scale between backbones
-        own = known[known["backbone"] == backbone]
+    for (backbone, n), new in table.groupby(["backbone", "n_per_class"]):  # scales differ by backbone, estimators by n
+        own = known[(known["backbone"] == backbone) & (known["n_per_class"] == n)]
         if own.empty:
             continue
         lo, hi, spread = own[measured].min(), own[measured].max(), own[measured].std().fillna(0)
         values = new[measured].mean()
         margin = OUT_OF_RANGE_SD * spread.where(spread > 0, sd)
-        outside += [f"{backbone} {m} = {values[m]:.3g} (fitted {lo[m]:.3g} to {hi[m]:.3g})" for m in measured
+        outside += [f"{backbone} at {n}: {m} = {values[m]:.3g} (fitted {lo[m]:.3g} to {hi[m]:.3g})" for m in measured
                     if np.isfinite(values[m]) and not lo[m] - margin[m] <= values[m] <= hi[m] + margin[m]]
     return nearest, outside
 
@@ -267,10 +288,10 @@ def recommendation(found, predictor, accuracy: float | None) -> list[str]:
                          "an interval that includes 0.")
     if accuracy is not None and "transfer_mean_lo80" in found:
         ok = found[found["transfer_mean_lo80"] >= accuracy]
+        first = ok.sort_values(["n_per_class", "transfer_mean_lo80"], ascending=[True, False]).head(1)
         lines.append(f"To reach {accuracy:.0%} test accuracy (80% lower bound): " + (
-            f"{int(ok['n_per_class'].min())} labelled examples per class "
-            f"({ok.sort_values('n_per_class').iloc[0]['backbone']}, "
-            f"{ok.sort_values('n_per_class').iloc[0]['tuning']})." if len(ok) else
+            f"{int(first['n_per_class'].iloc[0])} labelled examples per class ({first['backbone'].iloc[0]}, "
+            f"{first['tuning'].iloc[0]})." if len(first) else
             "none of the sizes predicted reaches it with confidence; label more, or check a larger size."))
     return lines
 

@@ -158,6 +158,9 @@ def cmd_advise(args) -> int:
     if args.accuracy is not None and not 0 < args.accuracy < 1:
         raise ConfigError("--accuracy", f"{args.accuracy} is not a test accuracy", "give a number between 0 and 1")
     sizes = _sizes(args.sizes)
+    if args.fit and args.source:
+        raise ConfigError("--from", "give --fit or --from, not both", "--fit refits the predictor into the first "
+                          "folder it names and advises with it")
     if args.fit:
         predictor = fit_from(args.fit)
         print(f"predictor: {save_predictor(predictor, args.fit[0])}")

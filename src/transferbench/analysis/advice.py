@@ -77,7 +77,7 @@ class Ridge:
 
     def predict(self, x: np.ndarray, tuning: np.ndarray) -> np.ndarray:
         z = (x - np.array(self.center)) / np.array(self.scale)
-        z = np.nan_to_num(z)  # a measure missing for a row sits at the training mean
+        z = np.where(np.isfinite(z), z, 0.0)  # a measure missing for a row sits at the training mean
         offsets = dict(zip(self.tunings, self.offsets))
         return z @ np.array(self.coef) + np.array([offsets.get(t, np.nan) for t in tuning])
 
@@ -86,7 +86,8 @@ def _solve(x: np.ndarray, tuning: np.ndarray, y: np.ndarray, features: list[str]
     center = np.nanmean(x, 0) if len(x) else np.zeros(x.shape[1])
     scale = np.nanstd(x, 0)
     scale = np.where(np.isfinite(scale) & (scale > 1e-12), scale, 1.0)
-    z = np.nan_to_num((x - center) / scale)
+    z = (x - center) / scale
+    z = np.where(np.isfinite(z), z, 0.0)
     tunings = sorted(set(tuning))
     d = np.column_stack([z] + [(tuning == t).astype(float) for t in tunings])
     penalty = np.diag([alpha] * z.shape[1] + [0.0] * len(tunings))
@@ -97,7 +98,7 @@ def _solve(x: np.ndarray, tuning: np.ndarray, y: np.ndarray, features: list[str]
 
 def fit_ridge(table: pd.DataFrame, features: list[str], outcome: str) -> Ridge:
     """Ridge with its strength chosen by leave-one-base-dataset-out error within `table` (the smallest alpha on a
-    tie); one base dataset alone: the middle strength."""
+    tie); with fewer than three base datasets, or no fold to score, the middle strength."""
     ok = table[table[outcome].notna()]
     x, tuning, y, groups = ok[features].to_numpy(float), ok["tuning"].to_numpy(), ok[outcome].to_numpy(float), \
         ok["dataset"].to_numpy()
@@ -113,14 +114,17 @@ def fit_ridge(table: pd.DataFrame, features: list[str], outcome: str) -> Ridge:
                 model = _solve(x[~held], tuning[~held], y[~held], features, a)
                 err.append(np.abs(model.predict(x[held], tuning[held]) - y[held]))
             errors.append(np.concatenate(err).mean() if err else np.inf)
-        alpha = ALPHAS[int(np.argmin(errors))]
+        if np.isfinite(errors).any():
+            alpha = ALPHAS[int(np.argmin(errors))]
     return _solve(x, tuning, y, features, alpha)
 
 
 @dataclass
 class Jackknife:
     """One outcome's model on every row, and jackknife+ over base datasets: per base dataset, the model fitted
-    without it and the absolute residuals of its rows."""
+    without it and the absolute residuals of its rows. The quantiles pool the rows of all datasets, so a dataset with
+    many rows weighs more and the finite-sample guarantee of jackknife+ (which needs exchangeable units: here
+    datasets, too few for it at 90%) is approximate; `validate` measures the coverage actually reached."""
     outcome: str
     full: Ridge
     left_out: dict[str, Ridge]
@@ -131,20 +135,22 @@ class Jackknife:
         of mu_-g(i)(x) - R_i and the ceil((1-a)(n+1))-th smallest of mu_-g(i)(x) + R_i, over the n residuals."""
         lows, highs = [], []
         for g, r in self.residuals.items():
-            mu = self.left_out[g].predict(x, tuning)
-            lows.append(mu[:, None] - np.array(r)[None, :])
-            highs.append(mu[:, None] + np.array(r)[None, :])
+            mu = self.left_out[g].predict(x, tuning)[:, None]
+            lows.append(np.where(np.isfinite(mu), mu, -np.inf) - np.array(r)[None, :])  # no model: no bound
+            highs.append(np.where(np.isfinite(mu), mu, np.inf) + np.array(r)[None, :])
         low, high = np.sort(np.concatenate(lows, 1), 1), np.sort(np.concatenate(highs, 1), 1)
         n, a = low.shape[1], 1 - level
-        i, j = math.floor(a * (n + 1)), math.ceil((1 - a) * (n + 1))
+        # rounded first: 1 - 0.9 is 0.0999...98 in floating point, and floor(0.1 x 10) must be 1, not 0
+        i, j = math.floor(round(a * (n + 1), 9)), math.ceil(round((1 - a) * (n + 1), 9))
         lo = low[:, i - 1] if i >= 1 else np.full(len(x), -np.inf)
         hi = high[:, j - 1] if j <= n else np.full(len(x), np.inf)
         return self.full.predict(x, tuning), lo, hi
 
 
 def fit_jackknife(table: pd.DataFrame, features: list[str], outcome: str) -> Jackknife | None:
-    """None where fewer than three base datasets carry the outcome (no honest interval)."""
-    ok = table[table[outcome].notna()]
+    """None where fewer than three base datasets carry the outcome (no honest interval). Only the tunings measured on
+    enough base datasets for this outcome take part."""
+    ok = answerable(table[table[outcome].notna()])
     groups = sorted(set(ok["dataset"]))
     if len(groups) < 3:
         return None
@@ -160,7 +166,7 @@ def fit_jackknife(table: pd.DataFrame, features: list[str], outcome: str) -> Jac
 
 
 def answerable(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows of tunings measured on at least MIN_DATASETS base datasets."""
+    """The rows of tunings measured on at least MIN_DATASETS base datasets (per outcome: on the rows carrying it)."""
     seen = table.groupby("tuning")["dataset"].nunique()
     return table[table["tuning"].isin(seen[seen >= MIN_DATASETS].index)]
 
@@ -249,10 +255,13 @@ def validate(table: pd.DataFrame, source: dict) -> dict:
             if not frames or outcome not in frames[0]:
                 continue
             d = pd.concat(frames)
-            d = d[d[f"true_{outcome}"].notna() & d[outcome].notna()]
+            d = d[d[f"true_{outcome}"].notna()]
+            unpredicted = int(d[outcome].isna().sum())  # a tuning too rare once its dataset is held out
+            d = d[d[outcome].notna()]
             truth = d[f"true_{outcome}"]
             scores[kind] = dict(
-                n=len(d), datasets=int(d["dataset"].nunique()), mae=float((d[outcome] - truth).abs().mean()),
+                n=len(d), unpredicted=unpredicted, datasets=int(d["dataset"].nunique()),
+                mae=float((d[outcome] - truth).abs().mean()),
                 **{f"coverage{int(lv * 100)}": float(((d[f"{outcome}_lo{int(lv * 100)}"] <= truth)
                                                       & (truth <= d[f"{outcome}_hi{int(lv * 100)}"])).mean())
                    for lv in LEVELS},

@@ -91,7 +91,16 @@ def class_gaussians(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, list[tupl
 
     classes, counts = np.unique(y, return_counts=True)
     require(counts.min() >= 2, "a class covariance needs 2 samples per class")
-    return counts / counts.sum(), [(x[y == c].mean(0), ledoit_wolf(x[y == c])[0]) for c in classes]
+    gaussians = []
+    with np.errstate(all="ignore"):  # features so large their squares overflow: refused below, not warned about
+        for c in classes:
+            try:
+                cov = ledoit_wolf(x[y == c])[0]
+            except ValueError:  # sklearn's own check of its intermediate (an overflow became NaN)
+                cov = np.full((x.shape[1], x.shape[1]), np.nan)
+            require(bool(np.isfinite(cov).all()), "a class covariance is not finite (features too large)")
+            gaussians.append((x[y == c].mean(0), cov))
+    return counts / counts.sum(), gaussians
 
 
 def otdd_gaussian(a: np.ndarray, ya: np.ndarray, b: np.ndarray, yb: np.ndarray) -> float:
@@ -102,9 +111,12 @@ def otdd_gaussian(a: np.ndarray, ya: np.ndarray, b: np.ndarray, yb: np.ndarray) 
     from scipy.optimize import linprog
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    require(a.ndim == 2 and b.ndim == 2 and len(a) > 0 and len(b) > 0, "a side has no [n, d] features")
+    require(bool(np.isfinite(a).all() and np.isfinite(b).all()), "a feature is not finite")
     wa, ga = class_gaussians(a, np.asarray(ya))
     wb, gb = class_gaussians(b, np.asarray(yb))
     cost = np.array([[bures_wasserstein2(ma, sa, mb, sb) for mb, sb in gb] for ma, sa in ga])
+    require(bool(np.isfinite(cost).all()), "a class-to-class cost is not finite")
     n, m = cost.shape
     rows = np.kron(np.eye(n), np.ones(m))  # each target class sends its share
     cols = np.kron(np.ones(n), np.eye(m))  # each source class receives its share
