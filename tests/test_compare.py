@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from transferbench.analysis.compare import compare, welch_drop
+from transferbench.analysis.compare import compare, welch_drop, welch_interval
 from transferbench.cli import main
 from transferbench.core.study import expand, load_study
 
@@ -114,3 +114,29 @@ def test_welch_drop_without_spread_is_decided_by_the_means():
 def test_compare_needs_result_folders(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_welch_interval_by_hand():
+    """base 0, 1, 2 and new 1, 2, 3: difference 1, SE sqrt(1/3 + 1/3), Welch df 4, t(0.975, 4) = 2.776."""
+    lo, hi = welch_interval(np.array([0.0, 1, 2]), np.array([1.0, 2, 3]))
+    half = 2.7764451 * np.sqrt(2 / 3)
+    assert lo == pytest.approx(1 - half, rel=1e-6) and hi == pytest.approx(1 + half, rel=1e-6)
+    assert welch_interval(np.full(3, 0.5), np.full(3, 0.4)) == pytest.approx((-0.1, -0.1))
+
+
+def test_markdown_summary_passes_on_the_baseline_and_names_what_fails(degraded, capsys):
+    assert main(["compare", str(BASELINE), str(BASELINE), "--format", "md"]) == 0
+    same = capsys.readouterr().out
+    assert same.startswith("## transferbench gate: PASS") and "### Verdict flips (gains.csv)\n\nnone" in same
+    assert "| transfer |" in same and "1.00 |" in same and "<details><summary>All" in same
+    edit_runs(degraded, lambda r: r.__setitem__("test_acc", r["test_acc"] - 0.30 * (r["arm"] == "transfer")))
+    gains = pd.read_csv(degraded / "gains.csv")
+    gains.loc[0, "verdict"] = "negative" if gains.loc[0, "verdict"] != "negative" else "positive"
+    gains.to_csv(degraded / "gains.csv", index=False)
+    assert main(["compare", str(BASELINE), str(degraded), "--format", "md"]) == 1
+    md = capsys.readouterr().out
+    assert md.startswith("## transferbench gate: FAIL") and "- **regression**: " in md
+    failing = md.split("### Failing checks")[1].split("###")[0]
+    assert "| point | gain |" in failing and "-30.0" in failing  # the drop, then its interval and q
+    flips = md.split("### Verdict flips (gains.csv)")[1].split("###")[0]
+    assert flips.count("\n| ") == 2  # the header and the one flipped point

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                    "to 0.5)")
     c.add_argument("--speed-fraction", type=float, default=0.5, help="fail when an arm's median images/s falls "
                    "below this share of the base's (0.1 to 1)")
+    c.add_argument("--format", choices=["text", "md"], default="text", help="md: a pass/fail summary for a CI job "
+                   "summary or a pull-request comment (failing checks, verdict flips, speed, all tests folded)")
     a = sub.add_parser("advise", help="will pretraining pay on DATA, and with which tuning? Predicted from the "
                        "frozen backbones' measures (forward passes only) by a model fitted on a study's domain dial")
     a.add_argument("data", nargs="?", help="an ImageFolder path (CLASS/image.png, or train/ val/ test/) or a "
@@ -131,10 +133,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from transferbench.analysis.compare import compare, render
+    from transferbench.analysis.compare import compare, render, render_markdown
 
     result = compare(args.base, args.new, args.margin, args.fdr, args.speed_fraction, args.margin / 2)
-    print(render(result, args.base, args.new))
+    print((render_markdown if args.format == "md" else render)(result, args.base, args.new))
     return 0 if result.ok else 1
 
 

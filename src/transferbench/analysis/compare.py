@@ -45,9 +45,11 @@ AGGREGATES = {"target": ["target"], "transfer arm": ["tuning"], "all points": []
 
 @dataclass
 class Comparison:
-    tests: pd.DataFrame  # one row per point or aggregate: delta, p, q, regressed, untestable (why, or "")
+    tests: pd.DataFrame  # one row per point or aggregate: delta and its interval, p, q, regressed, untestable (why)
     problems: list[str] = field(default_factory=list)  # regressions
     untestable: list[str] = field(default_factory=list)  # checks asked for that could not be made
+    speeds: pd.DataFrame = field(default_factory=pd.DataFrame)  # per arm: median images/s on each side, the ratio
+    flips: pd.DataFrame | None = None  # grid points whose verdict (gains.csv) changed; None: no gains.csv to read
 
     @property
     def ok(self) -> bool:
@@ -135,6 +137,19 @@ def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
     return float(stats.t.cdf(delta / np.sqrt(a + b), df))
 
 
+def welch_interval(base: np.ndarray, new: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Welch interval of mean(new) - mean(base); nan where the test is untestable."""
+    if untestable_reason(base, new):
+        return float("nan"), float("nan")
+    delta = new.mean() - base.mean()
+    a, b = base.var(ddof=1) / len(base), new.var(ddof=1) / len(new)
+    if a + b == 0:
+        return float(delta), float(delta)
+    df = (a + b) ** 2 / (a ** 2 / (len(base) - 1) + b ** 2 / (len(new) - 1))
+    half = stats.t.ppf(0.5 + confidence / 2, df) * np.sqrt(a + b)
+    return float(delta - half), float(delta + half)
+
+
 def untestable_reason(base: np.ndarray, new: np.ndarray) -> str:
     """Why a one-sided test of these per-seed values cannot be made ("" when it can)."""
     for side, values in (("base", base), ("new", new)):
@@ -159,9 +174,10 @@ def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, mea
         vb, vn = _per_seed(gb, value), _per_seed(gn, value)
         if not len(vn):
             continue  # a missing point is reported once, as structure
+        low, high = welch_interval(vb, vn)
         rows.append(dict(kind=kind, measure=measure, what=" ".join(map(str, key)) or "all", base=vb.mean(),
-                         new=vn.mean(), delta=vn.mean() - vb.mean(), seeds_base=len(vb), seeds_new=len(vn),
-                         p=welch_drop(vb, vn, margin), untestable=untestable_reason(vb, vn)))
+                         new=vn.mean(), delta=vn.mean() - vb.mean(), ci_low=low, ci_high=high, seeds_base=len(vb),
+                         seeds_new=len(vn), p=welch_drop(vb, vn, margin), untestable=untestable_reason(vb, vn)))
     return rows
 
 
@@ -188,8 +204,8 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
         for kind, group in AGGREGATES.items():
             if not (name == "scratch accuracy" and kind == "transfer arm"):  # scratch is no transfer arm
                 rows += _test_rows(b, n, group, kind, name, col, aggregate_margin)
-    tests = pd.DataFrame(rows, columns=["kind", "measure", "what", "base", "new", "delta", "seeds_base", "seeds_new",
-                                        "p", "untestable"])
+    tests = pd.DataFrame(rows, columns=["kind", "measure", "what", "base", "new", "delta", "ci_low", "ci_high",
+                                        "seeds_base", "seeds_new", "p", "untestable"])
     # Two families, each under BH: the points, and the few aggregates (which a sea of point tests would drown).
     families = [bh_q(g["p"]) for _, g in tests.groupby(tests["kind"] == "point")]
     tests["q"] = pd.concat(families).reindex(tests.index) if families else np.nan
@@ -205,7 +221,32 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
                           "tested")
     speed, slow_untestable = speed_problems(b_runs, n_runs, speed_fraction)
     return Comparison(tests.sort_values(["regressed", "q", "delta"], ascending=[False, True, True],
-                                        ignore_index=True), problems + speed, untestable + slow_untestable)
+                                        ignore_index=True), problems + speed, untestable + slow_untestable,
+                      speed_table(b_runs, n_runs), verdict_flips(base, new))
+
+
+def speed_table(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm that records a speed: the median images/s of each side and new / base."""
+    med = [r.groupby("arm")["images_per_second"].median().rename(side) for side, r in (("base", b_runs),
+                                                                                       ("new", n_runs))]
+    table = pd.concat(med, axis=1).dropna(how="all")
+    return table.assign(ratio=table["new"] / table["base"]).reset_index()
+
+
+def verdict_flips(base: Path, new: Path) -> pd.DataFrame | None:
+    """Grid points whose verdict (positive / negative / inconclusive, gains.csv) differs between the two folders;
+    None where either folder has no readable gains.csv with verdicts."""
+    try:
+        b, n = pd.read_csv(base / "gains.csv"), pd.read_csv(new / "gains.csv")
+    except (OSError, ValueError):
+        return None
+    keys = [c for c in ["backbone", "weights", "target", "tuning", "frozen_depth", "n_per_class", *cell_axes()]
+            if c in b and c in n]
+    if "verdict" not in b or "verdict" not in n or not keys:
+        return None
+    m = b[keys + ["verdict", "gain"]].astype({k: str for k in keys}).merge(
+        n[keys + ["verdict", "gain"]].astype({k: str for k in keys}), on=keys, suffixes=("_base", "_new"))
+    return m[m["verdict_base"] != m["verdict_new"]].reset_index(drop=True)
 
 
 def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
@@ -266,8 +307,50 @@ def render(c: Comparison, base: Path, new: Path) -> str:
     if len(t):
         shown = t.head(15).assign(**{k: (100 * t[k]).round(1) for k in ("base", "new", "delta")})
         shown = shown.assign(p=shown["p"].map("{:.3g}".format), q=shown["q"].map("{:.3g}".format)).drop(
-            columns="untestable")
+            columns=["untestable", "ci_low", "ci_high"])
         lines += [shown.to_string(index=False), "(percentage points; p: one-sided Welch t-test over seeds of a drop "
                   "beyond the margin; q: Benjamini-Hochberg within points and within aggregates; nan: untestable)"]
     verdicts = [f"REGRESSION: {p}" for p in c.problems] + [f"UNTESTABLE: {u}" for u in c.untestable]
     return "\n".join(lines + (verdicts or ["no regression"]))
+
+
+def _pp(v: float) -> str:
+    return "nan" if not np.isfinite(v) else f"{100 * v:+.1f}"
+
+
+def _test_table(t: pd.DataFrame) -> list[str]:
+    lines = ["| kind | measure | what | base | new | change (pp) | 95% interval (pp) | q |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.kind} | {r.measure} | {r.what} | {100 * r.base:.1f} | {100 * r.new:.1f} | {_pp(r.delta)} | "
+              f"[{_pp(r.ci_low)}, {_pp(r.ci_high)}] | {r.q:.3g} |" for r in t.itertuples()]
+    return lines
+
+
+def render_markdown(c: Comparison, base: Path, new: Path) -> str:
+    """A pass/fail summary for a CI job summary or a pull-request comment: the failing checks with their change,
+    interval and q, verdict flips, speed ratios, and every test folded away."""
+    t = c.tests
+    points = t[(t["kind"] == "point") & (t["measure"] == "gain")]
+    out = [f"## transferbench gate: {'PASS' if c.ok else 'FAIL'}", "",
+           f"`{base}` -> `{new}`: {len(points)} grid point(s), {int(t['regressed'].sum())} of {len(t)} test(s) "
+           f"regressed" + (f"; largest drop of a gain {_pp(points['delta'].min())} pp." if len(points) else ".")]
+    verdicts = [f"- **regression**: {p}" for p in c.problems] + [f"- **untestable**: {u}" for u in c.untestable]
+    out += ["", *verdicts] if verdicts else []
+    failing = t[t["regressed"]]
+    if len(failing):
+        out += ["", "### Failing checks (one-sided Welch over seeds, Benjamini-Hochberg)", "", *_test_table(failing)]
+    out += ["", "### Verdict flips (gains.csv)", ""]
+    if c.flips is None or c.flips.empty:
+        out.append("not available (no gains.csv with verdicts on both sides)" if c.flips is None else "none")
+    else:
+        out += ["| point | base | new |", "|---|---|---|"]
+        keys = [k for k in c.flips.columns if not k.startswith(("verdict_", "gain_"))]
+        out += [f"| {' '.join(str(r[k]) for k in keys)} | {r['verdict_base']} ({_pp(r['gain_base'])} pp) | "
+                f"{r['verdict_new']} ({_pp(r['gain_new'])} pp) |" for _, r in c.flips.iterrows()]
+    if not c.speeds.empty:
+        out += ["", "### Speed (median images/s)", "", "| arm | base | new | new / base |", "|---|---|---|---|"]
+        out += [f"| {r.arm} | {r.base:.0f} | {r.new:.0f} | {r.ratio:.2f} |" for r in c.speeds.itertuples()
+                if np.isfinite(r.base)]
+    if len(t):
+        out += ["", f"<details><summary>All {len(t)} tests</summary>", "", *_test_table(t), "", "</details>"]
+    return "\n".join(out) + "\n"
