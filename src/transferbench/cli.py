@@ -39,9 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--results", type=Path, default=Path("results"))
     ls = sub.add_parser("list", help="what a study file can name: a registry's entries with their metadata")
     ls.add_argument("kind", choices=LISTS, help="which registry")
-    c = sub.add_parser("compare", help="compare two result folders; exit 1 on a regression")
-    c.add_argument("base", type=Path, help="e.g. results/baselines/smoke")
-    c.add_argument("new", type=Path, help="e.g. results/smoke")
+    c = sub.add_parser("compare", help="compare two result folders (or a folder with the history: --history); exit 1 "
+                       "on a regression")
+    c.add_argument("folders", type=Path, nargs="+", metavar="BASE NEW", help="e.g. results/baselines/smoke "
+                   "results/smoke; with --history only NEW")
+    c.add_argument("--history", type=Path, help="take the base from this history: the pooled seeds of the last "
+                   "--last recorded commits on this host class, since the last accepted change")
+    c.add_argument("--last", type=int, default=5, help="commits pooled into the base with --history (1 to 50)")
     c.add_argument("--margin", type=float, default=0.02, help="a point's gain may fall this much (accuracy, 0 to "
                    "0.25) before a drop counts; aggregates use half of it")
     c.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level across the gate's tests (0.001 "
@@ -66,7 +70,70 @@ def _parser() -> argparse.ArgumentParser:
                    "the first) and print its validation")
     a.add_argument("--results", type=Path, default=Path("results"), help="advice goes to RESULTS/advice/<target>/")
     a.add_argument("--no-progress", action="store_true")
+    rec = sub.add_parser("record", help="append a study's results to the history: one file per host class and commit")
+    rec.add_argument("study", help="study name (its folder under --results)")
+    rec.add_argument("--results", type=Path, default=Path("results"))
+    rec.add_argument("--history", type=Path, default=HISTORY)
+    rec.add_argument("--commit", help="the commit the run was made at (default: HEAD of this checkout)")
+    h = sub.add_parser("history", help="the history's marks: `history accept COMMIT --study S --reason R` starts "
+                       "later bases from an intended change")
+    h.add_argument("action", choices=["accept"])
+    h.add_argument("commit")
+    h.add_argument("--study", required=True)
+    h.add_argument("--reason", required=True)
+    h.add_argument("--history", type=Path, default=HISTORY)
+    tr = sub.add_parser("trend", help="gains, accuracy and speed along recorded commits, with change points")
+    tr.add_argument("study")
+    tr.add_argument("--history", type=Path, default=HISTORY)
+    tr.add_argument("--results", type=Path, default=Path("results"), help="the figure goes to RESULTS/trend/STUDY/")
+    tr.add_argument("--window", type=int, default=5, help="commits on each side of a tested step (2 to 20)")
+    tr.add_argument("--margin", type=float, default=0.02, help="a step must exceed this (accuracy) to count")
     return p
+
+
+HISTORY = Path("results/history")
+
+
+def cmd_record(args) -> int:
+    from transferbench.analysis.history import record
+    from transferbench.pipeline import study_folder
+
+    print(f"recorded: {record(study_folder(args.results, args.study), args.history, args.commit)}")
+    return 0
+
+
+def cmd_history(args) -> int:
+    from transferbench.analysis.history import accept
+
+    print(f"accepted {args.commit} for {args.study}: {accept(args.history, args.study, args.commit, args.reason)}")
+    return 0
+
+
+def cmd_trend(args) -> int:
+    from transferbench.analysis.history import change_points, entries, read_history, series, speeds
+    from transferbench.core.paths import check_results_folder
+    from transferbench.report.trend import trend_figure
+
+    if not 2 <= args.window <= 20:
+        raise ConfigError("--window", f"{args.window} is outside 2 to 20", "e.g. --window 5")
+    runs = read_history(args.history, args.study)
+    if runs.empty:
+        raise ConfigError("--history", f"no record of {args.study} in {args.history}",
+                          "record runs first: transferbench record STUDY")
+    values = series(runs)
+    points = change_points(values, args.window, args.margin)
+    out = args.results / "trend" / args.study
+    check_results_folder(args.results / "trend")
+    out.mkdir(parents=True, exist_ok=True)
+    found = entries(args.history, args.study)
+    paths = trend_figure(values, speeds(runs), points, found, out)
+    points.assign(commit=points["order"].map(dict(enumerate(found["commit"])))).to_csv(out / "change_points.csv",
+                                                                                       index=False)
+    changes = points[points["change"]]
+    print(f"trend: {paths[0]} ({len(found)} recorded runs)")
+    print("\n".join(f"change point: {r.what} at {found['commit'].iloc[r.order][:8]} ({100 * r.step:+.1f} pp, q "
+                    f"{r.q:.2g})" for r in changes.itertuples()) or "no change point")
+    return 0
 
 
 def cmd_study(args) -> int:
@@ -132,11 +199,45 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _compare_with_history(args):
+    from transferbench.analysis.compare import check_options, compare_runs, read_gains, read_runs, verdict_flips
+    from transferbench.analysis.history import (
+        base_runs,
+        git_commit,
+        host_class,
+        host_fingerprint,
+        last_gains,
+        study_name,
+    )
+
+    if len(args.folders) != 1:
+        raise ConfigError("compare", "with --history give only NEW", "e.g. compare results/smoke --history DIR")
+    if not 1 <= args.last <= 50:
+        raise ConfigError("--last", f"{args.last} is outside 1 to 50", "e.g. --last 5")
+    check_options(margin=args.margin, fdr=args.fdr, speed_fraction=args.speed_fraction,
+                  aggregate_margin=args.margin / 2)
+    new = args.folders[0]
+    n_runs = read_runs(new)
+    study, host = study_name(new / "study.resolved.yaml"), host_class(host_fingerprint())
+    b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last)
+    label = f"{args.history} ({study}, {host}: {len(commits)} commit(s) up to {commits[-1][:8]})"
+    flips = verdict_flips(last_gains(args.history, study, host, commits[-1]), read_gains(new))
+    return compare_runs(b_runs, n_runs, label, args.margin, args.fdr, args.speed_fraction, args.margin / 2,
+                        flips), label, new
+
+
 def cmd_compare(args) -> int:
     from transferbench.analysis.compare import compare, render, render_markdown
 
-    result = compare(args.base, args.new, args.margin, args.fdr, args.speed_fraction, args.margin / 2)
-    print((render_markdown if args.format == "md" else render)(result, args.base, args.new))
+    if args.history:
+        result, base, new = _compare_with_history(args)
+    else:
+        if len(args.folders) != 2:
+            raise ConfigError("compare", f"{len(args.folders)} folder(s) given", "give BASE and NEW, or NEW with "
+                              "--history DIR")
+        base, new = args.folders
+        result = compare(base, new, args.margin, args.fdr, args.speed_fraction, args.margin / 2)
+    print((render_markdown if args.format == "md" else render)(result, base, new))
     return 0 if result.ok else 1
 
 
@@ -196,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         return {"study": cmd_study, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
-                "list": cmd_list, "advise": cmd_advise}[args.command](args)
+                "list": cmd_list, "advise": cmd_advise, "record": cmd_record, "history": cmd_history,
+                "trend": cmd_trend}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -187,8 +187,17 @@ VALUES = {"gain": "gain", "transfer accuracy": "test_acc", "scratch accuracy": "
 
 def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, speed_fraction: float = 0.5,
             aggregate_margin: float = 0.01) -> Comparison:
+    """Two results folders (their runs.csv, and gains.csv for verdict flips)."""
     check_options(margin=margin, fdr=fdr, speed_fraction=speed_fraction, aggregate_margin=aggregate_margin)
-    b_runs, n_runs = read_runs(base), read_runs(new)
+    return compare_runs(read_runs(base), read_runs(new), str(base), margin, fdr, speed_fraction, aggregate_margin,
+                        verdict_flips(read_gains(base), read_gains(new)))
+
+
+def compare_runs(b_runs: pd.DataFrame, n_runs: pd.DataFrame, base: str, margin: float = 0.02, fdr: float = 0.05,
+                 speed_fraction: float = 0.5, aggregate_margin: float = 0.01,
+                 flips: pd.DataFrame | None = None) -> Comparison:
+    """The gate on two seed-level run tables (read_runs' checks passed); `base` names the base in errors. A base
+    pooled from several recorded commits carries distinct seed labels per commit (analysis.history)."""
     problems = structure_problems(b_runs, n_runs)
     untestable = value_problems(b_runs, "base") + value_problems(n_runs, "new")
     # Cells without valid accuracies are reported as untestable just above; only the others are paired.
@@ -222,7 +231,7 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
     speed, slow_untestable = speed_problems(b_runs, n_runs, speed_fraction)
     return Comparison(tests.sort_values(["regressed", "q", "delta"], ascending=[False, True, True],
                                         ignore_index=True), problems + speed, untestable + slow_untestable,
-                      speed_table(b_runs, n_runs), verdict_flips(base, new))
+                      speed_table(b_runs, n_runs), flips)
 
 
 def speed_table(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> pd.DataFrame:
@@ -233,12 +242,18 @@ def speed_table(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> pd.DataFrame:
     return table.assign(ratio=table["new"] / table["base"]).reset_index()
 
 
-def verdict_flips(base: Path, new: Path) -> pd.DataFrame | None:
-    """Grid points whose verdict (positive / negative / inconclusive, gains.csv) differs between the two folders;
-    None where either folder has no readable gains.csv with verdicts."""
+def read_gains(folder: Path) -> pd.DataFrame | None:
+    """A folder's gains.csv, or None where it is missing or unreadable (verdict flips are then not shown)."""
     try:
-        b, n = pd.read_csv(base / "gains.csv"), pd.read_csv(new / "gains.csv")
+        return pd.read_csv(folder / "gains.csv")
     except (OSError, ValueError):
+        return None
+
+
+def verdict_flips(b: pd.DataFrame | None, n: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Grid points whose verdict (positive / negative / inconclusive, gains.csv) differs between two gains tables;
+    None where either side has none with verdicts."""
+    if b is None or n is None:
         return None
     keys = [c for c in ["backbone", "weights", "target", "tuning", "frozen_depth", "n_per_class", *cell_axes()]
             if c in b and c in n]

@@ -1,0 +1,121 @@
+"""The results history: records read back, a base pooled from recorded commits, accepted changes, change points on
+synthetic histories with a known step, and the commands through the CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from transferbench.analysis import history
+from transferbench.analysis.compare import compare_runs, read_runs
+from transferbench.cli import main
+
+SMOKE = Path(__file__).parents[1] / "results" / "baselines" / "smoke"
+HOST = dict(cpu="test cpu", cores=2, python="3.11", packages={"torch": "2.14.1"})
+
+
+def commit(i: int) -> str:
+    return f"{i:040x}"
+
+
+def put(h: Path, i: int, folder: Path = SMOKE, host: dict = HOST) -> Path:
+    return history.record(folder, h, commit(i), f"2026-01-{i + 1:02d}T00:00:00+00:00", host)
+
+
+def degraded(tmp_path: Path, drop: float, name: str = "new") -> Path:
+    out = tmp_path / name
+    shutil.copytree(SMOKE, out)
+    runs = pd.read_csv(out / "runs.csv", dtype={"error": object})
+    runs["test_acc"] = runs["test_acc"] - drop * (runs["arm"] == "transfer")
+    runs.to_csv(out / "runs.csv", index=False)
+    return out
+
+
+def test_a_record_reads_back_as_the_run_it_came_from(tmp_path):
+    path = put(tmp_path, 1)
+    assert path == tmp_path / "smoke" / history.host_class(HOST) / f"{commit(1)}.json"
+    body = json.loads(path.read_text())
+    assert body["commit"] == commit(1) and body["host"]["cpu"] == "test cpu" and body["gains"]
+    runs, back = read_runs(SMOKE), history.read_history(tmp_path, "smoke")
+    assert len(back) == len(runs) and set(back["cell_id"]) == set(runs["cell_id"])
+    assert np.allclose(back.sort_values("cell_id")["test_acc"], runs.sort_values("cell_id")["test_acc"])
+
+
+def test_the_base_pools_the_last_commits_with_their_seeds_apart(tmp_path):
+    for i in range(4):
+        put(tmp_path, i)
+    base, chosen = history.base_runs(tmp_path, "smoke", history.host_class(HOST), exclude=commit(3), k=2)
+    assert chosen == [commit(1), commit(2)]
+    assert base["seed"].nunique() == 2 * read_runs(SMOKE)["seed"].nunique()
+    assert compare_runs(base, read_runs(SMOKE), "history").ok
+    assert not compare_runs(base, read_runs(degraded(tmp_path, 0.3)), "history").ok
+
+
+def test_an_accepted_change_restarts_the_base(tmp_path):
+    for i in range(4):
+        put(tmp_path, i)
+    with pytest.raises(Exception, match="matches 4 recorded commits"):
+        history.accept(tmp_path, "smoke", "0000", "new LR grid")
+    history.accept(tmp_path, "smoke", commit(2), "new LR grid")
+    _, chosen = history.base_runs(tmp_path, "smoke", history.host_class(HOST), exclude=None, k=5)
+    assert chosen == [commit(2), commit(3)]
+    with pytest.raises(Exception, match="--reason"):
+        history.accept(tmp_path, "smoke", commit(2), " ")
+
+
+def test_another_host_class_is_never_pooled(tmp_path):
+    put(tmp_path, 1, host=HOST | {"cpu": "another cpu"})
+    with pytest.raises(Exception, match="no recorded run"):
+        history.base_runs(tmp_path, "smoke", history.host_class(HOST), exclude=None)
+
+
+def synthetic(n_commits=30, targets=4, seeds=3, sd=0.02, step=0.0, at=15, seed=0) -> pd.DataFrame:
+    """Per-seed gains along commits: noise of sd 2 pp (about a smoke point's seed spread), a step in the first
+    target from commit `at` on."""
+    r = np.random.default_rng(seed)
+    rows = [dict(what=f"gain t{t}", order=o, seed=s, value=0.2 + r.normal(0, sd) + (step if t == 0 and o >= at else 0))
+            for o in range(n_commits) for t in range(targets) for s in range(seeds)]
+    return pd.DataFrame(rows)
+
+
+def test_a_planted_step_is_found_where_it_was_planted():
+    found = history.change_points(synthetic(step=-0.03, at=15))
+    changes = found[found["change"]]
+    assert list(zip(changes["what"], changes["order"])) == [("gain t0", 15)]
+    assert changes["step"].iloc[0] == pytest.approx(-0.03, abs=0.01)
+    assert not found[(found["order"] < 15) & found["change"]].any(axis=None)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_thirty_commits_without_a_change_raise_no_alarm(seed):
+    assert not history.change_points(synthetic(seed=seed))["change"].any()
+
+
+def test_a_step_within_the_margin_is_not_a_change_point():
+    assert not history.change_points(synthetic(step=-0.01, sd=0.002))["change"].any()
+
+
+def test_record_compare_and_trend_through_the_cli(tmp_path, capsys, monkeypatch):
+    results, h = tmp_path / "results", tmp_path / "results" / "history"
+    shutil.copytree(SMOKE, results / "smoke")
+    monkeypatch.setattr(history, "git_commit", lambda cwd=Path("."): (commit(99), "2026-02-01T00:00:00+00:00"))
+    for i in range(3):
+        assert main(["record", "smoke", "--results", str(results), "--history", str(h), "--commit", commit(i)]) == 0
+    assert main(["compare", str(results / "smoke"), "--history", str(h), "--format", "md"]) == 0
+    assert "## transferbench gate: PASS" in capsys.readouterr().out
+    worse = degraded(tmp_path, 0.3)
+    assert main(["compare", str(worse), "--history", str(h)]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    for i in range(3, 6):  # three more commits, after a real drop of the transfer arm
+        shutil.copy(worse / "runs.csv", results / "smoke" / "runs.csv")
+        assert main(["record", "smoke", "--results", str(results), "--history", str(h), "--commit", commit(i)]) == 0
+    capsys.readouterr()
+    assert main(["trend", "smoke", "--history", str(h), "--results", str(results), "--window", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "change point: gain" in printed and commit(3)[:8] in printed
+    assert (results / "trend" / "smoke" / "trend.png").is_file()
+    points = pd.read_csv(results / "trend" / "smoke" / "change_points.csv", dtype={"commit": str})
+    assert set(points.loc[points["change"], "commit"]) == {commit(3)}
