@@ -106,6 +106,12 @@ def test_record_compare_and_trend_through_the_cli(tmp_path, capsys, monkeypatch)
         assert main(["record", "smoke", "--results", str(results), "--history", str(h), "--commit", commit(i)]) == 0
     assert main(["compare", str(results / "smoke"), "--history", str(h), "--format", "md"]) == 0
     assert "## transferbench gate: PASS" in capsys.readouterr().out
+    lonely = tmp_path / "results" / "lonely"  # a history holding only the commit under test
+    assert main(["record", "smoke", "--results", str(results), "--history", str(lonely), "--commit", commit(99)]) == 0
+    assert main(["compare", str(results / "smoke"), "--history", str(lonely)]) == 2
+    assert "no recorded run" in capsys.readouterr().err
+    assert main(["compare", str(results / "smoke"), "--history", str(lonely), "--fallback", str(SMOKE)]) == 0
+    assert "comparing with" in capsys.readouterr().out
     worse = degraded(tmp_path, 0.3)
     assert main(["compare", str(worse), "--history", str(h)]) == 1
     assert "REGRESSION" in capsys.readouterr().out
@@ -119,3 +125,32 @@ def test_record_compare_and_trend_through_the_cli(tmp_path, capsys, monkeypatch)
     assert (results / "trend" / "smoke" / "trend.png").is_file()
     points = pd.read_csv(results / "trend" / "smoke" / "change_points.csv", dtype={"commit": str})
     assert set(points.loc[points["change"], "commit"]) == {commit(3)}
+
+
+def test_the_copyable_workflow_runs_only_commands_that_exist():
+    """docs/ci/github-actions.yml parses, has a pull-request gate, a main-branch record and a scheduled job, and every
+    command it runs is a Makefile target or a transferbench command line the CLI accepts."""
+    import re
+    import shlex
+
+    import yaml
+
+    from transferbench.cli import _parser
+
+    root = Path(__file__).parents[1]
+    flow = yaml.safe_load((root / "docs" / "ci" / "github-actions.yml").read_text())
+    triggers = flow[True] if True in flow else flow["on"]  # YAML 1.1 reads the key `on` as True
+    assert {"pull_request", "push", "schedule"} <= set(triggers)
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (root / "Makefile").read_text(), re.M))
+    commands = [line.split(" | ")[0].strip() for job in flow["jobs"].values() for step in job["steps"]
+                if "run" in step for line in step["run"].splitlines() if line.strip()]
+    cli = [c for c in commands if c.startswith(".venv/bin/transferbench ")]
+    assert any("--history" in c for c in cli) and any(" record " in f" {c} " for c in cli)
+    for c in commands:
+        words = shlex.split(c)
+        if words[0] == "make":
+            assert words[1] in targets, c
+        elif words[0] == ".venv/bin/transferbench":
+            _parser().parse_args(words[1:])  # exits (fails the test) on an unknown command or flag
+        else:
+            assert words[0] in (".venv/bin/pip", "exit"), c

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--history", type=Path, help="take the base from this history: the pooled seeds of the last "
                    "--last recorded commits on this host class, since the last accepted change")
     c.add_argument("--last", type=int, default=5, help="commits pooled into the base with --history (1 to 50)")
+    c.add_argument("--fallback", type=Path, help="with --history: the base folder to use where the history holds no "
+                   "other commit on this host class (e.g. results/baselines/smoke)")
     c.add_argument("--margin", type=float, default=0.02, help="a point's gain may fall this much (accuracy, 0 to "
                    "0.25) before a drop counts; aggregates use half of it")
     c.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level across the gate's tests (0.001 "
@@ -219,7 +221,16 @@ def _compare_with_history(args):
     new = args.folders[0]
     n_runs = read_runs(new)
     study, host = study_name(new / "study.resolved.yaml"), host_class(host_fingerprint())
-    b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last)
+    try:
+        b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last)
+    except ConfigError:
+        if not args.fallback:
+            raise
+        from transferbench.analysis.compare import compare
+
+        print(f"no other commit of {study} recorded on host class {host}: comparing with {args.fallback}")
+        return compare(args.fallback, new, args.margin, args.fdr, args.speed_fraction, args.margin / 2), \
+            args.fallback, new
     label = f"{args.history} ({study}, {host}: {len(commits)} commit(s) up to {commits[-1][:8]})"
     flips = verdict_flips(last_gains(args.history, study, host, commits[-1]), read_gains(new))
     return compare_runs(b_runs, n_runs, label, args.margin, args.fdr, args.speed_fraction, args.margin / 2,
