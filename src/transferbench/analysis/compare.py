@@ -129,25 +129,27 @@ def welch_drop(base: np.ndarray, new: np.ndarray, margin: float) -> float:
     not finite (the caller reports why: `untestable_reason`)."""
     if untestable_reason(base, new):
         return float("nan")
-    delta = new.mean() - base.mean() + margin
-    a, b = base.var(ddof=1) / len(base), new.var(ddof=1) / len(new)
-    if a + b == 0:  # every seed alike on both sides: the drop is known exactly, beyond the margin or not
-        return float(delta >= 0)
-    df = (a + b) ** 2 / (a ** 2 / (len(base) - 1) + b ** 2 / (len(new) - 1))
-    return float(stats.t.cdf(delta / np.sqrt(a + b), df))
+    delta, se, df = _welch(base, new)
+    if se == 0:  # every seed alike on both sides: the drop is known exactly, beyond the margin or not
+        return float(delta + margin >= 0)
+    return float(stats.t.cdf((delta + margin) / se, df))
 
 
 def welch_interval(base: np.ndarray, new: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """Two-sided Welch interval of mean(new) - mean(base); nan where the test is untestable."""
     if untestable_reason(base, new):
         return float("nan"), float("nan")
-    delta = new.mean() - base.mean()
-    a, b = base.var(ddof=1) / len(base), new.var(ddof=1) / len(new)
-    if a + b == 0:
-        return float(delta), float(delta)
-    df = (a + b) ** 2 / (a ** 2 / (len(base) - 1) + b ** 2 / (len(new) - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, df) * np.sqrt(a + b)
+    delta, se, df = _welch(base, new)
+    half = stats.t.ppf(0.5 + confidence / 2, df) * se if se > 0 else 0.0
     return float(delta - half), float(delta + half)
+
+
+def _welch(base: np.ndarray, new: np.ndarray) -> tuple[float, float, float]:
+    """mean(new) - mean(base), its Welch standard error and Welch-Satterthwaite degrees of freedom (nan df where
+    the error is 0)."""
+    a, b = base.var(ddof=1) / len(base), new.var(ddof=1) / len(new)
+    df = (a + b) ** 2 / (a ** 2 / (len(base) - 1) + b ** 2 / (len(new) - 1)) if a + b > 0 else float("nan")
+    return float(new.mean() - base.mean()), float(np.sqrt(a + b)), df
 
 
 def untestable_reason(base: np.ndarray, new: np.ndarray) -> str:
