@@ -112,7 +112,7 @@ def cmd_history(args) -> int:
 
 
 def cmd_trend(args) -> int:
-    from transferbench.analysis.history import change_points, entries, read_history, series, speeds
+    from transferbench.analysis.history import change_points, read_history, series, speeds
     from transferbench.core.paths import check_results_folder
     from transferbench.report.trend import trend_figure
 
@@ -127,7 +127,7 @@ def cmd_trend(args) -> int:
     out = args.results / "trend" / args.study
     check_results_folder(args.results / "trend")
     out.mkdir(parents=True, exist_ok=True)
-    found = entries(args.history, args.study)
+    found = runs.groupby("order")[["commit", "host_class", "packages"]].first().reset_index(drop=True)
     paths = trend_figure(values, speeds(runs), points, found, out)
     points.assign(commit=points["order"].map(dict(enumerate(found["commit"])))).to_csv(out / "change_points.csv",
                                                                                        index=False)

@@ -130,13 +130,13 @@ def study_name(config: Path) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")  # records made within a second keep their order
 
 
-def entries(history: Path, study: str, host: str | None = None) -> pd.DataFrame:
-    """One row per record of the study (on one host class, or all): commit, dates, host class, path, in commit
-    order (committer date, then record time)."""
-    rows = []
+def _records(history: Path, study: str, host: str | None) -> list[dict]:
+    """Every record of the study (on one host class, or all), each file read once, in commit order (committer
+    date, then record time)."""
+    found = []
     for path in sorted(_study_dir(history, study).glob("*/*.json")):
         try:
             body = json.loads(path.read_text(encoding="utf-8"))
@@ -146,22 +146,39 @@ def entries(history: Path, study: str, host: str | None = None) -> pd.DataFrame:
             raise ConfigError("--history", f"{path} is record format {body.get('format')}, this version reads "
                               f"{FORMAT}", "record that commit again")
         if host is None or body["host_class"] == host:
-            rows.append(dict(commit=body["commit"], committed_at=body["committed_at"],
-                             recorded_at=body["recorded_at"], host_class=body["host_class"],
-                             packages=json.dumps(body["host"]["packages"], sort_keys=True), path=path))
-    table = pd.DataFrame(rows, columns=["commit", "committed_at", "recorded_at", "host_class", "packages", "path"])
-    return table.sort_values(["committed_at", "recorded_at"], ignore_index=True)
+            found.append(body | dict(path=path))
+    return sorted(found, key=lambda b: (b["committed_at"], b["recorded_at"]))
+
+
+def _entry(body: dict) -> dict:
+    return dict(commit=body["commit"], committed_at=body["committed_at"], recorded_at=body["recorded_at"],
+                host_class=body["host_class"], packages=json.dumps(body["host"]["packages"], sort_keys=True),
+                path=body["path"])
+
+
+def entries(history: Path, study: str, host: str | None = None) -> pd.DataFrame:
+    """One row per record of the study (on one host class, or all): commit, dates, host class, dependency versions,
+    path, in commit order."""
+    return pd.DataFrame([_entry(b) for b in _records(history, study, host)],
+                        columns=["commit", "committed_at", "recorded_at", "host_class", "packages", "path"])
 
 
 def read_history(history: Path, study: str, host: str | None = None) -> pd.DataFrame:
     """The tidy table: every recorded cell with its commit, commit order (0, 1, ...) and host class."""
-    found = entries(history, study, host)
-    frames = []
-    for order, row in enumerate(found.itertuples()):
-        body = json.loads(Path(row.path).read_text(encoding="utf-8"))
-        frames.append(pd.DataFrame(body["runs"]).assign(commit=row.commit, order=order, host_class=row.host_class,
-                                                        packages=row.packages))
+    return _cells(_records(history, study, host))
+
+
+def _cells(records: list[dict]) -> pd.DataFrame:
+    frames = [pd.DataFrame(b["runs"]).assign(commit=e["commit"], order=order, host_class=e["host_class"],
+                                             packages=e["packages"])
+              for order, (b, e) in enumerate((b, _entry(b)) for b in records)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _marks(history: Path, study: str) -> list[dict]:
+    """The accepted changes, oldest first."""
+    path = _study_dir(history, study) / ACCEPTED
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 def accept(history: Path, study: str, commit: str, reason: str) -> Path:
@@ -177,9 +194,8 @@ def accept(history: Path, study: str, commit: str, reason: str) -> Path:
     if match["commit"].nunique() > 1:
         raise ConfigError("COMMIT", f"{commit!r} matches {match['commit'].nunique()} recorded commits",
                           "give more of the hash")
+    marks = _marks(history, study) + [dict(commit=match["commit"].iloc[0], reason=reason.strip(), at=_now())]
     path = _study_dir(history, study) / ACCEPTED
-    marks = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    marks.append(dict(commit=match["commit"].iloc[0], reason=reason.strip(), at=_now()))
     write_text(path, json.dumps(marks, indent=1) + "\n")
     return path
 
@@ -188,17 +204,14 @@ def base_runs(history: Path, study: str, host: str, exclude: str | None, k: int 
     """The gate's base from the history: the cells of the last k recorded commits on this host class (not
     `exclude`, the commit under test), from the last accepted change on; each commit's seeds kept apart (seed
     "<commit>/<seed>") so pooled commits count as more seeds, not as one averaged seed. Returns (runs, commits)."""
-    found = entries(history, study, host)
-    path = _study_dir(history, study) / ACCEPTED
-    marks = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    order = list(found["commit"])
-    start = max((order.index(m["commit"]) for m in marks if m["commit"] in order), default=0)
+    records = _records(history, study, host)
+    order = [b["commit"] for b in records]
+    start = max((order.index(m["commit"]) for m in _marks(history, study) if m["commit"] in order), default=0)
     chosen = [c for c in order[start:] if c != exclude][-k:]
     if not chosen:
         raise ConfigError("--history", f"no recorded run of {study} on host class {host} to compare with",
                           "record a run of the base commit on this kind of host first (transferbench record)")
-    runs = read_history(history, study, host)
-    runs = runs[runs["commit"].isin(chosen)]
+    runs = _cells([b for b in records if b["commit"] in chosen])
     runs = runs.assign(seed=runs["commit"] + "/" + runs["seed"].astype(str),
                        cell_id=runs["commit"] + "/" + runs["cell_id"].astype(str))
     return runs.drop(columns=["commit", "order", "host_class", "packages"]).reset_index(drop=True), chosen
