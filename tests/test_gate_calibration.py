@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferbench.analysis.compare import compare, render
+from transferbench.analysis.compare import compare, read_runs, render
 from transferbench.cli import main
 from transferbench.data import load_target
 from transferbench.models import backbones
@@ -103,7 +103,7 @@ def test_the_lr_multiplied_by_100_fails(base, tmp_path, monkeypatch):
     assert any("scratch accuracy dropped" in p or "failed" in p for p in result.problems), result.problems
 
 
-def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
+def shuffle_digits_labels(monkeypatch):
     load = training_cell.load_target
 
     def shuffled(dataset, *args, **kwargs):
@@ -115,5 +115,36 @@ def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
         return dataclasses.replace(t, y=y)
 
     monkeypatch.setattr(training_cell, "load_target", shuffled)
+
+
+def test_shuffled_labels_on_one_target_fail(base, tmp_path, monkeypatch):
+    shuffle_digits_labels(monkeypatch)
     result = gate(base, run(tmp_path, OTHER_SEEDS))
     assert any("of gain dropped" in p and "digits" in p for p in result.problems), result.problems
+
+
+# Confirm before failing (compare --confirm): the flagged tests' cells are trained again here, at fresh seeds.
+def test_confirmation_clears_a_single_injected_false_positive(base, tmp_path, capsys):
+    """An unchanged rerun whose records are edited so that one grid point collapses (what a rare unlucky draw looks
+    like to the gate) fails without confirmation and passes with it: the point's cells, trained again, do not drop."""
+    new = run(tmp_path, OTHER_SEEDS)
+    runs = read_runs(new)
+    hit = (runs["arm"] == "transfer") & (runs["target"] == "textures") & (runs["n_per_class"] == 4)
+    runs.assign(test_acc=runs["test_acc"].where(~hit, 0.0)).to_csv(new / "runs.csv", index=False)
+    assert main(["compare", str(base), str(new)]) == 1
+    capsys.readouterr()
+    assert main(["compare", str(base), str(new), "--confirm", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "confirmed, " in out and "0 confirmed" in out and "no regression" in out
+    rerun = read_runs(new / "confirm")
+    assert set(rerun["seed"]) == {8, 9, 10, 11} and (rerun["arm"] == "transfer").any()
+
+
+def test_confirmation_keeps_a_planted_regression_failing(base, tmp_path, monkeypatch, capsys):
+    shuffle_digits_labels(monkeypatch)
+    new = run(tmp_path, OTHER_SEEDS)
+    assert main(["compare", str(base), str(new), "--confirm", "--no-progress", "--format", "md"]) == 1
+    out = capsys.readouterr().out
+    print(out)
+    assert "## transferbench gate: FAIL" in out and "| confirmed |" in out and "digits" in out

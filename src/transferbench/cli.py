@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    "below this share of the base's (0.1 to 1)")
     c.add_argument("--format", choices=["text", "md"], default="text", help="md: a pass/fail summary for a CI job "
                    "summary or a pull-request comment (failing checks, verdict flips, speed, all tests folded)")
+    c.add_argument("--confirm", action="store_true", help="before failing, rerun the cells of the flagged tests with "
+                   "fresh seeds (into NEW/confirm/) and fail only on the tests flagged again")
+    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar while confirming")
     a = sub.add_parser("advise", help="will pretraining pay on DATA, and with which tuning? Predicted from the "
                        "frozen backbones' measures (forward passes only) by a model fitted on a study's domain dial")
     a.add_argument("data", nargs="?", help="an ImageFolder path (CLASS/image.png, or train/ val/ test/) or a "
@@ -201,8 +204,10 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _compare_with_history(args):
-    from transferbench.analysis.compare import check_options, compare_runs, read_gains, read_runs, verdict_flips
+def _base(args, new: Path):
+    """(base runs, the base's name, verdict flips): a folder, or the history's pooled last commits on this host class
+    (the fallback folder where the history holds none)."""
+    from transferbench.analysis.compare import read_gains, read_runs, verdict_flips
     from transferbench.analysis.history import (
         base_runs,
         git_commit,
@@ -212,42 +217,60 @@ def _compare_with_history(args):
         study_name,
     )
 
-    if len(args.folders) != 1:
-        raise ConfigError("compare", "with --history give only NEW", "e.g. compare results/smoke --history DIR")
+    if not args.history:
+        base = args.folders[0]
+        return read_runs(base), str(base), verdict_flips(read_gains(base), read_gains(new))
     if not 1 <= args.last <= 50:
         raise ConfigError("--last", f"{args.last} is outside 1 to 50", "e.g. --last 5")
-    check_options(margin=args.margin, fdr=args.fdr, speed_fraction=args.speed_fraction,
-                  aggregate_margin=args.margin / 2)
-    new = args.folders[0]
-    n_runs = read_runs(new)
     study, host = study_name(new / "study.resolved.yaml"), host_class(host_fingerprint())
     try:
         b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last)
     except ConfigError:
         if not args.fallback:
             raise
-        from transferbench.analysis.compare import compare
-
         print(f"no other commit of {study} recorded on host class {host}: comparing with {args.fallback}")
-        return compare(args.fallback, new, args.margin, args.fdr, args.speed_fraction, args.margin / 2), \
-            args.fallback, new
+        return read_runs(args.fallback), str(args.fallback), verdict_flips(read_gains(args.fallback),
+                                                                             read_gains(new))
     label = f"{args.history} ({study}, {host}: {len(commits)} commit(s) up to {commits[-1][:8]})"
-    flips = verdict_flips(last_gains(args.history, study, host, commits[-1]), read_gains(new))
-    return compare_runs(b_runs, n_runs, label, args.margin, args.fdr, args.speed_fraction, args.margin / 2,
-                        flips), label, new
+    return b_runs, label, verdict_flips(last_gains(args.history, study, host, commits[-1]), read_gains(new))
+
+
+def _confirmed(args, result, b_runs, n_runs, new: Path):
+    """The comparison with its flagged tests made again on a rerun of their cells with fresh seeds."""
+    from transferbench.analysis.confirm import covered_cells, fresh_seeds, retest
+    from transferbench.pipeline import Options, rerun_cells
+    from transferbench.report.document import load_saved_study
+
+    if not result.tests["flagged"].any() or result.exact:  # nothing to confirm, or it fails whatever a rerun shows
+        return result
+    if not (new / "study.resolved.yaml").is_file():
+        raise ConfigError("--confirm", f"{new} has no study.resolved.yaml: a confirmation reruns the study that made "
+                          "the results", "give the folder `transferbench study` wrote, or compare without --confirm")
+    study = load_saved_study(new)
+    cells, seeds = covered_cells(n_runs, result.tests), fresh_seeds(study.grid.seed, b_runs["seed"])
+    print(f"confirming {int(result.tests['flagged'].sum())} flagged test(s): {len(cells)} cell(s) again at seeds "
+          f"{seeds} -> {new / 'confirm'}/", flush=True)
+    rerun = rerun_cells(new, study, cells, seeds, Options(progress=args.progress))
+    from transferbench.analysis.compare import read_runs
+
+    return retest(result, b_runs, read_runs(rerun), args.margin, args.margin / 2)
 
 
 def cmd_compare(args) -> int:
-    from transferbench.analysis.compare import compare, render, render_markdown
+    from transferbench.analysis.compare import check_options, compare_runs, read_runs, render, render_markdown
 
-    if args.history:
-        result, base, new = _compare_with_history(args)
-    else:
-        if len(args.folders) != 2:
-            raise ConfigError("compare", f"{len(args.folders)} folder(s) given", "give BASE and NEW, or NEW with "
-                              "--history DIR")
-        base, new = args.folders
-        result = compare(base, new, args.margin, args.fdr, args.speed_fraction, args.margin / 2)
+    if len(args.folders) != (1 if args.history else 2):
+        raise ConfigError("compare", f"{len(args.folders)} folder(s) given", "with --history give only NEW (e.g. "
+                          "compare results/smoke --history DIR)" if args.history else "give BASE and NEW, or NEW "
+                          "with --history DIR")
+    check_options(margin=args.margin, fdr=args.fdr, speed_fraction=args.speed_fraction,
+                  aggregate_margin=args.margin / 2)
+    new = args.folders[-1]
+    n_runs = read_runs(new)
+    b_runs, base, flips = _base(args, new)
+    result = compare_runs(b_runs, n_runs, base, args.margin, args.fdr, args.speed_fraction, args.margin / 2, flips)
+    if args.confirm:
+        result = _confirmed(args, result, b_runs, n_runs, new)
     print((render_markdown if args.format == "md" else render)(result, base, new))
     return 0 if result.ok else 1
 

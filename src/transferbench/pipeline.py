@@ -113,3 +113,42 @@ def rebuild_report(results: Path, name: str) -> Path:
         raise ConfigError("study", f"no results for '{name}' in {results}/", "run `transferbench study` first")
     with results_lock(out):  # a report is never rebuilt from a folder a runner is writing
         return build(load_saved_study(out), out)
+
+
+# The fields a rerun with other seeds changes: the seed, and which seed's LR choice a cell reuses (lr_search:
+# first_seed names the lowest seed of the grid).
+RESEEDED = frozenset({"seed", "lr_from_seed"})
+
+
+def rerun_cells(new: Path, study: Study, cell_ids: list[str], seeds: list[int], opts: Options) -> Path:
+    """These cells of a finished study (`study`, saved in results folder `new`) trained again at other seeds, into
+    `new`/confirm/ (records kept: confirming the same cells again trains nothing); returns that folder, with its
+    runs.csv.
+    The rerun plans the study as saved with the grid's seeds replaced, so every cell keeps its protocol, and a cell
+    that reuses another seed's LR choice brings that cell along."""
+    from transferbench.core.atomic import write_text
+    from transferbench.sweep.planning import plan, same_fields
+    from transferbench.sweep.runner import results_lock, run_cells
+    from transferbench.sweep.store import read_records, runs_table
+    from transferbench.training.source import ensure_checkpoints
+
+    planned = {c.cell_id: c for c in plan(study)}
+    unknown = [i for i in cell_ids if i not in planned]
+    if unknown:
+        raise ConfigError("--confirm", f"{len(unknown)} flagged cell(s) of {new} are not cells its study plans with "
+                          f"this code (e.g. {unknown[0]})", "rerun the study with this code, then compare again")
+    wanted = {same_fields(planned[i], RESEEDED) for i in cell_ids}
+    rerun = study.model_copy(update=dict(grid=study.grid.model_copy(update=dict(seed=seeds))))
+    fresh = {c.cell_id: c for c in plan(rerun)}
+    cells = {i: c for i, c in fresh.items() if same_fields(c, RESEEDED) in wanted}
+    cells |= {c.lr_source_id: fresh[c.lr_source_id] for c in list(cells.values()) if c.lr_source_id}
+    out = new / "confirm"
+    check_results_folder(out)
+    check_writable(new, "compare", "make the results folder writable: a confirmation writes into it")
+    with results_lock(new):
+        ensure_checkpoints(rerun)
+        run_cells(rerun, list(cells.values()), out / "records", jobs=opts.jobs, backend=opts.backend,
+                  progress=opts.progress)
+        records = read_records(out / "records")
+        write_text(out / "runs.csv", runs_table([records[i] for i in cells if i in records]).to_csv(index=False))
+    return out

@@ -45,15 +45,32 @@ AGGREGATES = {"target": ["target"], "transfer arm": ["tuning"], "all points": []
 
 @dataclass
 class Comparison:
-    tests: pd.DataFrame  # one row per point or aggregate: delta and its interval, p, q, regressed, untestable (why)
-    problems: list[str] = field(default_factory=list)  # regressions
+    # One row per point or aggregate: its group (key -> value), delta and its interval, p, q, flagged (q <= fdr),
+    # regressed (flagged, and flagged again by a confirmation where one ran), untestable (why).
+    tests: pd.DataFrame
+    exact: list[str] = field(default_factory=list)  # what no rerun of seeds changes: points, failures, structure
     untestable: list[str] = field(default_factory=list)  # checks asked for that could not be made
     speeds: pd.DataFrame = field(default_factory=pd.DataFrame)  # per arm: median images/s on each side, the ratio
+    slower: list[str] = field(default_factory=list)  # arms whose speed fell below the fraction of the base's
     flips: pd.DataFrame | None = None  # grid points whose verdict (gains.csv) changed; None: no gains.csv to read
+    fdr: float = 0.05
+    confirmation: pd.DataFrame | None = None  # the flagged tests rerun with fresh seeds (analysis.confirm)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every regression: the exact checks, the tests that regressed, the speed."""
+        return self.exact + regression_lines(self.tests, self.fdr) + self.slower
 
     @property
     def ok(self) -> bool:
         return not self.problems and not self.untestable
+
+
+def regression_lines(tests: pd.DataFrame, fdr: float) -> list[str]:
+    """One line per (kind, measure) of the tests that regressed, with its first example."""
+    return [f"{len(g)} {kind} test(s) of {measure} dropped beyond the margin (one-sided Welch over seeds, BH q <= "
+            f"{fdr:g}), e.g. {g['what'].iloc[0]}: {100 * g['delta'].iloc[0]:+.1f} pp"
+            for (kind, measure), g in tests[tests["regressed"]].groupby(["kind", "measure"], sort=False)]
 
 
 # Every column the gate reads: a table without one is refused, never half-compared.
@@ -177,7 +194,8 @@ def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, mea
         if not len(vn):
             continue  # a missing point is reported once, as structure
         low, high = welch_interval(vb, vn)
-        rows.append(dict(kind=kind, measure=measure, what=" ".join(map(str, key)) or "all", base=vb.mean(),
+        rows.append(dict(kind=kind, measure=measure, what=" ".join(map(str, key)) or "all", group=dict(zip(keys, key)),
+                         base=vb.mean(),
                          new=vn.mean(), delta=vn.mean() - vb.mean(), ci_low=low, ci_high=high, seeds_base=len(vb),
                          seeds_new=len(vn), p=welch_drop(vb, vn, margin), untestable=untestable_reason(vb, vn)))
     return rows
@@ -208,6 +226,20 @@ def compare_runs(b_runs: pd.DataFrame, n_runs: pd.DataFrame, base: str, margin: 
         raise ConfigError("compare", f"the base {base} has no grid point with both a transfer and a scratch cell "
                           "recorded ok: there is nothing to compare against", "give the folder of a study that ran "
                           "its transfer and scratch arms")
+    tests = seed_tests(b, n, margin, aggregate_margin, fdr)
+    untestable += untestable_lines(tests)
+    if not (tests["kind"] == "point").any():
+        untestable.append("no grid point of the base has a tested counterpart in the new results: nothing was "
+                          "tested")
+    speed, slow_untestable = speed_problems(b_runs, n_runs, speed_fraction)
+    return Comparison(tests.sort_values(["regressed", "q", "delta"], ascending=[False, True, True],
+                                        ignore_index=True), problems, untestable + slow_untestable,
+                      speed_table(b_runs, n_runs), speed, flips, fdr)
+
+
+def seed_tests(b: pd.DataFrame, n: pd.DataFrame, margin: float, aggregate_margin: float, fdr: float) -> pd.DataFrame:
+    """Every test over seeds of two paired tables: each point's gain and arm accuracies, and their aggregates; q
+    within two families (points, aggregates), flagged and regressed where q <= fdr."""
     rows = []
     for name, col in VALUES.items():
         keys = SCRATCH_POINT if name == "scratch accuracy" else POINT
@@ -215,25 +247,23 @@ def compare_runs(b_runs: pd.DataFrame, n_runs: pd.DataFrame, base: str, margin: 
         for kind, group in AGGREGATES.items():
             if not (name == "scratch accuracy" and kind == "transfer arm"):  # scratch is no transfer arm
                 rows += _test_rows(b, n, group, kind, name, col, aggregate_margin)
-    tests = pd.DataFrame(rows, columns=["kind", "measure", "what", "base", "new", "delta", "ci_low", "ci_high",
-                                        "seeds_base", "seeds_new", "p", "untestable"])
-    # Two families, each under BH: the points, and the few aggregates (which a sea of point tests would drown).
+    tests = pd.DataFrame(rows, columns=["kind", "measure", "what", "group", "base", "new", "delta", "ci_low",
+                                        "ci_high", "seeds_base", "seeds_new", "p", "untestable"])
+    tests["q"] = bh_families(tests)
+    tests["flagged"] = tests["regressed"] = tests["q"] <= fdr
+    return tests
+
+
+def bh_families(tests: pd.DataFrame) -> pd.Series:
+    """BH q in two families: the points, and the few aggregates (which a sea of point tests would drown)."""
     families = [bh_q(g["p"]) for _, g in tests.groupby(tests["kind"] == "point")]
-    tests["q"] = pd.concat(families).reindex(tests.index) if families else np.nan
-    tests["regressed"] = tests["q"] <= fdr
-    for (kind, measure), g in tests[tests["regressed"]].groupby(["kind", "measure"], sort=False):
-        problems.append(f"{len(g)} {kind} test(s) of {measure} dropped beyond the margin (one-sided Welch over "
-                        f"seeds, BH q <= {fdr:g}), e.g. {g['what'].iloc[0]}: {100 * g['delta'].iloc[0]:+.1f} pp")
-    for (kind, measure, why), g in tests[tests["untestable"] != ""].groupby(["kind", "measure", "untestable"],
-                                                                          sort=False):
-        untestable.append(f"{len(g)} test(s) of {measure} ({kind}) could not be made: {why} (e.g. {g['what'].iloc[0]})")
-    if not (tests["kind"] == "point").any():
-        untestable.append("no grid point of the base has a tested counterpart in the new results: nothing was "
-                          "tested")
-    speed, slow_untestable = speed_problems(b_runs, n_runs, speed_fraction)
-    return Comparison(tests.sort_values(["regressed", "q", "delta"], ascending=[False, True, True],
-                                        ignore_index=True), problems + speed, untestable + slow_untestable,
-                      speed_table(b_runs, n_runs), flips)
+    return pd.concat(families).reindex(tests.index) if families else pd.Series(np.nan, index=tests.index)
+
+
+def untestable_lines(tests: pd.DataFrame) -> list[str]:
+    return [f"{len(g)} test(s) of {measure} ({kind}) could not be made: {why} (e.g. {g['what'].iloc[0]})"
+            for (kind, measure, why), g in tests[tests["untestable"] != ""].groupby(["kind", "measure", "untestable"],
+                                                                                    sort=False)]
 
 
 def speed_table(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> pd.DataFrame:
@@ -324,11 +354,21 @@ def render(c: Comparison, base: Path, new: Path) -> str:
     if len(t):
         shown = t.head(15).assign(**{k: (100 * t[k]).round(1) for k in ("base", "new", "delta")})
         shown = shown.assign(p=shown["p"].map("{:.3g}".format), q=shown["q"].map("{:.3g}".format)).drop(
-            columns=["untestable", "ci_low", "ci_high"])
+            columns=["untestable", "ci_low", "ci_high", "group", "flagged"])
         lines += [shown.to_string(index=False), "(percentage points; p: one-sided Welch t-test over seeds of a drop "
                   "beyond the margin; q: Benjamini-Hochberg within points and within aggregates; nan: untestable)"]
+    if c.confirmation is not None:
+        r = c.confirmation.assign(**{k: (100 * c.confirmation[k]).round(1) for k in ("delta_first", "delta")})
+        lines += [confirmation_summary(c.confirmation), r.drop(columns=["ci_low", "ci_high"]).to_string(index=False)]
     verdicts = [f"REGRESSION: {p}" for p in c.problems] + [f"UNTESTABLE: {u}" for u in c.untestable]
     return "\n".join(lines + (verdicts or ["no regression"]))
+
+
+def confirmation_summary(confirmation: pd.DataFrame) -> str:
+    counts = confirmation["outcome"].value_counts()
+    return (f"confirmation (the flagged tests again, on their cells rerun with fresh seeds): "
+            f"{counts.get('confirmed', 0)} confirmed, {counts.get('cleared', 0)} cleared (not flagged again), "
+            f"{counts.get('untestable', 0)} untestable")
 
 
 def _pp(v: float) -> str:
@@ -356,6 +396,12 @@ def render_markdown(c: Comparison, base: Path, new: Path) -> str:
     failing = t[t["regressed"]]
     if len(failing):
         out += ["", "### Failing checks (one-sided Welch over seeds, Benjamini-Hochberg)", "", *_test_table(failing)]
+    if c.confirmation is not None:
+        out += ["", "### Confirmation", "", confirmation_summary(c.confirmation) + ".", "",
+                "| kind | measure | what | first: change (pp), q | rerun: change (pp), 95% interval, q | outcome |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r.kind} | {r.measure} | {r.what} | {_pp(r.delta_first)}, {r.q_first:.3g} | {_pp(r.delta)} "
+                f"[{_pp(r.ci_low)}, {_pp(r.ci_high)}], {r.q:.3g} | {r.outcome} |" for r in c.confirmation.itertuples()]
     out += ["", "### Verdict flips (gains.csv)", ""]
     if c.flips is None or c.flips.empty:
         out.append("not available (no gains.csv with verdicts on both sides)" if c.flips is None else "none")
