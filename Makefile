@@ -50,9 +50,9 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench -q -m "" --benchmark-autosave --benchmark-columns=mean,stddev,rounds
 
-## compare a rerun with its committed baseline; exits 1 on a regression
+## compare a rerun with its committed baseline (flagged points trained again at fresh seeds); exits 1 on a regression
 regress: $(STAMP)
-	$(VENV)/bin/transferbench compare results/baselines/$(STUDY) results/$(STUDY)
+	$(VENV)/bin/transferbench compare results/baselines/$(STUDY) results/$(STUDY) --confirm --no-progress
 
 ## refresh the committed baseline from the last run (tables, figures, reports; no records)
 baseline:

@@ -1,6 +1,7 @@
 """The regression gate on committed seed-level records: passes on the baseline itself and on noise, fails on
 degraded copies. (Real reruns, with planted regressions, are in test_gate_calibration.py.)"""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,28 @@ def test_gate_fails_when_the_structure_changes(degraded):
 def test_gate_fails_when_the_harness_gets_much_slower(degraded):
     edit_runs(degraded, lambda r: r.__setitem__("images_per_second", r["images_per_second"] / 3))
     assert any("slower" in p for p in compare(BASELINE, degraded).problems)
+
+
+def with_reference(folder: Path, images_per_second: float) -> None:
+    (folder / "speed_reference.json").write_text(json.dumps(dict(images_per_second=images_per_second, threads=1)))
+
+
+def test_speed_is_judged_against_the_reference_step_of_each_job(tmp_path, degraded):
+    """A host three times slower runs the cells and its reference step three times slower: no regression, where the
+    bare images/s would fail. The harness three times slower on a host of the same speed fails."""
+    base = tmp_path / "base"
+    shutil.copytree(BASELINE, base)
+    with_reference(base, 150.0)
+    edit_runs(degraded, lambda r: r.__setitem__("images_per_second", r["images_per_second"] / 3))
+    assert any("slower" in p and "images/s (a side" in p for p in compare(base, degraded).problems)  # no reference
+    with_reference(degraded, 50.0)
+    slow_host = compare(base, degraded)
+    assert slow_host.ok, slow_host.problems
+    assert set(slow_host.speeds["basis"]) == {"within job"}
+    assert slow_host.speeds["ratio"].to_numpy() == pytest.approx(1.0)
+    with_reference(degraded, 150.0)
+    problems = compare(base, degraded).problems
+    assert any("slower" in p and "x0.33 as a ratio to the bare PyTorch step" in p for p in problems), problems
 
 
 def test_noise_of_the_seeds_size_is_not_a_regression(degraded):

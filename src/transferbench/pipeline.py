@@ -76,12 +76,27 @@ def run_study(study: Study, results: Path, opts: Options) -> Outcome:
         summary = run_cells(study, cells, out / "records", jobs=opts.jobs, backend=opts.backend,
                             scheduler=opts.scheduler, retry_failed=opts.retry_failed, progress=opts.progress)
         summary.pretrain_seconds = pretrain_seconds if pretrain_seconds > 0.5 else 0.0  # (nothing to pretrain)
+        if summary.ran:
+            summary.reference = measure_reference(study, out)
         timing = measure_domains(study, out, summary, opts.skip_domains)
         report = build(study, out, timing, domains=not opts.skip_domains)
     records = read_records(out / "records")
     failed = sum(records[c.cell_id]["status"] == "failed" for c in cells if c.cell_id in records)
     return Outcome(cells=len(cells), timing=timing, report=report,
                    findings=(out / "findings.txt").read_text().splitlines(), failed=failed)
+
+
+def measure_reference(study: Study, out: Path) -> dict | None:
+    """The host's speed on a bare PyTorch step, in this job, saved beside the cells it normalises (CPU studies: a
+    GPU's cells are not measured against a CPU step)."""
+    from transferbench.models.device import resolve_device
+    from transferbench.sweep import reference
+
+    if resolve_device(study.train.device).type != "cpu":
+        return None
+    measured = reference.measure(study.run.threads_per_worker)
+    reference.save(out, measured)
+    return measured
 
 
 def measure_domains(study: Study, out: Path, summary, skip: bool = False) -> str | None:

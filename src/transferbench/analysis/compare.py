@@ -13,8 +13,10 @@ counted as independent evidence.
 What must not move at all, on any host, is checked exactly: which grid points exist, that no cell
 failed, and the structure of every point (training examples, frozen fraction, trainable parameters,
 and the digest of the pretrained weights a transfer cell started from).
-Speed fails when an arm's median images/s falls below a fraction of the base's: across two hosts
-of one kind the median moved by a factor of up to 1.6 (docs/gate.md), so the default fraction is 0.5.
+Speed fails when an arm's speed falls below a fraction of the base's: each cell's images/s divided by a bare PyTorch
+step measured in the same job (sweep.reference), so that the host's own speed cancels, where both runs measured one;
+else the images/s themselves (across two hosts of one kind the median moved by a factor of up to 1.6, docs/gate.md),
+so the default fraction is 0.5.
 
 Untestable is never "no regression": every check the gate is asked to make and cannot make (a value
 that is missing or not finite, a side with fewer than 2 seeds, nothing in common to test) is listed
@@ -35,6 +37,7 @@ from scipy import stats
 from transferbench.analysis.gains import SCRATCH_POINT, bh_q, paired, with_axes, with_tuning
 from transferbench.core.errors import ConfigError
 from transferbench.core.study import cell_axes
+from transferbench.sweep import reference
 
 # Each arm's configuration chosen on val, at one point of the grid.
 POINT = ["backbone", "weights", "target", "tuning", "n_per_class", *cell_axes()]
@@ -116,6 +119,8 @@ def read_runs(folder: Path) -> pd.DataFrame:
         raise ConfigError("compare", f"{path} has rows without a value for {no_key}: their cells belong to no grid "
                           "point", fix)
     df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in NUMBERS})
+    # the host's bare-step speed in the job that trained these cells: speeds compare as ratios to it (speed_problems)
+    df["reference_images_per_second"] = reference.read(folder) or np.nan
     if not accuracies_valid(df).any():
         raise ConfigError("compare", f"{path} has no cell recorded ok with valid accuracies: nothing to compare",
                           "compare folders of studies whose cells trained")
@@ -266,14 +271,6 @@ def untestable_lines(tests: pd.DataFrame) -> list[str]:
                                                                                     sort=False)]
 
 
-def speed_table(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> pd.DataFrame:
-    """Per arm that records a speed: the median images/s of each side and new / base."""
-    med = [r.groupby("arm")["images_per_second"].median().rename(side) for side, r in (("base", b_runs),
-                                                                                       ("new", n_runs))]
-    table = pd.concat(med, axis=1).dropna(how="all")
-    return table.assign(ratio=table["new"] / table["base"]).reset_index()
-
-
 def read_gains(folder: Path) -> pd.DataFrame | None:
     """A folder's gains.csv, or None where it is missing or unreadable (verdict flips are then not shown)."""
     try:
@@ -326,8 +323,10 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
 
 
 def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float) -> tuple[list[str], list[str]]:
-    """(regressions, untestable): each arm whose base records a speed (pixel baselines and L-BFGS probes do not)."""
+    """(regressions, untestable): each arm whose base records a speed (pixel baselines and L-BFGS probes do not),
+    judged by `speed_table`'s ratio."""
     problems, untestable = [], []
+    table = speed_table(b_runs, n_runs).set_index("arm")
     for arm, g in b_runs.groupby("arm"):
         b_values, n_values = g["images_per_second"], n_runs.loc[n_runs["arm"] == arm, "images_per_second"]
         if b_values.isna().all():
@@ -338,11 +337,41 @@ def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float) 
             untestable.append(f"the speed of {arm} could not be checked: the {' and '.join(invalid)} results record "
                               "no valid images_per_second for it (a positive number)")
             continue
-        b_speed, n_speed = b_values.median(), n_values.median()
-        if n_speed < fraction * b_speed:
-            problems.append(f"harness slower: {arm} median {n_speed:.0f} images/s vs {b_speed:.0f} in the base "
-                            f"(below {fraction:.0%})")
+        row = table.loc[arm]
+        if row["ratio"] < fraction:
+            problems.append(f"harness slower: {arm} median {row['new']:.0f} images/s vs {row['base']:.0f} in the base; "
+                            f"x{row['ratio']:.2f} {BASIS[row['basis']]} (below {fraction:.0%})")
     return problems, untestable
+
+
+BASIS = {"within job": "as a ratio to the bare PyTorch step measured in each run's own job",
+         "images/s": "in images/s (a side measured no reference step)"}
+
+
+def speed_table(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm that records a speed: each side's median images/s, and `ratio`, new / base of the medians of each
+    cell's images/s divided by its job's reference step (basis 'within job': the host's speed cancels) where every
+    cell of the arm on both sides has one, else of the images/s themselves (basis 'images/s')."""
+    rows = []
+    for arm in sorted(set(b_runs["arm"]) | set(n_runs["arm"])):
+        b, n = b_runs[b_runs["arm"] == arm], n_runs[n_runs["arm"] == arm]
+        if b["images_per_second"].isna().all() and n["images_per_second"].isna().all():
+            continue
+        within = _referenced(b) and _referenced(n)
+        rows.append(dict(arm=arm, base=b["images_per_second"].median(), new=n["images_per_second"].median(),
+                         ratio=_relative_speed(n, within) / _relative_speed(b, within),
+                         basis="within job" if within else "images/s"))
+    return pd.DataFrame(rows, columns=["arm", "base", "new", "ratio", "basis"])
+
+
+def _referenced(runs: pd.DataFrame) -> bool:
+    return len(runs) > 0 and "reference_images_per_second" in runs and bool(
+        (runs["reference_images_per_second"] > 0).all())
+
+
+def _relative_speed(runs: pd.DataFrame, within: bool) -> float:
+    speed = runs["images_per_second"]
+    return float((speed / runs["reference_images_per_second"] if within else speed).median())
 
 
 def render(c: Comparison, base: Path, new: Path) -> str:
@@ -411,9 +440,12 @@ def render_markdown(c: Comparison, base: Path, new: Path) -> str:
         out += [f"| {' '.join(str(r[k]) for k in keys)} | {r['verdict_base']} ({_pp(r['gain_base'])} pp) | "
                 f"{r['verdict_new']} ({_pp(r['gain_new'])} pp) |" for _, r in c.flips.iterrows()]
     if not c.speeds.empty:
-        out += ["", "### Speed (median images/s)", "", "| arm | base | new | new / base |", "|---|---|---|---|"]
-        out += [f"| {r.arm} | {r.base:.0f} | {r.new:.0f} | {r.ratio:.2f} |" for r in c.speeds.itertuples()
+        out += ["", "### Speed (median images/s)", "", "| arm | base | new | new / base | basis |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r.arm} | {r.base:.0f} | {r.new:.0f} | {r.ratio:.2f} | {r.basis} |" for r in c.speeds.itertuples()
                 if np.isfinite(r.base)]
+        out += ["", "new / base: of each cell's images/s divided by the bare PyTorch step measured in its own job "
+                "('within job': the host's speed cancels), else of images/s."]
     if len(t):
         out += ["", f"<details><summary>All {len(t)} tests</summary>", "", *_test_table(t), "", "</details>"]
     return "\n".join(out) + "\n"

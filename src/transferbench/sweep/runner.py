@@ -179,6 +179,7 @@ class RunSummary:
     wall_seconds: float = 0.0
     peak_pss_bytes: int = 0  # proportional set size: shared library pages split between processes
     pretrain_seconds: float = 0.0  # sources trained before the cells (pretrain:<dataset>)
+    reference: dict | None = None  # the host's bare-step speed measured after the cells (sweep.reference)
 
     @property
     def failed(self) -> int:
@@ -338,4 +339,7 @@ def timing_table(summary: RunSummary) -> str:
                      f"{seen / max(train, 1e-9):>10.0f}")
     lines.append("feature cache: " + ", ".join(f"{k or 'none (pixels)'}={v}" for k, v in sorted(cache.items(),
                                                                                                 key=str)))
+    if summary.reference:
+        lines.append(f"reference: a bare PyTorch step of lite0 at 32 px, {summary.reference['threads']} thread(s): "
+                     f"{summary.reference['images_per_second']:.0f} images/s (the gate's speed check divides by it)")
     return "\n".join(lines)

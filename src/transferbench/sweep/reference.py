@@ -1,0 +1,65 @@
+"""The speed of the host, measured in the same job as the cells: images/s of a bare PyTorch training step (timm's
+tf_efficientnet_lite0 at random init, 32 px, batch 32, SGD, no transferbench code in the loop) on the threads one
+worker uses. The gate divides each arm's images/s by it, so that two runs on different hosts compare as ratios each
+measured within its own job (the way bench/test_speed.py sets the harness step beside the same bare step); an
+absolute images/s is compared only where a side lacks one.
+
+Written to `speed_reference.json` in the results folder by every run that trains cells; a run that trains nothing
+keeps the file of the run that did.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+FILE = "speed_reference.json"
+MODEL, IMAGE_SIZE, BATCH, WARMUP_STEPS, TIMED_STEPS = "tf_efficientnet_lite0", 32, 32, 3, 12
+WORKLOAD = dict(model=MODEL, weights="none", image_size=IMAGE_SIZE, batch_size=BATCH, optimizer="sgd",
+                warmup_steps=WARMUP_STEPS, timed_steps=TIMED_STEPS)
+
+
+def measure(threads: int) -> dict:
+    """The bare step's images/s (the median of the timed steps) on `threads` threads."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(MODEL, pretrained=False, num_classes=10).train()
+        x, y = torch.rand(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), torch.arange(BATCH) % 10
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        times = []
+        for i in range(WARMUP_STEPS + TIMED_STEPS):
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= WARMUP_STEPS:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    times.sort()
+    return dict(images_per_second=BATCH / times[len(times) // 2], threads=threads, workload=WORKLOAD)
+
+
+def save(out: Path, measured: dict) -> None:
+    from transferbench.core.atomic import write_text
+
+    write_text(out / FILE, json.dumps(measured, indent=1) + "\n")
+
+
+def read(folder: Path) -> float | None:
+    """The reference images/s a results folder's last training run measured; None where there is none or it is not a
+    positive number (the gate then compares absolute images/s)."""
+    try:
+        value = json.loads((folder / FILE).read_text(encoding="utf-8"))["images_per_second"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
