@@ -241,7 +241,10 @@ def _confirmed(args, result, b_runs, n_runs, new: Path):
     from transferbench.pipeline import Options, rerun_cells
     from transferbench.report.document import load_saved_study
 
-    if not result.tests["flagged"].any() or result.exact:  # nothing to confirm, or it fails whatever a rerun shows
+    if not result.tests["flagged"].any():
+        return result
+    if result.exact:
+        print("not confirming the flagged tests: the gate fails on what no rerun of seeds changes (below)")
         return result
     if not (new / "study.resolved.yaml").is_file():
         raise ConfigError("--confirm", f"{new} has no study.resolved.yaml: a confirmation reruns the study that made "
