@@ -1,7 +1,6 @@
 """The regression gate on committed seed-level records: passes on the baseline itself and on noise, fails on
 degraded copies. (Real reruns, with planted regressions, are in test_gate_calibration.py.)"""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -89,7 +88,7 @@ def test_gate_fails_when_the_harness_gets_much_slower(degraded):
 
 
 def with_reference(folder: Path, images_per_second: float) -> None:
-    (folder / "speed_reference.json").write_text(json.dumps(dict(images_per_second=images_per_second, threads=1)))
+    edit_runs(folder, lambda r: r.__setitem__("reference_images_per_second", images_per_second))
 
 
 def test_speed_is_judged_against_the_reference_step_of_each_job(tmp_path, degraded):

@@ -129,3 +129,23 @@ def test_confirm_needs_the_study_that_made_the_results(tmp_path, capsys):
     assert main(["compare", str(SMOKE), str(new), "--confirm"]) == 2
     err = capsys.readouterr().err
     assert "--confirm" in err and "study.resolved.yaml" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rerun_cells_without_valid_accuracies_are_reported_not_dropped(base, flagged):
+    cells = covered_cells(collapsed(base), flagged.tests)
+    rerun = collapsed(rerun_of(base, cells))
+    rerun.loc[rerun.index[:2], "test_acc"] = np.nan
+    final = retest(flagged, base, rerun, 0.02, 0.01)
+    assert not final.ok and any("confirmation rerun" in u for u in final.untestable), final.untestable
+
+
+def test_a_rerun_whose_every_cell_failed_is_read_and_fails_the_gate(tmp_path, base, flagged):
+    cells = covered_cells(collapsed(base), flagged.tests)
+    rerun = rerun_of(base, cells).assign(status="failed", test_acc=np.nan, val_acc=np.nan)
+    (tmp_path / "confirm").mkdir()
+    rerun.to_csv(tmp_path / "confirm" / "runs.csv", index=False)
+    with pytest.raises(Exception, match="no cell recorded ok"):
+        read_runs(tmp_path / "confirm")  # as a base or a new run: refused
+    final = retest(flagged, base, read_runs(tmp_path / "confirm", require_valid=False), 0.02, 0.01)
+    assert any("confirmation rerun not recorded ok" in p for p in final.problems), final.problems
+    assert (final.confirmation["outcome"] == "untestable").all()

@@ -44,13 +44,20 @@ def test_a_record_reads_back_as_the_run_it_came_from(tmp_path):
     assert np.allclose(back.sort_values("cell_id")["test_acc"], runs.sort_values("cell_id")["test_acc"])
 
 
-def test_the_base_pools_the_last_commits_with_their_seeds_apart(tmp_path):
+def test_the_base_pools_the_last_commits_one_value_per_seed(tmp_path):
+    """Commits ran the same seeds: each seed is one value of the base (its mean over the commits), never k values,
+    which would shrink the base's error as if the commits had drawn new subsets."""
     for i in range(4):
         put(tmp_path, i)
     base, chosen = history.base_runs(tmp_path, "smoke", history.host_class(HOST), exclude=commit(3), k=2)
     assert chosen == [commit(1), commit(2)]
-    assert base["seed"].nunique() == 2 * read_runs(SMOKE)["seed"].nunique()
-    assert compare_runs(base, read_runs(SMOKE), "history").ok
+    assert base["seed"].nunique() == 2 * read_runs(SMOKE)["seed"].nunique()  # cells pair within their commit
+    pooled = compare_runs(base, read_runs(SMOKE), "history")
+    assert pooled.ok
+    alone = compare_runs(read_runs(SMOKE), read_runs(SMOKE), "folder")
+    assert (pooled.tests["seeds_base"] == read_runs(SMOKE)["seed"].nunique()).all()
+    assert pooled.tests.set_index(["kind", "measure", "what"])["p"].equals(
+        alone.tests.set_index(["kind", "measure", "what"])["p"])  # two identical commits weigh as one
     assert not compare_runs(base, read_runs(degraded(tmp_path, 0.3)), "history").ok
 
 

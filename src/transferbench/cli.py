@@ -6,6 +6,7 @@ errors map to exit codes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                        "on a regression")
     c.add_argument("folders", type=Path, nargs="+", metavar="BASE NEW", help="e.g. results/baselines/smoke "
                    "results/smoke; with --history only NEW")
-    c.add_argument("--history", type=Path, help="take the base from this history: the pooled seeds of the last "
+    c.add_argument("--history", type=Path, help="take the base from this history: the last "
                    "--last recorded commits on this host class, since the last accepted change")
     c.add_argument("--last", type=int, default=5, help="commits pooled into the base with --history (1 to 50)")
     c.add_argument("--fallback", type=Path, help="with --history: the base folder to use where the history holds no "
@@ -220,8 +221,6 @@ def _base(args, new: Path):
     if not args.history:
         base = args.folders[0]
         return read_runs(base), str(base), verdict_flips(read_gains(base), read_gains(new))
-    if not 1 <= args.last <= 50:
-        raise ConfigError("--last", f"{args.last} is outside 1 to 50", "e.g. --last 5")
     study, host = study_name(new / "study.resolved.yaml"), host_class(host_fingerprint())
     try:
         b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last)
@@ -243,8 +242,9 @@ def _confirmed(args, result, b_runs, n_runs, new: Path):
 
     if not result.tests["flagged"].any():
         return result
-    if result.exact:
-        print("not confirming the flagged tests: the gate fails on what no rerun of seeds changes (below)")
+    if result.exact or result.slower or result.untestable:
+        print("not confirming the flagged tests: the gate fails on what no rerun of seeds changes (below)",
+              file=sys.stderr)
         return result
     if not (new / "study.resolved.yaml").is_file():
         raise ConfigError("--confirm", f"{new} has no study.resolved.yaml: a confirmation reruns the study that made "
@@ -252,16 +252,19 @@ def _confirmed(args, result, b_runs, n_runs, new: Path):
     study = load_saved_study(new)
     cells, seeds = covered_cells(n_runs, result.tests), fresh_seeds(study.grid.seed, b_runs["seed"])
     print(f"confirming {int(result.tests['flagged'].sum())} flagged test(s): {len(cells)} cell(s) again at seeds "
-          f"{seeds} -> {new / 'confirm'}/", flush=True)
-    rerun = rerun_cells(new, study, cells, seeds, Options(progress=args.progress))
+          f"{seeds} -> {new / 'confirm'}/", file=sys.stderr, flush=True)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the summary (--format md goes to a PR as it is)
+        rerun = rerun_cells(new, study, cells, seeds, Options(progress=args.progress, retry_failed=True))
     from transferbench.analysis.compare import read_runs
 
-    return retest(result, b_runs, read_runs(rerun), args.margin, args.margin / 2)
+    return retest(result, b_runs, read_runs(rerun, require_valid=False), args.margin, args.margin / 2)
 
 
 def cmd_compare(args) -> int:
     from transferbench.analysis.compare import check_options, compare_runs, read_runs, render, render_markdown
 
+    if args.history and not 1 <= args.last <= 50:
+        raise ConfigError("--last", f"{args.last} is outside 1 to 50", "e.g. --last 5")
     if len(args.folders) != (1 if args.history else 2):
         raise ConfigError("compare", f"{len(args.folders)} folder(s) given", "with --history give only NEW (e.g. "
                           "compare results/smoke --history DIR)" if args.history else "give BASE and NEW, or NEW "
@@ -269,8 +272,8 @@ def cmd_compare(args) -> int:
     check_options(margin=args.margin, fdr=args.fdr, speed_fraction=args.speed_fraction,
                   aggregate_margin=args.margin / 2)
     new = args.folders[-1]
-    n_runs = read_runs(new)
     b_runs, base, flips = _base(args, new)
+    n_runs = read_runs(new)
     result = compare_runs(b_runs, n_runs, base, args.margin, args.fdr, args.speed_fraction, args.margin / 2, flips)
     if args.confirm:
         result = _confirmed(args, result, b_runs, n_runs, new)

@@ -76,29 +76,12 @@ def run_study(study: Study, results: Path, opts: Options) -> Outcome:
         summary = run_cells(study, cells, out / "records", jobs=opts.jobs, backend=opts.backend,
                             scheduler=opts.scheduler, retry_failed=opts.retry_failed, progress=opts.progress)
         summary.pretrain_seconds = pretrain_seconds if pretrain_seconds > 0.5 else 0.0  # (nothing to pretrain)
-        if summary.ran:
-            summary.reference = measure_reference(study, out, local=(opts.backend or study.run.backend) != "dask")
         timing = measure_domains(study, out, summary, opts.skip_domains)
         report = build(study, out, timing, domains=not opts.skip_domains)
     records = read_records(out / "records")
     failed = sum(records[c.cell_id]["status"] == "failed" for c in cells if c.cell_id in records)
     return Outcome(cells=len(cells), timing=timing, report=report,
                    findings=(out / "findings.txt").read_text().splitlines(), failed=failed)
-
-
-def measure_reference(study: Study, out: Path, local: bool) -> dict | None:
-    """The host's speed on a bare PyTorch step, in this job, saved beside the cells it normalises. Only where the
-    cells trained on this host's CPU (not on a dask cluster, not on a GPU); else an earlier run's file is removed, so
-    that these cells are never divided by another job's step."""
-    from transferbench.models.device import resolve_device
-    from transferbench.sweep import reference
-
-    if not local or resolve_device(study.train.device).type != "cpu":
-        (out / reference.FILE).unlink(missing_ok=True)
-        return None
-    measured = reference.measure(study.run.threads_per_worker)
-    reference.save(out, measured)
-    return measured
 
 
 def measure_domains(study: Study, out: Path, summary, skip: bool = False) -> str | None:

@@ -14,7 +14,7 @@ What must not move at all, on any host, is checked exactly: which grid points ex
 failed, and the structure of every point (training examples, frozen fraction, trainable parameters,
 and the digest of the pretrained weights a transfer cell started from).
 Speed fails when an arm's speed falls below a fraction of the base's: each cell's images/s divided by a bare PyTorch
-step measured in the same job (sweep.reference), so that the host's own speed cancels, where both runs measured one;
+step measured in its own job (sweep.reference), so that the host's own speed cancels, where both runs recorded one;
 else the images/s themselves (across two hosts of one kind the median moved by a factor of up to 1.6, docs/gate.md),
 so the default fraction is 0.5.
 
@@ -37,7 +37,6 @@ from scipy import stats
 from transferbench.analysis.gains import SCRATCH_POINT, bh_q, paired, with_axes, with_tuning
 from transferbench.core.errors import ConfigError
 from transferbench.core.study import cell_axes
-from transferbench.sweep import reference
 
 # Each arm's configuration chosen on val, at one point of the grid.
 POINT = ["backbone", "weights", "target", "tuning", "n_per_class", *cell_axes()]
@@ -79,7 +78,8 @@ def regression_lines(tests: pd.DataFrame, fdr: float) -> list[str]:
 # Every column the gate reads: a table without one is refused, never half-compared.
 KEYS = ["arm", *(c for c in POINT if c != "tuning"), "frozen_depth", "schedule", "lr", "seed"]  # tuning: derived
 REQUIRED = ["cell_id", "status", *KEYS, "val_acc", "test_acc", "images_per_second", *STRUCTURE]
-NUMBERS = ["val_acc", "test_acc", "images_per_second"]  # text there becomes nan, and is reported as untestable
+# Text there becomes nan, and is reported as untestable (the reference step: records since it was measured).
+NUMBERS = ["val_acc", "test_acc", "images_per_second", "reference_images_per_second"]
 # The gate's options, each a check that must stay able to fail: (flag, lowest, highest). Outside, a check is off in
 # effect: a margin of a quarter of the accuracy scale lets any real regression pass, so does an FDR of 1e-300.
 OPTIONS = {"margin": ("--margin", 0.0, 0.25), "aggregate_margin": ("--margin (aggregates: half of it)", 0.0, 0.25),
@@ -97,7 +97,9 @@ def check_options(**values: float) -> None:
                               f"give a value in [{low:g}, {high:g}] (default {OPTION_DEFAULTS[name]:g})")
 
 
-def read_runs(folder: Path) -> pd.DataFrame:
+def read_runs(folder: Path, require_valid: bool = True) -> pd.DataFrame:
+    """A folder's runs.csv as the gate reads it, refused where it cannot be compared; `require_valid=False` keeps a
+    table whose every cell failed (a confirmation rerun's, which then fails the gate as a regression)."""
     path = folder / "runs.csv"
     if not path.is_file():
         raise ConfigError("compare", f"{path} does not exist" if not path.exists() else f"{path} is not a regular "
@@ -118,10 +120,8 @@ def read_runs(folder: Path) -> pd.DataFrame:
     if no_key:
         raise ConfigError("compare", f"{path} has rows without a value for {no_key}: their cells belong to no grid "
                           "point", fix)
-    df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in NUMBERS})
-    # the host's bare-step speed in the job that trained these cells: speeds compare as ratios to it (speed_problems)
-    df["reference_images_per_second"] = reference.read(folder) or np.nan
-    if not accuracies_valid(df).any():
+    df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in NUMBERS if c in df})
+    if require_valid and not accuracies_valid(df).any():
         raise ConfigError("compare", f"{path} has no cell recorded ok with valid accuracies: nothing to compare",
                           "compare folders of studies whose cells trained")
     return with_tuning(df)
@@ -185,8 +185,11 @@ def untestable_reason(base: np.ndarray, new: np.ndarray) -> str:
 
 
 def _per_seed(g: pd.DataFrame, value: str) -> np.ndarray:
-    """Each seed's mean over the group's rows; a missing value makes its seed's mean nan, never a smaller mean."""
-    return g.groupby("seed")[value].agg(lambda v: v.mean(skipna=False)).to_numpy(dtype=float)
+    """Each seed's mean over the group's rows (each draw's, where a base pooled from the history says which rows
+    drew the same subsets and initialisations: `draw`); a missing value makes its seed's mean nan, never a smaller
+    mean."""
+    return g.groupby("draw" if "draw" in g else "seed")[value].agg(
+        lambda v: v.mean(skipna=False)).to_numpy(dtype=float)
 
 
 def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, measure: str, value: str,

@@ -4,11 +4,13 @@ regresses only if it is flagged again.
     comparison --flagged tests--> the new run's cells they cover --(pipeline.rerun_cells, fresh seeds)--> a rerun
     base + rerun --retest--> each flagged test again: confirmed (still a regression) or cleared (a false alarm)
 
-Why it is sound: the fresh seeds draw new k-shot subsets and initialisations, independent of the draw that flagged
-the test, so a false alarm repeats only with about the test's level while a real regression repeats with the test's
-power. The retests form their own Benjamini-Hochberg families (points, aggregates) over only the flagged tests: the
-selection was made on other data, so the second stage is an ordinary test of a fixed family. An aggregate flagged
-(per target, per arm, all points) reruns every point it averages over, so that it is retested whole.
+What it can and cannot remove: the fresh seeds draw new k-shot subsets and initialisations for the new side only; the
+base is the same in both passes. A false alarm from the new run's draw (an unlucky subset, a host's float path)
+repeats only about as often as the test's level; one from the base's own draw can repeat, since both passes compare
+with it (with equal seeds and spreads the two differences correlate at about 0.5). bench/confirm_rates.py measures
+both rates. The retests form their own Benjamini-Hochberg families (points, aggregates) over only the flagged
+tests. An aggregate flagged (per target, per arm, all points) reruns every point it averages over, so that it is
+retested whole.
 What no rerun of seeds changes (missing points, failed cells, structure, speed) is never rerun: it fails as it is.
 """
 
@@ -25,6 +27,7 @@ from transferbench.analysis.compare import (
     bh_families,
     seed_tests,
     untestable_lines,
+    value_problems,
 )
 from transferbench.analysis.gains import SCRATCH_POINT, paired
 
@@ -76,6 +79,7 @@ def retest(first: Comparison, b_runs: pd.DataFrame, rerun: pd.DataFrame, margin:
     failed = rerun[rerun["status"] != "ok"]
     exact = first.exact + ([f"{len(failed)} cell(s) of the confirmation rerun not recorded ok (e.g. "
                             f"{failed['cell_id'].iloc[0]})"] if len(failed) else [])
-    untestable = first.untestable + [f"confirmation: {line}" for line in untestable_lines(again)]
+    untestable = first.untestable + value_problems(rerun, "confirmation rerun") + \
+        [f"confirmation: {line}" for line in untestable_lines(again)]
     return dataclasses.replace(first, tests=tests, exact=exact, untestable=untestable,
                                confirmation=again.reindex(columns=RETEST_COLUMNS))

@@ -1,7 +1,7 @@
 """Results across commits: a history of recorded runs, the gate's base drawn from it, and change points along it.
 
     results folder --record--> HISTORY/<study>/<host class>/<commit>.json (seed-level runs, gains, speed, host)
-    HISTORY --base_runs--> the pooled seeds of the last k commits on this host class since the last accepted change
+    HISTORY --base_runs--> the last k commits on this host class since the last accepted change, seed by seed
     HISTORY --change_points--> steps in a per-commit series, found by a windowed Welch test larger than the margin
 
 One file per (study, host class, commit), written atomically; a second record of the same commit on the same host
@@ -202,8 +202,11 @@ def accept(history: Path, study: str, commit: str, reason: str) -> Path:
 
 def base_runs(history: Path, study: str, host: str, exclude: str | None, k: int = 5) -> tuple[pd.DataFrame, list]:
     """The gate's base from the history: the cells of the last k recorded commits on this host class (not
-    `exclude`, the commit under test), from the last accepted change on; each commit's seeds kept apart (seed
-    "<commit>/<seed>") so pooled commits count as more seeds, not as one averaged seed. Returns (runs, commits)."""
+    `exclude`, the commit under test), from the last accepted change on. Each commit's cells pair within the commit
+    (seed "<commit>/<seed>"), and the tests take one value per `draw` (the seed number), averaged over commits: the
+    commits ran the same seeds, so the same k-shot subsets and initialisations (on one host, identical numbers
+    where nothing changed), and counting them as more seeds would shrink the base's error k-fold. Returns (runs,
+    commits)."""
     records = _records(history, study, host)
     order = [b["commit"] for b in records]
     start = max((order.index(m["commit"]) for m in _marks(history, study) if m["commit"] in order), default=0)
@@ -212,7 +215,7 @@ def base_runs(history: Path, study: str, host: str, exclude: str | None, k: int 
         raise ConfigError("--history", f"no recorded run of {study} on host class {host} to compare with",
                           "record a run of the base commit on this kind of host first (transferbench record)")
     runs = _cells([b for b in records if b["commit"] in chosen])
-    runs = runs.assign(seed=runs["commit"] + "/" + runs["seed"].astype(str),
+    runs = runs.assign(draw=runs["seed"], seed=runs["commit"] + "/" + runs["seed"].astype(str),
                        cell_id=runs["commit"] + "/" + runs["cell_id"].astype(str))
     return runs.drop(columns=["commit", "order", "host_class", "packages"]).reset_index(drop=True), chosen
 

@@ -1,21 +1,15 @@
 """The speed of the host, measured in the same job as the cells: images/s of a bare PyTorch training step (timm's
 tf_efficientnet_lite0 at random init, 32 px, batch 32, SGD, no transferbench code in the loop) on the threads one
-worker uses. The gate divides each arm's images/s by it, so that two runs on different hosts compare as ratios each
-measured within its own job (the way bench/test_speed.py sets the harness step beside the same bare step); an
-absolute images/s is compared only where a side lacks one.
-
-Written to `speed_reference.json` in the results folder by every run that trains cells; a run that trains nothing
-keeps the file of the run that did.
+worker uses. Every record of the job carries it (`reference_images_per_second`), and the gate divides each cell's
+images/s by its own job's reference, so that two runs on different hosts compare as ratios each measured within its
+own job (the way bench/test_speed.py sets the harness step beside the same bare step); an absolute images/s is
+compared only where a side lacks one.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from pathlib import Path
 
-FILE = "speed_reference.json"
 MODEL, IMAGE_SIZE, BATCH, WARMUP_STEPS, TIMED_STEPS = "tf_efficientnet_lite0", 32, 32, 3, 12
 WORKLOAD = dict(model=MODEL, weights="none", image_size=IMAGE_SIZE, batch_size=BATCH, optimizer="sgd",
                 warmup_steps=WARMUP_STEPS, timed_steps=TIMED_STEPS)
@@ -49,17 +43,11 @@ def measure(threads: int) -> dict:
     return dict(images_per_second=BATCH / times[len(times) // 2], threads=threads, workload=WORKLOAD)
 
 
-def save(out: Path, measured: dict) -> None:
-    from transferbench.core.atomic import write_text
+def for_job(study, backend: str) -> dict:
+    """The record fields of this job's reference: measured where the cells train on this host's CPU; none for a dask
+    cluster (other hosts) or a GPU (not measured against a CPU step)."""
+    from transferbench.models.device import resolve_device
 
-    write_text(out / FILE, json.dumps(measured, indent=1) + "\n")
-
-
-def read(folder: Path) -> float | None:
-    """The reference images/s a results folder's last training run measured; None where there is none or it is not a
-    positive number (the gate then compares absolute images/s)."""
-    try:
-        value = json.loads((folder / FILE).read_text(encoding="utf-8"))["images_per_second"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+    if backend == "dask" or resolve_device(study.train.device).type != "cpu":
+        return {}
+    return dict(reference_images_per_second=measure(study.run.threads_per_worker)["images_per_second"])

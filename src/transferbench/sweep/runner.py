@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transferbench.core.errors import ConfigError
 from transferbench.core.paths import LINK_FIX, check_results_folder, results_subfolder
 from transferbench.core.study import Cell, Study
+from transferbench.sweep import reference
 from transferbench.sweep.costs import cell_work
 from transferbench.sweep.planning import chosen_lr, feature_groups, lr_phases, pack_groups, packs
 from transferbench.sweep.store import read_records, write_record
@@ -179,7 +180,7 @@ class RunSummary:
     wall_seconds: float = 0.0
     peak_pss_bytes: int = 0  # proportional set size: shared library pages split between processes
     pretrain_seconds: float = 0.0  # sources trained before the cells (pretrain:<dataset>)
-    reference: dict | None = None  # the host's bare-step speed measured after the cells (sweep.reference)
+    reference: float | None = None  # images/s of the host's bare step, measured before the cells (sweep.reference)
 
     @property
     def failed(self) -> int:
@@ -231,7 +232,9 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     run = study.run
     jobs, backend = jobs or run.jobs, backend or run.backend
     threads = run.threads_per_worker
-    context = provenance()
+    # Each record carries its job's reference step: speeds compare as ratios measured within one job (compare.py).
+    context = provenance() | reference.for_job(study, backend)
+    summary.reference = context.get("reference_images_per_second")
     bar = WorkBar(todo, study.name, disable=not progress)
     # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
     # every reuse reads a finished record and the result never depends on which worker ran first.
@@ -340,6 +343,6 @@ def timing_table(summary: RunSummary) -> str:
     lines.append("feature cache: " + ", ".join(f"{k or 'none (pixels)'}={v}" for k, v in sorted(cache.items(),
                                                                                                 key=str)))
     if summary.reference:
-        lines.append(f"reference: a bare PyTorch step of lite0 at 32 px, {summary.reference['threads']} thread(s): "
-                     f"{summary.reference['images_per_second']:.0f} images/s (the gate's speed check divides by it)")
+        lines.append(f"reference: a bare PyTorch step of lite0 at 32 px on a worker's threads: {summary.reference:.0f} "
+                     "images/s (the gate's speed check divides each cell's images/s by it)")
     return "\n".join(lines)
