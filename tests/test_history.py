@@ -3,6 +3,7 @@ synthetic histories with a known step, and the commands through the CLI."""
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from transferbench.analysis import history
 from transferbench.analysis.compare import compare_runs, read_runs
 from transferbench.cli import main
+from transferbench.core.errors import ConfigError
 
 SMOKE = Path(__file__).parents[1] / "results" / "baselines" / "smoke"
 HOST = dict(cpu="test cpu", cores=2, python="3.11", packages={"torch": "2.14.1"})
@@ -118,7 +120,7 @@ def test_record_compare_and_trend_through_the_cli(tmp_path, capsys, monkeypatch)
     assert main(["compare", str(results / "smoke"), "--history", str(lonely)]) == 2
     assert "no recorded run" in capsys.readouterr().err
     assert main(["compare", str(results / "smoke"), "--history", str(lonely), "--fallback", str(SMOKE)]) == 0
-    assert "comparing with" in capsys.readouterr().out
+    assert "comparing with" in capsys.readouterr().err
     worse = degraded(tmp_path, 0.3)
     assert main(["compare", str(worse), "--history", str(h)]) == 1
     assert "REGRESSION" in capsys.readouterr().out
@@ -132,6 +134,46 @@ def test_record_compare_and_trend_through_the_cli(tmp_path, capsys, monkeypatch)
     assert (results / "trend" / "smoke" / "trend.png").is_file()
     points = pd.read_csv(results / "trend" / "smoke" / "change_points.csv", dtype={"commit": str})
     assert set(points.loc[points["change"], "commit"]) == {commit(3)}
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_the_base_can_be_limited_to_a_merge_base_and_its_ancestors(tmp_path, monkeypatch):
+    """main: a - b - c; a pull request branches at b. With --base-commit b the base pools a and b, never c (a later
+    commit of main the branch does not contain); an unknown ref is refused in one line."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    shas = []
+    for name in "abc":
+        git(repo, "commit", "-q", "--allow-empty", "-m", name)
+        shas.append(git(repo, "rev-parse", "HEAD"))
+    h = tmp_path / "history"
+    for i, sha in enumerate(shas):
+        history.record(SMOKE, h, sha, f"2026-01-0{i + 1}T00:00:00+00:00", HOST)
+    assert history.ancestors(shas[1], shas, cwd=repo) == {shas[0], shas[1]}
+    host = history.host_class(HOST)
+    _, chosen = history.base_runs(h, "smoke", host, None, k=5, among=history.ancestors(shas[1], shas, cwd=repo))
+    assert chosen == shas[:2]
+    with pytest.raises(ConfigError, match="not a commit of this checkout"):
+        history.ancestors("no-such-branch", shas, cwd=repo)
+
+
+def test_base_commit_through_the_cli(tmp_path, capsys, monkeypatch):
+    results, h = tmp_path / "results", tmp_path / "history"
+    shutil.copytree(SMOKE, results / "smoke")
+    monkeypatch.setattr(history, "git_commit", lambda cwd=Path("."): (commit(99), "2026-02-01T00:00:00+00:00"))
+    monkeypatch.setattr(history, "ancestors", lambda ref, commits, cwd=Path("."): {commit(0)})
+    for i in range(3):
+        assert main(["record", "smoke", "--results", str(results), "--history", str(h), "--commit", commit(i)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(results / "smoke"), "--history", str(h), "--base-commit", "main"]) == 0
+    assert f"1 commit(s) up to {commit(0)[:8]}" in capsys.readouterr().out
+    assert main(["compare", str(SMOKE), str(results / "smoke"), "--base-commit", "main"]) == 2
+    assert "--base-commit" in capsys.readouterr().err
 
 
 def test_the_copyable_workflow_runs_only_commands_that_exist():

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--history", type=Path, help="take the base from this history: the last "
                    "--last recorded commits on this host class, since the last accepted change")
     c.add_argument("--last", type=int, default=5, help="commits pooled into the base with --history (1 to 50)")
+    c.add_argument("--base-commit", metavar="REF", help="with --history: pool only REF and its ancestors (a pull "
+                   "request's merge-base with its target: $(git merge-base HEAD origin/main))")
     c.add_argument("--fallback", type=Path, help="with --history: the base folder to use where the history holds no "
                    "other commit on this host class (e.g. results/baselines/smoke)")
     c.add_argument("--margin", type=float, default=0.02, help="a point's gain may fall this much (accuracy, 0 to "
@@ -210,7 +212,9 @@ def _base(args, new: Path):
     (the fallback folder where the history holds none)."""
     from transferbench.analysis.compare import read_gains, read_runs, verdict_flips
     from transferbench.analysis.history import (
+        ancestors,
         base_runs,
+        entries,
         git_commit,
         host_class,
         host_fingerprint,
@@ -222,12 +226,16 @@ def _base(args, new: Path):
         base = args.folders[0]
         return read_runs(base), str(base), verdict_flips(read_gains(base), read_gains(new))
     study, host = study_name(new / "study.resolved.yaml"), host_class(host_fingerprint())
+    among = ancestors(args.base_commit, list(entries(args.history, study, host)["commit"])) \
+        if args.base_commit else None
     try:
-        b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last)
+        b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last, among=among)
     except ConfigError:
         if not args.fallback:
             raise
-        print(f"no other commit of {study} recorded on host class {host}: comparing with {args.fallback}")
+        print(f"no other commit of {study} recorded on host class {host}"
+              + (f" among {args.base_commit} and its ancestors" if among is not None else "")
+              + f": comparing with {args.fallback}", file=sys.stderr)
         return read_runs(args.fallback), str(args.fallback), verdict_flips(read_gains(args.fallback),
                                                                              read_gains(new))
     label = f"{args.history} ({study}, {host}: {len(commits)} commit(s) up to {commits[-1][:8]})"
@@ -265,6 +273,8 @@ def cmd_compare(args) -> int:
 
     if args.history and not 1 <= args.last <= 50:
         raise ConfigError("--last", f"{args.last} is outside 1 to 50", "e.g. --last 5")
+    if args.base_commit and not args.history:
+        raise ConfigError("--base-commit", "it chooses among recorded commits", "give --history DIR with it")
     if len(args.folders) != (1 if args.history else 2):
         raise ConfigError("compare", f"{len(args.folders)} folder(s) given", "with --history give only NEW (e.g. "
                           "compare results/smoke --history DIR)" if args.history else "give BASE and NEW, or NEW "

@@ -74,6 +74,19 @@ def git_commit(cwd: Path = Path(".")) -> tuple[str, str]:
     return out[0], out[1]
 
 
+def ancestors(ref: str, commits: list[str], cwd: Path = Path(".")) -> set[str]:
+    """Those of `commits` that are `ref` or its ancestors in this checkout (a pull request's merge-base with its
+    target, say); a commit this checkout does not know is none."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"], cwd=cwd, capture_output=True,
+                             text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        raise ConfigError("--base-commit", f"{ref!r} is not a commit of this checkout", "fetch it first (e.g. git "
+                          "fetch origin main), or give a commit hash") from None
+    return {c for c in commits if subprocess.run(["git", "merge-base", "--is-ancestor", c, sha], cwd=cwd,
+                                                 capture_output=True, timeout=30).returncode == 0}
+
+
 def commit_date(commit: str) -> str | None:
     """The committer date of a commit of this checkout, or None (not a checkout, or an unknown commit)."""
     try:
@@ -200,9 +213,11 @@ def accept(history: Path, study: str, commit: str, reason: str) -> Path:
     return path
 
 
-def base_runs(history: Path, study: str, host: str, exclude: str | None, k: int = 5) -> tuple[pd.DataFrame, list]:
+def base_runs(history: Path, study: str, host: str, exclude: str | None, k: int = 5,
+              among: set[str] | None = None) -> tuple[pd.DataFrame, list]:
     """The gate's base from the history: the cells of the last k recorded commits on this host class (not
-    `exclude`, the commit under test), from the last accepted change on. Each commit's cells pair within the commit
+    `exclude`, the commit under test; only those in `among` where given: the ancestors of a merge-base), from the
+    last accepted change on. Each commit's cells pair within the commit
     (seed "<commit>/<seed>"), and the tests take one value per `draw` (the seed number), averaged over commits: the
     commits ran the same seeds, so the same k-shot subsets and initialisations (on one host, identical numbers
     where nothing changed), and counting them as more seeds would shrink the base's error k-fold. Returns (runs,
@@ -210,7 +225,7 @@ def base_runs(history: Path, study: str, host: str, exclude: str | None, k: int 
     records = _records(history, study, host)
     order = [b["commit"] for b in records]
     start = max((order.index(m["commit"]) for m in _marks(history, study) if m["commit"] in order), default=0)
-    chosen = [c for c in order[start:] if c != exclude][-k:]
+    chosen = [c for c in order[start:] if c != exclude and (among is None or c in among)][-k:]
     if not chosen:
         raise ConfigError("--history", f"no recorded run of {study} on host class {host} to compare with",
                           "record a run of the base commit on this kind of host first (transferbench record)")
