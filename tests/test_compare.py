@@ -162,3 +162,18 @@ def test_markdown_summary_passes_on_the_baseline_and_names_what_fails(degraded, 
     assert "| point | gain |" in failing and "-30.0" in failing  # the drop, then its interval and q
     flips = md.split("### Verdict flips (gains.csv)")[1].split("###")[0]
     assert flips.count("\n| ") == 2  # the header and the one flipped point
+
+
+def test_the_reference_step_leaves_the_process_as_it_found_it():
+    """Cells trained after it in the same process (backend: sequential) must draw what they would have drawn."""
+    import torch
+
+    from transferbench.sweep.reference import measure
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    measured = measure(1)
+    assert torch.equal(torch.rand(4), expected) and torch.get_num_threads() == threads
+    assert measured["images_per_second"] > 0 and measured["threads"] == 1

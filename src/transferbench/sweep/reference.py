@@ -16,7 +16,8 @@ WORKLOAD = dict(model=MODEL, weights="none", image_size=IMAGE_SIZE, batch_size=B
 
 
 def measure(threads: int) -> dict:
-    """The bare step's images/s (the median of the timed steps) on `threads` threads."""
+    """The bare step's images/s (the median of the timed steps) on `threads` threads; the process's thread count and
+    random state are left as they were (cells trained after it in this process draw what they would have)."""
     import timm
     import torch
     import torch.nn.functional as F
@@ -24,19 +25,20 @@ def measure(threads: int) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(0)
-        model = timm.create_model(MODEL, pretrained=False, num_classes=10).train()
-        x, y = torch.rand(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), torch.arange(BATCH) % 10
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        times = []
-        for i in range(WARMUP_STEPS + TIMED_STEPS):
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i >= WARMUP_STEPS:
-                times.append(time.perf_counter() - t0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(MODEL, pretrained=False, num_classes=10).train()
+            x, y = torch.rand(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), torch.arange(BATCH) % 10
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            times = []
+            for i in range(WARMUP_STEPS + TIMED_STEPS):
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if i >= WARMUP_STEPS:
+                    times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
     times.sort()
