@@ -160,6 +160,8 @@ def test_the_base_can_be_limited_to_a_merge_base_and_its_ancestors(tmp_path, mon
     assert chosen == shas[:2]
     with pytest.raises(ConfigError, match="not a commit of this checkout"):
         history.ancestors("no-such-branch", shas, cwd=repo)
+    with pytest.raises(ConfigError, match="not a commit name"):
+        history.ancestors("--all", shas, cwd=repo)
 
 
 def test_base_commit_through_the_cli(tmp_path, capsys, monkeypatch):

@@ -77,6 +77,8 @@ def git_commit(cwd: Path = Path(".")) -> tuple[str, str]:
 def ancestors(ref: str, commits: list[str], cwd: Path = Path(".")) -> set[str]:
     """Those of `commits` that are `ref` or its ancestors in this checkout (a pull request's merge-base with its
     target, say); a commit this checkout does not know is none."""
+    if ref.startswith("-") or not ref.strip():  # never read as an option of git
+        raise ConfigError("--base-commit", f"{ref!r} is not a commit name", "give a branch, tag or commit hash")
     try:
         sha = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"], cwd=cwd, capture_output=True,
                              text=True, check=True, timeout=30).stdout.strip()
