@@ -149,3 +149,17 @@ def test_a_rerun_whose_every_cell_failed_is_read_and_fails_the_gate(tmp_path, ba
     final = retest(flagged, base, read_runs(tmp_path / "confirm", require_valid=False), 0.02, 0.01)
     assert any("confirmation rerun not recorded ok" in p for p in final.problems), final.problems
     assert (final.confirmation["outcome"] == "untestable").all()
+
+
+def test_confirm_refuses_a_results_folder_that_holds_a_link(tmp_path, capsys):
+    """The rerun writes into NEW/confirm/: a link planted there (or NEW itself a link) would take the writes
+    elsewhere, so it is refused before anything trains, as `transferbench study` refuses its folder."""
+    new = tmp_path / "new"
+    new.mkdir()
+    collapsed(read_runs(SMOKE)).to_csv(new / "runs.csv", index=False)
+    (new / "study.resolved.yaml").write_text((SMOKE / "study.resolved.yaml").read_text())
+    (tmp_path / "elsewhere").mkdir()
+    (new / "confirm").symlink_to(tmp_path / "elsewhere")
+    assert main(["compare", str(SMOKE), str(new), "--confirm", "--no-progress"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert not any((tmp_path / "elsewhere").iterdir())

@@ -132,6 +132,8 @@ def rerun_cells(new: Path, study: Study, cell_ids: list[str], seeds: list[int], 
     from transferbench.sweep.store import read_records, runs_table
     from transferbench.training.source import ensure_checkpoints
 
+    check_results_folder(new)  # as a study refuses its folder: a link in it would take the rerun's writes elsewhere
+    check_writable(new, "compare", "make the results folder writable: a confirmation writes into it")
     planned = {c.cell_id: c for c in plan(study)}
     unknown = [i for i in cell_ids if i not in planned]
     if unknown:
@@ -143,8 +145,6 @@ def rerun_cells(new: Path, study: Study, cell_ids: list[str], seeds: list[int], 
     cells = {i: c for i, c in fresh.items() if same_fields(c, RESEEDED) in wanted}
     cells |= {c.lr_source_id: fresh[c.lr_source_id] for c in list(cells.values()) if c.lr_source_id}
     out = new / "confirm"
-    check_results_folder(out)
-    check_writable(new, "compare", "make the results folder writable: a confirmation writes into it")
     with results_lock(new):
         ensure_checkpoints(rerun)
         run_cells(rerun, list(cells.values()), out / "records", jobs=opts.jobs, backend=opts.backend,
