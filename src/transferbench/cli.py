@@ -208,8 +208,8 @@ def cmd_list(args) -> int:
 
 
 def _base(args, new: Path):
-    """(base runs, the base's name, verdict flips): a folder, or the history's pooled last commits on this host class
-    (the fallback folder where the history holds none)."""
+    """(base runs, the base's name, verdict flips, whether the base ran on this host class): a folder, or the
+    history's last commits on this host class (the fallback folder where the history holds none)."""
     from transferbench.analysis.compare import read_gains, read_runs, verdict_flips
     from transferbench.analysis.history import (
         ancestors,
@@ -224,7 +224,7 @@ def _base(args, new: Path):
 
     if not args.history:
         base = args.folders[0]
-        return read_runs(base), str(base), verdict_flips(read_gains(base), read_gains(new))
+        return read_runs(base), str(base), verdict_flips(read_gains(base), read_gains(new)), False
     study, host = study_name(new / "study.resolved.yaml"), host_class(host_fingerprint())
     among = ancestors(args.base_commit, list(entries(args.history, study, host)["commit"])) \
         if args.base_commit else None
@@ -237,9 +237,9 @@ def _base(args, new: Path):
               + (f" among {args.base_commit} and its ancestors" if among is not None else "")
               + f": comparing with {args.fallback}", file=sys.stderr)
         return read_runs(args.fallback), str(args.fallback), verdict_flips(read_gains(args.fallback),
-                                                                             read_gains(new))
+                                                                             read_gains(new)), False
     label = f"{args.history} ({study}, {host}: {len(commits)} commit(s) up to {commits[-1][:8]})"
-    return b_runs, label, verdict_flips(last_gains(args.history, study, host, commits[-1]), read_gains(new))
+    return b_runs, label, verdict_flips(last_gains(args.history, study, host, commits[-1]), read_gains(new)), True
 
 
 def _confirmed(args, result, b_runs, n_runs, new: Path):
@@ -282,9 +282,10 @@ def cmd_compare(args) -> int:
     check_options(margin=args.margin, fdr=args.fdr, speed_fraction=args.speed_fraction,
                   aggregate_margin=args.margin / 2)
     new = args.folders[-1]
-    b_runs, base, flips = _base(args, new)
+    b_runs, base, flips, same_host = _base(args, new)
     n_runs = read_runs(new)
-    result = compare_runs(b_runs, n_runs, base, args.margin, args.fdr, args.speed_fraction, args.margin / 2, flips)
+    result = compare_runs(b_runs, n_runs, base, args.margin, args.fdr, args.speed_fraction, args.margin / 2, flips,
+                          same_host)
     if args.confirm:
         result = _confirmed(args, result, b_runs, n_runs, new)
     print((render_markdown if args.format == "md" else render)(result, base, new))
