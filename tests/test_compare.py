@@ -98,7 +98,8 @@ def test_speed_is_judged_against_the_reference_step_of_each_job(tmp_path, degrad
     shutil.copytree(BASELINE, base)
     with_reference(base, 150.0)
     edit_runs(degraded, lambda r: r.__setitem__("images_per_second", r["images_per_second"] / 3))
-    assert any("slower" in p and "images/s (a side" in p for p in compare(base, degraded).problems)  # no reference
+    problems = compare(base, degraded).problems  # the new side records no reference step
+    assert any("slower" in p and "no comparable reference" in p for p in problems), problems
     with_reference(degraded, 50.0)
     slow_host = compare(base, degraded)
     assert slow_host.ok, slow_host.problems
@@ -181,3 +182,17 @@ def test_the_reference_step_leaves_the_process_as_it_found_it():
     measured = measure(1)
     assert torch.equal(torch.rand(4), expected) and torch.get_num_threads() == threads
     assert measured["images_per_second"] > 0 and measured["threads"] == 1
+
+
+def test_an_implausible_reference_step_cannot_hide_a_slowdown(tmp_path, degraded):
+    """References further apart than two hosts of a kind are (a step of 1e-6 images/s, or 1e308) are not used: the
+    gate judges images/s, and the harness ten times slower fails."""
+    base = tmp_path / "base"
+    shutil.copytree(BASELINE, base)
+    with_reference(base, 150.0)
+    edit_runs(degraded, lambda r: r.__setitem__("images_per_second", r["images_per_second"] / 10))
+    for new_reference in (1e-6, 1e308):
+        with_reference(degraded, new_reference)
+        result = compare(base, degraded)
+        assert result.speeds["within_job"].isna().all()
+        assert any("slower" in p and "no comparable reference" in p for p in result.problems), result.problems

@@ -161,5 +161,8 @@ def test_confirm_refuses_a_results_folder_that_holds_a_link(tmp_path, capsys):
     (tmp_path / "elsewhere").mkdir()
     (new / "confirm").symlink_to(tmp_path / "elsewhere")
     assert main(["compare", str(SMOKE), str(new), "--confirm", "--no-progress"]) == 2
-    assert "symbolic link" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    errors = [line for line in printed.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "symbolic link" in errors[0]
+    assert "REGRESSION" in printed.out and "the first pass, unconfirmed" in printed.out  # the first pass is not lost
     assert not any((tmp_path / "elsewhere").iterdir())

@@ -205,3 +205,82 @@ def test_the_copyable_workflow_runs_only_commands_that_exist():
             _parser().parse_args(words[1:])  # exits (fails the test) on an unknown command or flag
         else:
             assert words[0] in (".venv/bin/pip", "exit"), c
+
+
+def damage(path: Path, edit) -> None:
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(body)))
+
+
+def _runs_edit(edit):
+    def go(body):
+        runs = pd.DataFrame(body["runs"])
+        body["runs"] = json.loads(edit(runs).to_json(orient="records"))
+        return body
+    return go
+
+
+DAMAGED = {
+    "not an object": lambda b: [1, 2],
+    "a key missing": lambda b: {k: v for k, v in b.items() if k != "host_class"},
+    "a date that is a number": lambda b: b | {"committed_at": 5},
+    "no runs": lambda b: b | {"runs": None},
+    "a cell twice": _runs_edit(lambda r: pd.concat([r, r.iloc[:1]])),
+    "a seed that is text": _runs_edit(lambda r: r.assign(seed="s" + r["seed"].astype(str))),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_history_is_refused_in_one_line(tmp_path, capsys, monkeypatch, case):
+    results = tmp_path / "results"
+    shutil.copytree(SMOKE, results / "smoke")
+    monkeypatch.setattr(history, "git_commit", lambda cwd=Path("."): (commit(99), "2026-02-01T00:00:00+00:00"))
+    paths = [put(tmp_path / "h", i) for i in range(2)]
+    damage(paths[0], DAMAGED[case])
+    assert main(["compare", str(results / "smoke"), "--history", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "--history" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_text_accuracies_in_a_record_are_untestable_not_a_crash(tmp_path, capsys, monkeypatch):
+    results = tmp_path / "results"
+    shutil.copytree(SMOKE, results / "smoke")
+    monkeypatch.setattr(history, "git_commit", lambda cwd=Path("."): (commit(99), "2026-02-01T00:00:00+00:00"))
+    h = tmp_path / "h"
+    assert main(["record", "smoke", "--results", str(results), "--history", str(h), "--commit", commit(0)]) == 0
+    some_text = _runs_edit(lambda r: r.assign(test_acc=r["test_acc"].astype(object).where(r.index >= 3, "high")))
+    damage(next(h.glob("smoke/*/*.json")), some_text)
+    assert main(["compare", str(results / "smoke"), "--history", str(h)]) == 1
+    assert "UNTESTABLE" in capsys.readouterr().out
+
+
+def test_damaged_marks_and_odd_refs_are_refused(tmp_path, capsys, monkeypatch):
+    results, h = tmp_path / "results", tmp_path / "h"
+    shutil.copytree(SMOKE, results / "smoke")
+    monkeypatch.setattr(history, "git_commit", lambda cwd=Path("."): (commit(99), "2026-02-01T00:00:00+00:00"))
+    put(h, 0)
+    assert main(["history", "accept", "", "--study", "smoke", "--reason", "x", "--history", str(h)]) == 2
+    assert "not a commit hash" in capsys.readouterr().err
+    (h / "smoke" / "accepted.json").write_text('{"commit": 1}')
+    assert main(["compare", str(results / "smoke"), "--history", str(h)]) == 2
+    assert "accepted changes" in capsys.readouterr().err
+    (h / "smoke" / "accepted.json").unlink()
+    assert main(["compare", str(results / "smoke"), "--history", str(h), "--base-commit", ""]) == 2
+    assert "not a commit name" in capsys.readouterr().err
+    assert main(["compare", str(SMOKE), str(results / "smoke"), "--base-commit", ""]) == 2
+    assert main(["compare", str(results / "smoke"), "--history", str(SMOKE / "runs.csv")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_outside_a_checkout_the_history_compare_refuses_instead_of_falling_back(tmp_path, capsys, monkeypatch):
+    results, h = tmp_path / "results", tmp_path / "h"
+    shutil.copytree(SMOKE, results / "smoke")
+    put(h, 0)
+
+    def no_checkout(cwd=Path(".")):
+        raise ConfigError("--commit", "this folder is not a git checkout", "run inside the repository")
+
+    monkeypatch.setattr(history, "git_commit", no_checkout)
+    assert main(["compare", str(results / "smoke"), "--history", str(h), "--fallback", str(SMOKE)]) == 2
+    err = capsys.readouterr().err
+    assert "--history" in err and "not a git checkout" in err

@@ -226,10 +226,18 @@ def _base(args, new: Path):
         base = args.folders[0]
         return read_runs(base), str(base), verdict_flips(read_gains(base), read_gains(new)), False
     study, host = study_name(new / "study.resolved.yaml"), host_class(host_fingerprint())
-    among = ancestors(args.base_commit, list(entries(args.history, study, host)["commit"])) \
-        if args.base_commit else None
+    if args.history.exists() and not args.history.is_dir():
+        raise ConfigError("--history", f"{args.history} is not a folder", "give the history folder (transferbench "
+                          "record writes it; default results/history)")
     try:
-        b_runs, commits = base_runs(args.history, study, host, exclude=git_commit()[0], k=args.last, among=among)
+        under_test = git_commit()[0]
+    except ConfigError:
+        raise ConfigError("--history", "this folder is not a git checkout (or git is missing): the commit under test, "
+                          "which the base must leave out, is unknown", "run compare inside the repository") from None
+    among = ancestors(args.base_commit, list(entries(args.history, study, host)["commit"])) \
+        if args.base_commit is not None else None
+    try:
+        b_runs, commits = base_runs(args.history, study, host, exclude=under_test, k=args.last, among=among)
     except ConfigError:
         if not args.fallback:
             raise
@@ -273,7 +281,7 @@ def cmd_compare(args) -> int:
 
     if args.history and not 1 <= args.last <= 50:
         raise ConfigError("--last", f"{args.last} is outside 1 to 50", "e.g. --last 5")
-    if args.base_commit and not args.history:
+    if args.base_commit is not None and not args.history:
         raise ConfigError("--base-commit", "it chooses among recorded commits", "give --history DIR with it")
     if len(args.folders) != (1 if args.history else 2):
         raise ConfigError("compare", f"{len(args.folders)} folder(s) given", "with --history give only NEW (e.g. "
@@ -287,7 +295,12 @@ def cmd_compare(args) -> int:
     result = compare_runs(b_runs, n_runs, base, args.margin, args.fdr, args.speed_fraction, args.margin / 2, flips,
                           same_host)
     if args.confirm:
-        result = _confirmed(args, result, b_runs, n_runs, new)
+        try:
+            result = _confirmed(args, result, b_runs, n_runs, new)
+        except ConfigError:  # the first pass is not lost: shown, then the refusal
+            print((render_markdown if args.format == "md" else render)(result, base, new))
+            print("(the first pass, unconfirmed: the confirmation was refused)")
+            raise
     print((render_markdown if args.format == "md" else render)(result, base, new))
     return 0 if result.ok else 1
 

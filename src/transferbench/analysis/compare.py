@@ -105,24 +105,37 @@ def read_runs(folder: Path, require_valid: bool = True) -> pd.DataFrame:
         raise ConfigError("compare", f"{path} does not exist" if not path.exists() else f"{path} is not a regular "
                           "file", "give result folders written by `transferbench study`")
     try:
-        df = with_axes(pd.read_csv(path))
+        df = pd.read_csv(path)
     except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
         raise ConfigError("compare", f"{path} is not a readable table ({type(e).__name__})",
                           "rebuild it with `transferbench report STUDY`") from None
+    return checked_runs(df, str(path), "compare folders of studies that ran cells (rebuild a damaged table with "
+                        "`transferbench report STUDY`)", require_valid)
+
+
+def checked_runs(df: pd.DataFrame, where: str, fix: str, require_valid: bool = True, field: str = "compare") -> \
+        pd.DataFrame:
+    """A seed-level run table (a folder's runs.csv, a history record's runs) with the gate's checks passed: every
+    column it reads, each cell once, every cell on a grid point with an integer seed, numbers coerced (text becomes
+    nan, reported as untestable), and some cell recorded ok with valid accuracies unless `require_valid` is off."""
+    df = with_axes(df)
     missing = [c for c in REQUIRED if c not in df.columns]
-    fix = "compare folders of studies that ran cells (rebuild a damaged table with `transferbench report STUDY`)"
     if df.empty or missing:
-        raise ConfigError("compare", f"{path} has no rows" if df.empty else f"{path} lacks columns {missing}", fix)
+        raise ConfigError(field, f"{where} has no rows" if df.empty else f"{where} lacks columns {missing}", fix)
     twice = df["cell_id"][df["cell_id"].duplicated()]
     if len(twice):
-        raise ConfigError("compare", f"{path} holds {len(twice)} cell(s) twice (e.g. {twice.iloc[0]})", fix)
+        raise ConfigError(field, f"{where} holds {len(twice)} cell(s) twice (e.g. {twice.iloc[0]})", fix)
     no_key = [c for c in KEYS if df[c].isna().any()]
     if no_key:
-        raise ConfigError("compare", f"{path} has rows without a value for {no_key}: their cells belong to no grid "
+        raise ConfigError(field, f"{where} has rows without a value for {no_key}: their cells belong to no grid "
                           "point", fix)
-    df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in NUMBERS if c in df})
+    seeds = pd.to_numeric(df["seed"], errors="coerce")
+    if not (np.isfinite(seeds) & (seeds == seeds.round())).all():
+        raise ConfigError(field, f"{where} has a seed that is not an integer (e.g. {df['seed'][seeds.isna()].iloc[0]})"
+                          if seeds.isna().any() else f"{where} has a seed that is not an integer", fix)
+    df = df.assign(seed=seeds.astype(int), **{c: pd.to_numeric(df[c], errors="coerce") for c in NUMBERS if c in df})
     if require_valid and not accuracies_valid(df).any():
-        raise ConfigError("compare", f"{path} has no cell recorded ok with valid accuracies: nothing to compare",
+        raise ConfigError(field, f"{where} has no cell recorded ok with valid accuracies: nothing to compare",
                           "compare folders of studies whose cells trained")
     return with_tuning(df)
 
@@ -347,7 +360,7 @@ def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float,
         row = table.loc[arm]
         within = np.isfinite(row["within_job"])
         judged = ([("within_job", "as a ratio to the bare PyTorch step measured in each run's own job")] if within
-                  else [("images", "in images/s (a side recorded no reference step)")])
+                  else [("images", "in images/s (no comparable reference step on both sides)")])
         judged += [("images", "in images/s, against the same host class")] if within and same_host else []
         for column, basis in judged:
             if row[column] < fraction:
@@ -367,13 +380,24 @@ def speed_table(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> pd.DataFrame:
             continue
         base, new = b["images_per_second"].median(), n["images_per_second"].median()
         rows.append(dict(arm=arm, base=base, new=new, images=new / base,
-                         within_job=_relative(n) / _relative(b) if _referenced(b) and _referenced(n) else np.nan))
+                         within_job=_relative(n) / _relative(b) if _comparable_references(b, n) else np.nan))
     return pd.DataFrame(rows, columns=["arm", "base", "new", "images", "within_job"])
 
 
-def _referenced(runs: pd.DataFrame) -> bool:
-    return len(runs) > 0 and "reference_images_per_second" in runs and bool(
-        (runs["reference_images_per_second"] > 0).all() and np.isfinite(runs["reference_images_per_second"]).all())
+# Two hosts of one kind differed by 1.6x in images/s: references further apart than this are not the same kind of
+# host, or not a measurement, and the ratio to them is not used (images/s are judged instead).
+REFERENCE_SPREAD = 4.0
+
+
+def _comparable_references(b: pd.DataFrame, n: pd.DataFrame) -> bool:
+    def referenced(runs: pd.DataFrame) -> bool:
+        ref = runs["reference_images_per_second"] if "reference_images_per_second" in runs else pd.Series(dtype=float)
+        return len(runs) > 0 and bool((np.isfinite(ref) & (ref > 0)).all()) and len(ref) == len(runs)
+
+    if not (referenced(b) and referenced(n)):
+        return False
+    spread = n["reference_images_per_second"].median() / b["reference_images_per_second"].median()
+    return 1 / REFERENCE_SPREAD <= spread <= REFERENCE_SPREAD
 
 
 def _relative(runs: pd.DataFrame) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from transferbench.analysis.compare import read_gains, read_runs
+from transferbench.analysis.compare import checked_runs, read_gains, read_runs
 from transferbench.analysis.gains import bh_q
 from transferbench.core.atomic import write_text
 from transferbench.core.errors import ConfigError
@@ -157,12 +157,33 @@ def _records(history: Path, study: str, host: str | None) -> list[dict]:
             body = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise ConfigError("--history", f"{path} is not a readable record", "remove it, or record again") from None
-        if body.get("format") != FORMAT:
-            raise ConfigError("--history", f"{path} is record format {body.get('format')}, this version reads "
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ConfigError("--history", f"{path} is record format "
+                              f"{body.get('format') if isinstance(body, dict) else None}, this version reads "
                               f"{FORMAT}", "record that commit again")
+        problem = _shape_problem(body)
+        if problem:
+            raise ConfigError("--history", f"{path} is not a readable record ({problem})", "remove it, or record "
+                              "that commit again")
         if host is None or body["host_class"] == host:
             found.append(body | dict(path=path))
     return sorted(found, key=lambda b: (b["committed_at"], b["recorded_at"]))
+
+
+# What a record must hold, and of which type, before anything reads it.
+SHAPE = {"study": str, "commit": str, "committed_at": str, "recorded_at": str, "host_class": str, "host": dict,
+         "runs": list}
+
+
+def _shape_problem(body: dict) -> str:
+    for key, kind in SHAPE.items():
+        if not isinstance(body.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    if not SHA.fullmatch(body["commit"]):
+        return "'commit' is not a commit hash"
+    if not isinstance(body["host"].get("packages"), dict):
+        return "'host.packages' is missing"
+    return ""
 
 
 def _entry(body: dict) -> dict:
@@ -184,8 +205,10 @@ def read_history(history: Path, study: str, host: str | None = None) -> pd.DataF
 
 
 def _cells(records: list[dict]) -> pd.DataFrame:
-    frames = [pd.DataFrame(b["runs"]).assign(commit=e["commit"], order=order, host_class=e["host_class"],
-                                             packages=e["packages"])
+    """Every record's runs, each checked as the gate checks a folder's runs.csv."""
+    fix = "remove that record, or record the commit again"
+    frames = [checked_runs(pd.DataFrame(b["runs"]), str(b["path"]), fix, require_valid=False, field="--history").assign(
+        commit=e["commit"], order=order, host_class=e["host_class"], packages=e["packages"])
               for order, (b, e) in enumerate((b, _entry(b)) for b in records)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -193,7 +216,17 @@ def _cells(records: list[dict]) -> pd.DataFrame:
 def _marks(history: Path, study: str) -> list[dict]:
     """The accepted changes, oldest first."""
     path = _study_dir(history, study) / ACCEPTED
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        marks = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marks = None
+    if not isinstance(marks, list) or not all(isinstance(m, dict) and isinstance(m.get("commit"), str)
+                                              for m in marks):
+        raise ConfigError("--history", f"{path} is not a readable list of accepted changes", "remove it, then accept "
+                          "the change again (transferbench history accept)")
+    return marks
 
 
 def accept(history: Path, study: str, commit: str, reason: str) -> Path:
@@ -201,6 +234,9 @@ def accept(history: Path, study: str, commit: str, reason: str) -> Path:
     hand for a committed baseline)."""
     if not reason.strip():
         raise ConfigError("--reason", "an accepted change needs a reason", "say why, e.g. --reason 'new LR grid'")
+    if not re.fullmatch(r"[0-9a-f]{4,40}", commit):
+        raise ConfigError("COMMIT", f"{commit!r} is not a commit hash or a prefix of one (4 or more hex digits)",
+                          "give the commit's hash, e.g. `git rev-parse --short HEAD`")
     known = entries(history, study)
     match = known[known["commit"].str.startswith(commit)]
     if match.empty:
