@@ -156,7 +156,8 @@ def test_the_base_can_be_limited_to_a_merge_base_and_its_ancestors(tmp_path, mon
         history.record(SMOKE, h, sha, f"2026-01-0{i + 1}T00:00:00+00:00", HOST)
     assert history.ancestors(shas[1], shas, cwd=repo) == {shas[0], shas[1]}
     host = history.host_class(HOST)
-    _, chosen = history.base_runs(h, "smoke", host, None, k=5, among=history.ancestors(shas[1], shas, cwd=repo))
+    monkeypatch.chdir(repo)
+    _, chosen = history.base_runs(h, "smoke", host, None, k=5, up_to=shas[1])
     assert chosen == shas[:2]
     with pytest.raises(ConfigError, match="not a commit of this checkout"):
         history.ancestors("no-such-branch", shas, cwd=repo)

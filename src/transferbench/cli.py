@@ -212,9 +212,8 @@ def _base(args, new: Path):
     history's last commits on this host class (the fallback folder where the history holds none)."""
     from transferbench.analysis.compare import read_gains, read_runs, verdict_flips
     from transferbench.analysis.history import (
-        ancestors,
+        NoBase,
         base_runs,
-        entries,
         git_commit,
         host_class,
         host_fingerprint,
@@ -234,15 +233,14 @@ def _base(args, new: Path):
     except ConfigError:
         raise ConfigError("--history", "this folder is not a git checkout (or git is missing): the commit under test, "
                           "which the base must leave out, is unknown", "run compare inside the repository") from None
-    among = ancestors(args.base_commit, list(entries(args.history, study, host)["commit"])) \
-        if args.base_commit is not None else None
     try:
-        b_runs, commits = base_runs(args.history, study, host, exclude=under_test, k=args.last, among=among)
-    except ConfigError:
+        b_runs, commits = base_runs(args.history, study, host, exclude=under_test, k=args.last,
+                                    up_to=args.base_commit)
+    except NoBase:
         if not args.fallback:
             raise
         print(f"no other commit of {study} recorded on host class {host}"
-              + (f" among {args.base_commit} and its ancestors" if among is not None else "")
+              + (f" among {args.base_commit} and its ancestors" if args.base_commit is not None else "")
               + f": comparing with {args.fallback}", file=sys.stderr)
         return read_runs(args.fallback), str(args.fallback), verdict_flips(read_gains(args.fallback),
                                                                              read_gains(new)), False

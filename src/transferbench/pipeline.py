@@ -130,11 +130,11 @@ def rerun_cells(new: Path, study: Study, cell_ids: list[str], seeds: list[int], 
     from transferbench.sweep.planning import plan, same_fields
     from transferbench.sweep.runner import results_lock, run_cells
     from transferbench.sweep.store import read_records, runs_table
-    from transferbench.training.source import ensure_checkpoints
+    from transferbench.training.source import cells_of, ensure_checkpoints
 
     check_results_folder(new)  # as a study refuses its folder: a link in it would take the rerun's writes elsewhere
     check_writable(new, "compare", "make the results folder writable: a confirmation writes into it")
-    planned = {c.cell_id: c for c in plan(study)}
+    planned = {c.cell_id: c for c in cells_of(study)}  # the run's own cells (plan checks the data once, below)
     unknown = [i for i in cell_ids if i not in planned]
     if unknown:
         raise ConfigError("--confirm", f"{len(unknown)} flagged cell(s) of {new} are not cells its study plans with "

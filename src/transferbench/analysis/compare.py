@@ -216,9 +216,9 @@ def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, mea
             continue  # a missing point is reported once, as structure
         low, high = welch_interval(vb, vn)
         rows.append(dict(kind=kind, measure=measure, what=" ".join(map(str, key)) or "all", group=dict(zip(keys, key)),
-                         base=vb.mean(),
-                         new=vn.mean(), delta=vn.mean() - vb.mean(), ci_low=low, ci_high=high, seeds_base=len(vb),
-                         seeds_new=len(vn), p=welch_drop(vb, vn, margin), untestable=untestable_reason(vb, vn)))
+                         base=vb.mean(), new=vn.mean(), delta=vn.mean() - vb.mean(), ci_low=low, ci_high=high,
+                         seeds_base=len(vb), seeds_new=len(vn), p=welch_drop(vb, vn, margin),
+                         untestable=untestable_reason(vb, vn)))
     return rows
 
 
@@ -253,10 +253,11 @@ def compare_runs(b_runs: pd.DataFrame, n_runs: pd.DataFrame, base: str, margin: 
     if not (tests["kind"] == "point").any():
         untestable.append("no grid point of the base has a tested counterpart in the new results: nothing was "
                           "tested")
-    speed, slow_untestable = speed_problems(b_runs, n_runs, speed_fraction, same_host)
+    speeds = speed_table(b_runs, n_runs)
+    speed, slow_untestable = speed_problems(b_runs, n_runs, speeds, speed_fraction, same_host)
     return Comparison(tests.sort_values(["regressed", "q", "delta"], ascending=[False, True, True],
                                         ignore_index=True), problems, untestable + slow_untestable,
-                      speed_table(b_runs, n_runs), speed, flips, fdr)
+                      speeds, speed, flips, fdr)
 
 
 def seed_tests(b: pd.DataFrame, n: pd.DataFrame, margin: float, aggregate_margin: float, fdr: float) -> pd.DataFrame:
@@ -339,14 +340,14 @@ def structure_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame) -> list[str]:
     return problems
 
 
-def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, fraction: float,
+def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, speeds: pd.DataFrame, fraction: float,
                    same_host: bool = False) -> tuple[list[str], list[str]]:
     """(regressions, untestable): each arm whose base records a speed (pixel baselines and L-BFGS probes do not),
-    judged by `speed_table`'s ratio within each job where both sides have one, else by images/s; against a base of
-    the same host class (`same_host`: the history's) by images/s as well, since a slowdown of the whole process (a
-    thread or math setting) slows the reference step too and cancels from the ratio."""
+    judged by its row of `speeds` (speed_table): the ratio within each job where both sides have one, else images/s;
+    against a base of the same host class (`same_host`: the history's) by images/s as well, since a slowdown of the
+    whole process (a thread or math setting) slows the reference step too and cancels from the ratio."""
     problems, untestable = [], []
-    table = speed_table(b_runs, n_runs).set_index("arm")
+    table = speeds.set_index("arm")
     for arm, g in b_runs.groupby("arm"):
         b_values, n_values = g["images_per_second"], n_runs.loc[n_runs["arm"] == arm, "images_per_second"]
         if b_values.isna().all():
@@ -391,8 +392,10 @@ REFERENCE_SPREAD = 4.0
 
 def _comparable_references(b: pd.DataFrame, n: pd.DataFrame) -> bool:
     def referenced(runs: pd.DataFrame) -> bool:
-        ref = runs["reference_images_per_second"] if "reference_images_per_second" in runs else pd.Series(dtype=float)
-        return len(runs) > 0 and bool((np.isfinite(ref) & (ref > 0)).all()) and len(ref) == len(runs)
+        if runs.empty or "reference_images_per_second" not in runs:
+            return False
+        ref = runs["reference_images_per_second"]
+        return bool((np.isfinite(ref) & (ref > 0)).all())
 
     if not (referenced(b) and referenced(n)):
         return False

@@ -251,21 +251,25 @@ def accept(history: Path, study: str, commit: str, reason: str) -> Path:
     return path
 
 
+class NoBase(ConfigError):
+    """The history holds no commit to compare with (where a fallback folder may stand in; no other refusal)."""
+
+
 def base_runs(history: Path, study: str, host: str, exclude: str | None, k: int = 5,
-              among: set[str] | None = None) -> tuple[pd.DataFrame, list]:
+              up_to: str | None = None) -> tuple[pd.DataFrame, list]:
     """The gate's base from the history: the cells of the last k recorded commits on this host class (not
-    `exclude`, the commit under test; only those in `among` where given: the ancestors of a merge-base), from the
-    last accepted change on. Each commit's cells pair within the commit
-    (seed "<commit>/<seed>"), and the tests take one value per `draw` (the seed number), averaged over commits: the
-    commits ran the same seeds, so the same k-shot subsets and initialisations (on one host, identical numbers
-    where nothing changed), and counting them as more seeds would shrink the base's error k-fold. Returns (runs,
-    commits)."""
+    `exclude`, the commit under test; where `up_to` names one, only it and its ancestors: a merge-base), from the
+    last accepted change on. Each commit's cells pair within the commit (seed "<commit>/<seed>"), and the tests take
+    one value per `draw` (the seed number), averaged over commits: the commits ran the same seeds, so the same k-shot
+    subsets and initialisations (on one host, identical numbers where nothing changed), and counting them as more
+    seeds would shrink the base's error k-fold. Returns (runs, commits)."""
     records = _records(history, study, host)
     order = [b["commit"] for b in records]
+    among = None if up_to is None else ancestors(up_to, order)
     start = max((order.index(m["commit"]) for m in _marks(history, study) if m["commit"] in order), default=0)
     chosen = [c for c in order[start:] if c != exclude and (among is None or c in among)][-k:]
     if not chosen:
-        raise ConfigError("--history", f"no recorded run of {study} on host class {host} to compare with",
+        raise NoBase("--history", f"no recorded run of {study} on host class {host} to compare with",
                           "record a run of the base commit on this kind of host first (transferbench record)")
     runs = _cells([b for b in records if b["commit"] in chosen])
     runs = runs.assign(draw=runs["seed"], seed=runs["commit"] + "/" + runs["seed"].astype(str),
