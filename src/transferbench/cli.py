@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("study", help="a name in studies/ or a path to a YAML file")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, as for `study`")
     pl.add_argument("--profile", help="a named override set from the study's `profiles:`")
+    pl.add_argument("--reference", type=Path, metavar="DIR", help="project the wall time from this recorded run (a "
+                    "results folder; default: the largest run under results/baselines/ at the same image size and "
+                    "worker count)")
     r = sub.add_parser("report", help="rebuild tables, figures and report from the records (no training)")
     r.add_argument("study", help="study name (its folder under --results)")
     r.add_argument("--results", type=Path, default=Path("results"))
@@ -169,9 +172,12 @@ def cmd_plan(args) -> int:
     from transferbench.core.study import load_study, study_path
     from transferbench.sweep.costs import plan_table
     from transferbench.sweep.planning import plan
+    from transferbench.sweep.projection import projection
 
     study = load_study(study_path(args.study), args.overrides, args.profile)
-    print(plan_table(study, plan(study)))
+    cells = plan(study)
+    print(plan_table(study, cells))
+    print(projection(study, cells, args.reference))
     return 0
 
 

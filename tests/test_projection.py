@@ -1,0 +1,113 @@
+"""`plan`'s projected wall time: a recorded run's wall time per unit of work, times the planned cells' work."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from transferbench.cli import main
+from transferbench.core.errors import ConfigError
+from transferbench.core.study import load_study, study_path
+from transferbench.report.document import load_saved_study
+from transferbench.sweep.costs import cell_work
+from transferbench.sweep.planning import plan
+from transferbench.sweep.projection import busy_seconds, projection, recorded_rate
+
+SMOKE = Path("results/baselines/smoke")
+
+
+def test_busy_time_counts_overlaps_once_and_pauses_not_at_all():
+    started = np.array([0.0, 5.0, 2.0, 100.0, 101.0, 112.0])
+    ended = np.array([10.0, 12.0, 3.0, 110.0, 102.0, 115.0])
+    assert busy_seconds(started, ended) == 12.0 + 15.0  # [0, 12], a pause, [100, 115] (2 s between cells count)
+    assert busy_seconds(started, ended, pause=1.0) == 12.0 + 10.0 + 3.0
+    assert busy_seconds(np.array([7.0]), np.array([7.0])) == 0.0
+
+
+def _copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "smoke"
+    folder.mkdir()
+    for name in ("runs.csv", "study.resolved.yaml"):
+        shutil.copy(SMOKE / name, folder / name)
+    return folder
+
+
+def test_a_recorded_run_projects_its_own_wall_time():
+    """Planning the recorded study again at its own rate gives back the time its cells ran."""
+    rate = recorded_rate(SMOKE)
+    runs = pd.read_csv(SMOKE / "runs.csv")
+    times = {c: pd.to_datetime(runs[c], utc=True) for c in ("started", "ended")}
+    wall = (times["ended"].max() - times["started"].min()).total_seconds()
+    assert rate.cells == (runs["status"] == "ok").sum() and rate.wall_seconds == pytest.approx(wall)
+    cells = plan(load_saved_study(SMOKE))
+    assert rate.seconds_per_work * sum(cell_work(c) for c in cells) == pytest.approx(wall)
+    assert (rate.device, rate.image_size, rate.jobs) == ("cpu", 32, 2)
+
+
+def test_a_pause_in_a_recorded_run_does_not_slow_its_rate(tmp_path):
+    """The run resumed an hour later, from where no cell was running: the hour is not time its cells took."""
+    folder = _copy(tmp_path)
+    runs = pd.read_csv(folder / "runs.csv")
+    start, end = (pd.to_datetime(runs[c], utc=True) for c in ("started", "ended"))
+    cut = next(t for t in end.sort_values()  # a moment when no cell was running, with some still to come
+               if not ((start <= t) & (end > t)).any() and (start > t).any())
+    later = start > cut
+    for c, t in (("started", start), ("ended", end)):
+        runs[c] = t.where(~later, t + pd.Timedelta(hours=1)).map(lambda v: v.isoformat())
+    runs.to_csv(folder / "runs.csv", index=False)
+    gap = (start[later].min() - cut).total_seconds()
+    assert recorded_rate(folder).wall_seconds == pytest.approx(recorded_rate(SMOKE).wall_seconds - gap)
+
+
+def test_failed_cells_and_cells_of_another_plan_are_not_counted(tmp_path):
+    folder = _copy(tmp_path)
+    runs = pd.read_csv(folder / "runs.csv")
+    runs.loc[0, "status"], runs.loc[1, "cell_id"] = "failed", "0123456789abcdef"
+    runs.to_csv(folder / "runs.csv", index=False)
+    assert recorded_rate(folder).cells == recorded_rate(SMOKE).cells - 2
+
+
+@pytest.mark.parametrize("damage", ["no_times", "no_column", "no_file", "not_a_table"])
+def test_a_reference_that_cannot_give_a_rate_is_refused_naming_it(tmp_path, damage, capsys):
+    folder = _copy(tmp_path)
+    runs = pd.read_csv(folder / "runs.csv")
+    if damage == "no_times":
+        runs.assign(started="yesterday").to_csv(folder / "runs.csv", index=False)
+    elif damage == "no_column":
+        runs.drop(columns="ended").to_csv(folder / "runs.csv", index=False)
+    elif damage == "no_file":
+        (folder / "runs.csv").unlink()
+    else:
+        (folder / "runs.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError) as e:
+        recorded_rate(folder)
+    assert e.value.field == "--reference"
+    assert main(["plan", "smoke", "--reference", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --reference") and len(err.splitlines()) == 1
+
+
+def test_only_runs_at_the_planned_image_size_and_worker_count_are_used(tmp_path):
+    study = load_study(study_path("smoke"))
+    cells = plan(study)
+    root = tmp_path / "recorded"
+    _copy(root) if root.mkdir() is None else None
+    (root / "damaged").mkdir()  # a recorded run whose study cannot be read projects nothing, the others still do
+    (root / "damaged" / "runs.csv").write_text("cell_id\n")
+    (root / "damaged" / "study.resolved.yaml").write_text("name: [")
+    line = projection(study, cells, root=root)
+    assert line.startswith("projected wall time of the cells: 2.") and "smoke (cpu, 32 px, 2 workers" in line
+    wider = load_study(study_path("smoke"), ["train.image_size=64"])
+    assert "no recorded run at 64 px with 2 workers" in projection(wider, plan(wider), root=root)
+    more = load_study(study_path("smoke"), ["run.jobs=4"])
+    assert "no recorded run at 32 px with 4 workers" in projection(more, plan(more), root=root)
+
+
+def test_plan_prints_the_projection_and_names_its_source(capsys):
+    assert main(["plan", "smoke", "--reference", str(SMOKE)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("projected wall time of the cells:") and str(SMOKE) in last
+    assert main(["plan", "smoke", "train.image_size=64", "--reference", str(SMOKE)]) == 0
+    assert "it ran 32 px with 2 workers, this plan 64 px with 2" in capsys.readouterr().out
