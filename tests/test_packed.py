@@ -1,22 +1,28 @@
 """Packed training (packed.py) equals separate training, in float64 on the CPU: per-copy outputs and gradients,
 optimizer steps (AdamW and Nesterov SGD, layer-wise LRs included), and whole cells (LR race, early stopping,
-precise BN, best weights, curves) trained in one pack against each trained alone."""
+precise BN, best weights, curves) trained in one pack against each trained alone; and to bf16 precision under bf16
+autocast. TRANSFERBENCH_TEST_DEVICE=cuda runs the cells of these checks on a GPU (bench/gpu_check.sh does)."""
 
 import copy
+import os
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from transferbench.core.study import Cell
+from transferbench.models.device import as_layout
 from transferbench.models.features import FeatureCache
 from transferbench.training import cell as training_cell
 from transferbench.training import loop
+from transferbench.training import packed as packed_module
 from transferbench.training.packed import Pack, pack_sizes, packed
 
+DEVICE = os.environ.get("TRANSFERBENCH_TEST_DEVICE", "cpu")
 BASE = dict(arm="transfer", model="tf_efficientnet_lite0", weights="imagenet", dataset="textures", shift=None,
             severity=0, frozen_depth=6, n_per_class=2, schedule="cosine", lr=3e-3, seed=0, epochs=1, steps=9,
             eval_every=3, patience=2, min_steps=3, batch_size=8, image_size=32, optimizer="adamw",
-            weight_decay=0.01, augment=False, device="cpu", amp=False, channels_last=False, precise_bn=True,
+            weight_decay=0.01, augment=False, device=DEVICE, amp=False, channels_last=False, precise_bn=True,
             keep_best=True)
 
 
@@ -24,8 +30,8 @@ def float64(prepared: training_cell.Prepared) -> training_cell.CellTraining:
     """The prepared cell's training rebuilt in float64 (both sides of a comparison start from the same copy)."""
     suffix = copy.deepcopy(prepared.suffix).double()
     feats = {s: v.double() for s, v in prepared.feats.items()}
-    return training_cell.CellTraining(prepared.cell, suffix, feats, prepared.ys, prepared.idx, torch.device("cpu"),
-                          prepared.num_classes, prepared.lr, prepared.layer_lrs)
+    return training_cell.CellTraining(prepared.cell, suffix, feats, prepared.ys, prepared.idx, prepared.device,
+                                      prepared.num_classes, prepared.lr, prepared.layer_lrs)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
@@ -98,6 +104,45 @@ def test_packed_outputs_and_gradients_equal_each_copy_alone(channels_last, cache
             if param.requires_grad:
                 assert torch.allclose(views[n][i].view(param.shape), param.grad, rtol=1e-9, atol=1e-12), n
     assert p.suffix is not None
+
+
+def test_a_pack_under_bf16_autocast_equals_each_copy_alone_to_bf16_precision(cache, torch_single_thread,
+                                                                              monkeypatch):
+    """What a GPU runs with train.amp (bf16 autocast, channels_last), on the CPU's own bf16 autocast (the harness
+    autocasts on CUDA only): the pack's logits and gradients are each copy's own, to bf16 rounding."""
+    def bf16(device, amp):
+        return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+    monkeypatch.setattr(packed_module, "autocast", bf16)
+    runs = [training_cell.CellTraining(p.cell, copy.deepcopy(p.suffix), p.feats, p.ys, p.idx, p.device,
+                                       p.num_classes, p.lr, p.layer_lrs).runs[0]
+            for p in (prepare(cache, seed=seed, amp=True, channels_last=True) for seed in range(3))]
+    pack = Pack(runs)
+    x = torch.stack([r.examples("train")[0][:6] for r in runs])
+    y = torch.stack([r.examples("train")[1][:6] for r in runs])
+    pack.template.train()
+    logits = pack.forward(x)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(3, 6).mean(1) \
+        .sum().backward()
+    views = {n: g for n, g in zip(pack.names, pack.grad().split(pack.sizes, 1))}
+    for i, r in enumerate(runs):
+        module = r.suffix.train().to(memory_format=torch.channels_last)
+        exact, exact_grads = forward_backward(module, x[i], y[i], nullcontext())  # float32
+        out, grads = forward_backward(module, x[i], y[i], bf16(x.device, True))
+        assert out.dtype == torch.bfloat16 and not close(logits[i], exact, 1e-4)  # the pack ran in bf16
+        assert close(logits[i], out, 2e-2)
+        for n, g in grads.items():  # as far from float32 as the copy alone is, whatever the tensor's scale
+            error, alone_error = (views[n][i].view(g.shape) - exact_grads[n]).norm(), (g - exact_grads[n]).norm()
+            assert error <= 2 * alone_error + 1e-3 * exact_grads[n].norm(), n
+
+
+def forward_backward(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, context) -> tuple[torch.Tensor, dict]:
+    """module's logits on x in this context and the gradients of the cross-entropy, by parameter name."""
+    module.zero_grad()
+    with context:
+        out = module(as_layout(x, True))
+    torch.nn.functional.cross_entropy(out.float(), y).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
