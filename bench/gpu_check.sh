@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The prepared GPU check of the packed-training issue, run on a device machine from the repo root, in two calls on
 # one warm machine:
-#   bash bench/gpu_check.sh smoke   # ~1.5 min: does the packed path run on CUDA (bf16, channels_last), an 18-cell study
+#   bash bench/gpu_check.sh smoke   # ~2 min: the packed path on CUDA: tests/test_packed.py's equivalence checks on the
+#                                   # GPU (float64, and bf16 autocast with channels_last), then an 18-cell study packed
 #   bash bench/gpu_check.sh full    # ~8 min (give the call 540 s): every measurement below, side by side on this GPU
 # full: packed vs per-cell steps (img/s at 1 and 16 copies, full fine-tuning and a mid-depth suffix) and whole cells
 # (cells/s) with pytest-benchmark (bench/test_packed.py, JSON in $OUT); harness vs timm's loop at 224 px and at
 # 64 px batch 64 (bench/gpu_throughput.py); then one domain_gap GPU sub-grid (lite0, 8 per class, 3 seeds, 100
 # steps: 135 cells; no domain measures) run to completion per cell and packed, each with a fresh cache: wall time
-# and cells/s.
+# and cells/s; the two compared by the gate (packed must not change the accuracies); the packed run's tables copied
+# to $OUT/domain_gap_gpu (commit them as results/baselines/domain_gap_gpu: `plan --profile gpu` projects its wall
+# time from them) and `plan domain_gap --profile gpu` projected from them.
 # (The whole `domain_gap --profile gpu` is 56 M training images before early stopping (`transferbench plan`):
 # over an hour at the packed rates measured so far, not a check; see docs/speed.md.) Needs the wheels that machine lacks in .whl/: see docs/speed.md.
 set -u
@@ -48,6 +51,8 @@ EOF
 }
 
 if [ "$mode" = smoke ]; then
+  TRANSFERBENCH_TEST_DEVICE=cuda timeout 240 $PY -m pytest tests/test_packed.py -q -p no:cacheprovider \
+    -k "equal or moves or trains_each" 2>&1 | tail -15 | tee "$OUT/packed_tests_cuda.txt"
   BENCH_COPIES=2 BENCH_STEPS=3 bench -k test_steps
   study smoke 120 "${SUB[@]}" 'targets=[{dataset: textures}]' grid.seed='[0,1]' train.steps=40 run.pack=always
   tail -30 "$OUT/study_smoke.txt"
@@ -57,4 +62,9 @@ BENCH_COPIES=${BENCH_COPIES:-1,16} bench 2>&1 | tee "$OUT/packed.txt"
 timeout 60 $PY bench/gpu_throughput.py 2>&1 | tee "$OUT/throughput.txt"
 study subgrid_per_cell "${SUB_LIMIT:-150}" "${SUB[@]}" run.pack=never
 study subgrid_packed "${SUB_LIMIT:-150}" "${SUB[@]}" run.pack=always
+$PY -m transferbench.cli compare /tmp/results_subgrid_per_cell/domain_gap /tmp/results_subgrid_packed/domain_gap \
+  2>&1 | tee "$OUT/compare_packed_vs_per_cell.txt" | tail -25
+mkdir -p "$OUT/domain_gap_gpu"
+(cd /tmp/results_subgrid_packed/domain_gap && cp -r ./*.csv ./*.md ./*.html study.resolved.yaml figures "$OUT/domain_gap_gpu/")
+$PY -m transferbench.cli plan domain_gap --profile gpu --reference "$OUT/domain_gap_gpu" | tee "$OUT/plan_gpu.txt"
 ls -la "$OUT"

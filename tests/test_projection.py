@@ -13,7 +13,7 @@ from transferbench.core.study import load_study, study_path
 from transferbench.report.document import load_saved_study
 from transferbench.sweep.costs import cell_work
 from transferbench.sweep.planning import plan
-from transferbench.sweep.projection import busy_seconds, projection, recorded_rate
+from transferbench.sweep.projection import busy_seconds, duration, projection, recorded_rate
 
 SMOKE = Path("results/baselines/smoke")
 
@@ -111,3 +111,10 @@ def test_plan_prints_the_projection_and_names_its_source(capsys):
     assert last.startswith("projected wall time of the cells:") and str(SMOKE) in last
     assert main(["plan", "smoke", "train.image_size=64", "--reference", str(SMOKE)]) == 0
     assert "it ran 32 px with 2 workers, this plan 64 px with 2" in capsys.readouterr().out
+    assert main(["plan", "smoke", "backbones=[{model: tf_efficientnet_lite2, weights: imagenet}]", "--reference",
+                 str(SMOKE)]) == 0
+    assert "it trained none of ['tf_efficientnet_lite2']" in capsys.readouterr().out
+
+
+def test_long_projections_read_in_hours():
+    assert duration(90) == "1.5 min" and duration(1800) == "30 min" and duration(9000) == "2.5 h"

@@ -35,13 +35,16 @@ class Rate:
     host: str
     image_size: int
     jobs: int
+    models: frozenset[str]
 
     def describe(self) -> str:
         return (f"{self.source} ({self.device}, {self.image_size} px, {self.jobs} workers, host {self.host}: "
-                f"{self.cells} cells in {minutes(self.wall_seconds)})")
+                f"{self.cells} cells in {duration(self.wall_seconds)})")
 
 
-def minutes(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds / 60:.1f} min"
 
 
@@ -97,7 +100,7 @@ def recorded_rate(folder: Path, study: Study | None = None) -> Rate:
         return "/".join(sorted(map(str, ok[column].dropna().unique())))
 
     return Rate(folder, study.name, wall / work, len(ok), wall, joined("device_used"), joined("host"),
-                study.train.image_size, study.run.jobs)
+                study.train.image_size, study.run.jobs, frozenset(cells[i].model for i in ok["cell_id"]))
 
 
 def matching_runs(study: Study, root: Path = RECORDED) -> list[tuple[Path, Study]]:
@@ -138,9 +141,12 @@ def projection(study: Study, cells: list[Cell], reference: Path | None = None, r
                     f"workers under {root}/ to project from (name one with --reference DIR)")
         rates.sort(key=lambda r: (r.study != study.name, -r.wall_seconds))  # its own record, else the largest
         others = [r.seconds_per_work * work for r in rates[1:]]
-        notes = [f"{minutes(min(others))} to {minutes(max(others))} at the rates of the other {len(others)} "
+        notes = [f"{duration(min(others))} to {duration(max(others))} at the rates of the other {len(others)} "
                  "matching recorded run(s)"] if others else []
-    line = (f"projected wall time of the cells: {minutes(rates[0].seconds_per_work * work)} at the rate of "
+    line = (f"projected wall time of the cells: {duration(rates[0].seconds_per_work * work)} at the rate of "
             f"{rates[0].describe()}")
+    unseen = sorted({c.model for c in cells if c.arm != "pixels"} - rates[0].models)
+    if unseen:
+        notes.append(f"it trained none of {unseen} (the work units count no network size)")
     return "; ".join([line, *notes]) + ". The domain measures and the report come on top; hosts of one kind differ " \
         "in speed (docs/measurements.md)."
