@@ -6,17 +6,19 @@
 #   bash bench/gpu_check.sh full    # ~8 min (give the call 540 s): every measurement below, side by side on this GPU
 # full: packed vs per-cell steps (img/s at 1 and 16 copies, full fine-tuning and a mid-depth suffix) and whole cells
 # (cells/s) with pytest-benchmark (bench/test_packed.py, JSON in $OUT); harness vs timm's loop at 224 px and at
-# 64 px batch 64 (bench/gpu_throughput.py); then one domain_gap GPU sub-grid (lite0, 8 per class, 3 seeds, 100
-# steps: 135 cells; no domain measures) run to completion per cell and packed, each with a fresh cache: wall time
-# and cells/s; the two compared by the gate (packed must not change the accuracies); the packed run's tables copied
-# to $OUT/domain_gap_gpu (commit them as results/baselines/domain_gap_gpu: `plan --profile gpu` projects its wall
-# time from them) and `plan domain_gap --profile gpu` projected from them.
-# (The whole `domain_gap --profile gpu` is 56 M training images before early stopping (`transferbench plan`):
-# over an hour at the packed rates measured so far, not a check; see docs/speed.md.) Needs the wheels that machine lacks in .whl/: see docs/speed.md.
+# 64 px batch 64 (bench/gpu_throughput.py); then one domain_gap GPU sub-grid (textures, digits, glyphs; lite0, 8 per
+# class, 3 seeds, 100 steps: 117 cells; no domain measures) run to completion per cell and packed, each with a fresh
+# cache: wall time and cells/s; the two compared by the gate (packed must not change the accuracies); the packed
+# run's tables copied to $OUT/domain_gap_gpu (commit them as results/baselines/domain_gap_gpu: `plan --profile gpu`
+# projects its wall time from them) and `plan domain_gap --profile gpu` projected from them.
+# (The whole `domain_gap --profile gpu` is 349 M training images before early stopping (`transferbench plan`):
+# about 10 hours at the packed rates measured so far, not a check; see docs/speed.md.)
+# Needs the wheels that machine lacks in .whl/: `bash bench/gpu_wheels.sh` here, then carry .whl.
 set -u
 mode=${1:-full}
 PY=${PY:-python3}
-WHEELS=${WHEELS:-.whl}  # WHEELS=none: a dry run of the plumbing on a machine that has everything (PY=.venv/bin/python)
+WHEELS=${WHEELS:-.whl}  # WHEELS=none: a dry run of the plumbing on a machine that has everything (PY=.venv/bin/python
+                        # TEST_DEVICE=cpu)
 if [ "$WHEELS" != none ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
 fi
@@ -24,8 +26,12 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-SUB=(backbones='[{model: tf_efficientnet_lite0, weights: imagenet}]' grid.n_per_class='[8]' grid.seed='[0,1,2]'
-     train.steps=100 train.eval_every=25 train.min_steps=50)
+# The GPU profile cut to lite0 at 8 per class (each field given once: a study refuses an override given twice).
+COMMON=(backbones='[{model: tf_efficientnet_lite0, weights: imagenet}]' grid.n_per_class='[8]' train.eval_every=25
+        train.min_steps=50)
+# Three conditions near, mid and far from ImageNet: without naming them the profile's 24 conditions make 936 cells
+SUB=("${COMMON[@]}" targets='[{dataset: textures}, {dataset: digits}, {dataset: glyphs}]' grid.seed='[0,1,2]'
+     train.steps=100)
 
 study() {  # study NAME LIMIT EXTRA...: one timed domain_gap GPU run in its own results folder and cache
   local name=$1 limit=$2; shift 2
@@ -51,10 +57,10 @@ EOF
 }
 
 if [ "$mode" = smoke ]; then
-  TRANSFERBENCH_TEST_DEVICE=cuda timeout 240 $PY -m pytest tests/test_packed.py -q -p no:cacheprovider \
+  TRANSFERBENCH_TEST_DEVICE=${TEST_DEVICE:-cuda} timeout 240 $PY -m pytest tests/test_packed.py -q -p no:cacheprovider \
     -k "equal or moves or trains_each" 2>&1 | tail -15 | tee "$OUT/packed_tests_cuda.txt"
   BENCH_COPIES=2 BENCH_STEPS=3 bench -k test_steps
-  study smoke 120 "${SUB[@]}" 'targets=[{dataset: textures}]' grid.seed='[0,1]' train.steps=40 run.pack=always
+  study smoke 120 "${COMMON[@]}" 'targets=[{dataset: textures}]' grid.seed='[0,1]' train.steps=40 run.pack=always
   tail -30 "$OUT/study_smoke.txt"
   exit 0
 fi
