@@ -37,6 +37,7 @@ def pickled_checkpoint(tmp: Path):
 # (case, study text or a replacement, extra CLI args, setup, what the error must name)
 CASES = [
     ("malformed yaml", "name: [t\n", [], None, "malformed YAML"),
+    ("a NUL byte", "name: t\x00\n", [], None, "not YAML text (special characters are not allowed)"),
     ("not a mapping", "- a\n- b\n", [], None, "must be a mapping"),
     ("unknown key", GOOD.replace("epochs: 1", "epoch: 1"), [], None, "train.epoch: unknown key; did you mean 'epochs'"),
     ("wrong type", GOOD.replace("epochs: 1", "epochs: many"), [], None, "train.epochs"),

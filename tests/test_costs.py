@@ -60,3 +60,17 @@ def test_plan_prints_the_cost_of_each_arm(capsys):
     assert "scratch" in out and "transfer frozen 0" in out and "closed form" in out and "total" in out
     assert main(["plan", "smoke", "train.steps=-3"]) == 2  # refused as `study` refuses it
     assert "train.steps" in capsys.readouterr().err
+
+
+def test_plan_into_a_closed_pipe_stops_quietly(monkeypatch, capsys):
+    """`transferbench plan domain_gap | head -2`: the reader went away; no error line blaming a path."""
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["plan", "smoke", "grid.seed=[0]"]) == 1
+    assert capsys.readouterr().err == ""

@@ -195,6 +195,7 @@ def test_the_runner_writes_the_same_records_packed_or_not(tmp_path, torch_single
     assert list(alone.index) == list(together.index) and list(alone.columns) == list(together.columns)
     assert (alone["status"] == "ok").all() and (together["status"] == "ok").all()
     assert not alone["packed"].any() and together["packed"].all()  # each record says how it trained
+    assert (alone["jobs"] == 1).all() and (together["jobs"] == 1).all()  # and how many workers ran (sequential)
     nets = alone["arm"] != "pixels"
     assert pd.Series(alone.loc[nets, "lr_source"].fillna("") == together.loc[nets, "lr_source"].fillna("")).all()
     assert (alone.loc[nets, "test_acc"] - together.loc[nets, "test_acc"]).abs().max() <= 0.1

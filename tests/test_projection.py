@@ -118,3 +118,95 @@ def test_plan_prints_the_projection_and_names_its_source(capsys):
 
 def test_long_projections_read_in_hours():
     assert duration(90) == "1.5 min" and duration(1800) == "30 min" and duration(9000) == "2.5 h"
+
+
+def _stretched(root: Path, name: str, factor: float, study_name: str | None = None) -> Path:
+    """A copy of the smoke run under root/name whose cells took `factor` times as long (and, optionally, whose
+    study has another name: the same cells)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    runs = pd.read_csv(SMOKE / "runs.csv")
+    start, end = (pd.to_datetime(runs[c], utc=True) for c in ("started", "ended"))
+    zero = start.min()
+    runs["started"] = (zero + (start - zero) * factor).map(lambda v: v.isoformat())
+    runs["ended"] = (zero + (end - zero) * factor).map(lambda v: v.isoformat())
+    runs["cell_seconds"] = runs["cell_seconds"] * factor
+    runs.to_csv(folder / "runs.csv", index=False)
+    text = (SMOKE / "study.resolved.yaml").read_text()
+    (folder / "study.resolved.yaml").write_text(text.replace("name: smoke", f"name: {study_name}", 1)
+                                                if study_name else text)
+    return folder
+
+
+def test_the_study_s_own_record_is_used_else_the_largest_with_the_others_as_the_range(tmp_path):
+    root = tmp_path / "recorded"
+    _stretched(root, "own", 1.0)
+    _stretched(root, "larger", 4.0, study_name="other")
+    study = load_study(study_path("smoke"))
+    own = projection(study, plan(study), root=root)
+    assert own.startswith("projected wall time of the cells: 2.") and "own (cpu" in own
+    assert "9.2 min to 9.2 min at the rates of the other 1 matching" in own  # 4x the time of the cells
+    renamed = load_study(study_path("smoke"), ["name=third"])
+    largest = projection(renamed, plan(renamed), root=root)
+    assert largest.startswith("projected wall time of the cells: 9.2 min") and "larger (cpu" in largest
+    assert "2.3 min to 2.3 min at the rates of the other 1" in largest
+    only = projection(study, plan(study), root=root / "nothing")
+    assert "no recorded run at 32 px with 2 workers" in only
+    (root / "larger" / "runs.csv").unlink()
+    assert "the only matching recorded run: no range" in projection(study, plan(study), root=root)
+
+
+def test_the_worker_count_is_the_one_the_records_ran_with(tmp_path, capsys):
+    """`study --jobs 1` is not in study.resolved.yaml: each record says how many workers ran."""
+    folder = _copy(tmp_path)
+    runs = pd.read_csv(folder / "runs.csv")
+    runs.assign(jobs=1).to_csv(folder / "runs.csv", index=False)
+    assert recorded_rate(folder).jobs == 1 and recorded_rate(SMOKE).jobs == 2  # older records: the study's
+    study = load_study(study_path("smoke"))
+    assert "no recorded run at 32 px with 2 workers" in projection(study, plan(study), root=tmp_path)
+    assert main(["plan", "smoke", "--jobs", "1"]) == 0
+    assert "no recorded run at 32 px with 1 workers" in capsys.readouterr().out  # the committed runs ran 2
+
+
+def test_a_row_given_twice_counts_once(tmp_path):
+    folder = _copy(tmp_path)
+    runs = pd.read_csv(folder / "runs.csv")
+    pd.concat([runs, runs.iloc[:5]]).to_csv(folder / "runs.csv", index=False)
+    twice, once = recorded_rate(folder), recorded_rate(SMOKE)
+    assert (twice.cells, twice.seconds_per_work) == (once.cells, once.seconds_per_work)
+
+
+@pytest.mark.parametrize("damage", ["reversed", "not_a_time", "far_future", "beyond_pandas"])
+def test_times_that_cannot_be_true_are_refused_not_left_out(tmp_path, damage, capsys):
+    folder = _copy(tmp_path)
+    runs = pd.read_csv(folder / "runs.csv")
+    if damage == "reversed":
+        runs[["started", "ended"]] = runs[["ended", "started"]].to_numpy()
+    elif damage == "not_a_time":
+        runs.loc[3, "started"] = "at noon"
+    elif damage == "far_future":
+        runs.loc[3, "ended"] = "2126-11-30T10:00:00+00:00"
+    else:
+        runs.loc[3, "ended"] = "9999-11-28T01:18:41+00:00"
+    runs.to_csv(folder / "runs.csv", index=False)
+    assert main(["plan", "smoke", "--reference", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --reference") and "have no true start and end" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["unknown_dataset", "nul_byte"])
+def test_a_reference_whose_study_cannot_be_planned_blames_the_reference(tmp_path, damage, capsys):
+    folder = _copy(tmp_path)
+    config = folder / "study.resolved.yaml"
+    if damage == "unknown_dataset":
+        config.write_text(config.read_text().replace("dataset: textures", "dataset: texturez", 1))
+    else:
+        config.write_bytes(config.read_bytes() + b"\x00")
+    assert main(["plan", "smoke", "--reference", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --reference") and len(err.splitlines()) == 1
+    study = load_study(study_path("smoke"))
+    _stretched(tmp_path / "root", "smoke", 1.0)
+    shutil.copytree(folder, tmp_path / "root" / "damaged")
+    line = projection(study, plan(study), root=tmp_path / "root")  # left out, named; the good run still projects
+    assert line.startswith("projected wall time of the cells: 2.") and "1 damaged recorded run(s) left out" in line

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import sys
 from pathlib import Path
 from urllib.error import URLError
@@ -35,9 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("study", help="a name in studies/ or a path to a YAML file")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, as for `study`")
     pl.add_argument("--profile", help="a named override set from the study's `profiles:`")
+    pl.add_argument("--jobs", type=int, help="parallel workers the projected time assumes (default: the study's "
+                    "run.jobs)")
     pl.add_argument("--reference", type=Path, metavar="DIR", help="project the wall time from this recorded run (a "
-                    "results folder; default: the largest run under results/baselines/ at the same image size and "
-                    "worker count)")
+                    "results folder; default: one under ./results/baselines/ at the same image size and worker "
+                    "count: the study's own, else the largest)")
     r = sub.add_parser("report", help="rebuild tables, figures and report from the records (no training)")
     r.add_argument("study", help="study name (its folder under --results)")
     r.add_argument("--results", type=Path, default=Path("results"))
@@ -175,6 +178,8 @@ def cmd_plan(args) -> int:
     from transferbench.sweep.projection import projection
 
     study = load_study(study_path(args.study), args.overrides, args.profile)
+    if args.jobs is not None:
+        study = study.model_copy(update=dict(run=study.run.model_copy(update=dict(jobs=args.jobs))))
     cells = plan(study)
     print(plan_table(study, cells))
     print(projection(study, cells, args.reference))
@@ -364,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     try:
+        if getattr(args, "jobs", None) is not None and args.jobs < 1:  # 0 would silently mean the study's run.jobs
+            raise ConfigError("--jobs", f"{args.jobs} workers", "give a positive number of parallel workers")
         return {"study": cmd_study, "plan": cmd_plan, "report": cmd_report, "compare": cmd_compare,
                 "list": cmd_list, "advise": cmd_advise, "record": cmd_record, "history": cmd_history,
                 "trend": cmd_trend}[args.command](args)
@@ -374,10 +381,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: download failed ({e.reason}) -- fix: connect this machine to the network, or point the "
               "target's options (root, path) at files already on disk (finished cells are kept)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output went away (`transferbench plan smoke | head`): stop quietly
+        _silence_stdout()
+        return 1
     except OSError as e:  # a full disk, a file where a folder belongs: one line, and what was finished stays on disk
         print(f"error: {e.filename or 'I/O'}: {e.strerror or e} -- fix: {os_error_fix(e)}, then rerun (finished cells "
               "are kept; a rerun resumes)", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file (a capture): no pipe to flush into
+        pass
 
 
 def os_error_fix(e: OSError) -> str:

@@ -674,7 +674,11 @@ class _StrictLoader(yaml.SafeLoader):
 def safe_yaml(text: str, where: str):
     """yaml.safe_load, refusing documents that expand past MAX_YAML_NODES (alias bombs) before building them, and
     mappings that give a key twice."""
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)  # its reader refuses control characters (a NUL byte) here already
+    except yaml.YAMLError as e:
+        raise ConfigError(where, f"not YAML text ({getattr(e, 'reason', e)})", "save the file as plain UTF-8 text") \
+            from None
     loader.where = where
     try:
         node = loader.get_single_node()

@@ -233,7 +233,7 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     jobs, backend = jobs or run.jobs, backend or run.backend
     threads = run.threads_per_worker
     # Each record carries its job's reference step: speeds compare as ratios measured within one job (compare.py).
-    context = provenance() | reference.for_job(study, backend)
+    context = provenance() | reference.for_job(study, backend) | dict(jobs=1 if backend == "sequential" else jobs)
     summary.reference = context.get("reference_images_per_second")
     bar = WorkBar(todo, study.name, disable=not progress)
     # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so

@@ -32,7 +32,7 @@ def _checksum(record: dict) -> str:
 
 
 PROVENANCE = ("device_used", "transferbench_version", "torch_version", "timm_version", "python_version", "git_commit",
-              "git_dirty", "host", "threads", "worker_pid", "started", "ended")
+              "git_dirty", "host", "jobs", "threads", "worker_pid", "started", "ended")
 TOP = ("study", "cell_id")
 
 
