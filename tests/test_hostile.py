@@ -271,6 +271,9 @@ def test_report_waits_for_no_one_and_refuses_a_locked_folder(tmp_path, capsys):
     with results_lock(out):
         assert main(["report", "t", "--results", str(tmp_path)]) == 2
     assert "another transferbench run holds" in capsys.readouterr().err
+    assert main(["report", "t", "--results", str(tmp_path)]) == 2  # unlocked, but no cell has finished
+    err = capsys.readouterr().err
+    assert err.startswith("error: study: no cell of 't' has a record") and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------- training edge cases -----------------
