@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from transferbench.report.document import load_saved_study
+from transferbench.core.study import load_saved_study
 from transferbench.sweep.costs import cell_work
 from transferbench.sweep.planning import plan
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from transferbench.analysis import predictors, tables
+from transferbench.core.study import load_saved_study
 from transferbench.report import document as report
 from transferbench.report import plots
 from transferbench.sweep.store import curves_table
@@ -21,7 +22,7 @@ STUDIES = ("domain_gap", "smoke", "which_layers")
 def reference(request):
     """(study, tables, style) of one committed baseline, rebuilt from its CSVs."""
     folder = BASELINES / request.param
-    study = report.load_saved_study(folder)
+    study = load_saved_study(folder)
     t = tables.read_tables(study, folder)
     order, by = predictors.distance_order([c.condition for c in study.targets], t.domains)
     return study, t, plots.make_style(t.runs, order, by)
@@ -55,7 +56,7 @@ def test_the_overlap_check_can_fail():
 
 
 def test_one_colour_per_target_and_per_arm():
-    study = report.load_saved_study(BASELINES / "domain_gap")
+    study = load_saved_study(BASELINES / "domain_gap")
     t = tables.read_tables(study, BASELINES / "domain_gap")
     targets = [c.condition for c in study.targets]
     style = plots.make_style(t.runs, targets, "the study file")
@@ -67,7 +68,7 @@ def test_one_colour_per_target_and_per_arm():
 
 
 def test_findings_carry_intervals_and_follow_measured_distance():
-    study = report.load_saved_study(BASELINES / "domain_gap")
+    study = load_saved_study(BASELINES / "domain_gap")
     t = tables.read_tables(study, BASELINES / "domain_gap")
     order, by = predictors.distance_order([c.condition for c in study.targets], t.domains)
     assert by.startswith("measured") and order != [c.condition for c in study.targets]  # FD reorders this study
@@ -78,7 +79,7 @@ def test_findings_carry_intervals_and_follow_measured_distance():
 
 
 def test_no_estimator_is_ranked_from_fewer_than_four_targets():
-    study = report.load_saved_study(BASELINES / "smoke")
+    study = load_saved_study(BASELINES / "smoke")
     t = tables.read_tables(study, BASELINES / "smoke")
     assert t.selected["target"].nunique() < predictors.MIN_TARGETS_TO_RANK
     text = " ".join(report.findings(study, t) + report.failure_section(study, t))
@@ -86,7 +87,7 @@ def test_no_estimator_is_ranked_from_fewer_than_four_targets():
 
 
 def test_study_as_run_is_generated_from_the_resolved_config():
-    study = report.load_saved_study(BASELINES / "smoke")
+    study = load_saved_study(BASELINES / "smoke")
     t = tables.read_tables(study, BASELINES / "smoke")
     changed = study.model_copy(update={"train": study.train.model_copy(update={"image_size": 48, "steps": 77})})
     text = "\n".join(report.study_as_run(changed, t, "wall time: 120.0 s for 192 cells", "the study file", ["a"]))
@@ -103,7 +104,7 @@ def test_study_as_run_names_every_lr_search(search):
     from transferbench.core.study import Train
 
     assert set(Train.model_fields["lr_search"].annotation.__args__) == {"halving", "first_seed", "grid"}
-    study = report.load_saved_study(BASELINES / "smoke")
+    study = load_saved_study(BASELINES / "smoke")
     t = tables.read_tables(study, BASELINES / "smoke")
     changed = study.model_copy(update={"train": study.train.model_copy(update={"lr_search": search})})
     text = "\n".join(report.study_as_run(changed, t, None, "the study file", ["a"]))
@@ -113,7 +114,7 @@ def test_study_as_run_names_every_lr_search(search):
 def test_a_report_from_pixel_records_alone_draws_what_it_can(tmp_path):
     """A run stopped before any network cell finished (as a timed-out GPU run was): the pixel baselines' records
     alone still give tables, figures and a report, not a crash."""
-    study = report.load_saved_study(BASELINES / "smoke")
+    study = load_saved_study(BASELINES / "smoke")
     runs = tables.read_tables(study, BASELINES / "smoke").runs
     t = tables.derive(study, runs[runs["arm"] == "pixels"], curves_table([]), pd.DataFrame(), None)
     order, by = predictors.distance_order([c.condition for c in study.targets], t.domains)

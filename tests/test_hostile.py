@@ -263,7 +263,7 @@ def test_a_truncated_domains_table_is_never_used(tmp_path):
 
 
 def test_report_waits_for_no_one_and_refuses_a_locked_folder(tmp_path, capsys):
-    from transferbench.report.document import save_study
+    from transferbench.core.study import save_study
     from transferbench.sweep.runner import results_lock
 
     out = tmp_path / "t"

@@ -24,7 +24,7 @@ from test_hostile import GOOD, _write, write_folder
 from transferbench.analysis import tables
 from transferbench.cli import main
 from transferbench.core.errors import ConfigError
-from transferbench.core.study import IDENTIFIER, default_label, load_study, safe_yaml
+from transferbench.core.study import IDENTIFIER, default_label, load_saved_study, load_study, safe_yaml
 from transferbench.report import document as report
 from transferbench.report import plots
 
@@ -165,7 +165,7 @@ def test_a_markdown_cell_never_moves_a_value_under_another_heading(value):
 
 def hostile_tables(label: str):
     """The committed smoke baseline's tables, with the target 'digits' renamed `label` everywhere."""
-    t = tables.read_tables(report.load_saved_study(BASELINE), BASELINE)
+    t = tables.read_tables(load_saved_study(BASELINE), BASELINE)
     renamed = {key: value.assign(target=value["target"].replace("digits", label))
                for key, value in t.frames().items() if "target" in value.columns}
     t = dataclasses.replace(t, **renamed, order=[label if c == "digits" else c for c in t.order])

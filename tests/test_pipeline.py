@@ -115,8 +115,8 @@ def test_every_record_names_device_and_versions(smoke):
 
 
 def test_domain_measures_come_from_the_disk_cache(smoke, monkeypatch):
+    from transferbench.core.study import load_saved_study
     from transferbench.measures import domains
-    from transferbench.report.document import load_saved_study
 
     study = load_saved_study(smoke)
     calls, real = [], domains._measure_target

@@ -9,8 +9,7 @@ import pytest
 
 from transferbench.cli import main
 from transferbench.core.errors import ConfigError
-from transferbench.core.study import load_study, study_path
-from transferbench.report.document import load_saved_study
+from transferbench.core.study import load_saved_study, load_study, study_path
 from transferbench.sweep.costs import cell_work
 from transferbench.sweep.planning import plan
 from transferbench.sweep.projection import busy_seconds, duration, projection, recorded_rate

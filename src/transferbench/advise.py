@@ -34,7 +34,7 @@ def fit_from(folders: list[Path]):
 
     from transferbench.analysis import advice
     from transferbench.analysis.tables import read_tables
-    from transferbench.report.document import load_saved_study
+    from transferbench.core.study import load_saved_study
 
     parts, studies = [], []
     for folder in folders:

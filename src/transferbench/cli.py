@@ -262,8 +262,8 @@ def _base(args, new: Path):
 def _confirmed(args, result, b_runs, n_runs, new: Path):
     """The comparison with its flagged tests made again on a rerun of their cells with fresh seeds."""
     from transferbench.analysis.confirm import covered_cells, fresh_seeds, retest
+    from transferbench.core.study import load_saved_study
     from transferbench.pipeline import Options, rerun_cells
-    from transferbench.report.document import load_saved_study
 
     if not result.tests["flagged"].any():
         return result

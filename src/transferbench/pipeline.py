@@ -54,7 +54,8 @@ def run_study(study: Study, results: Path, opts: Options) -> Outcome:
     """Train the cells that have no record yet and rebuild the report. Everything that can be refused (the data,
     the models, the results folder, a corrupted record, a dask address) is refused before anything is written."""
     out = study_folder(results, study.name)  # refused before torch, pandas or matplotlib are imported
-    from transferbench.report.document import build, save_study
+    from transferbench.core.study import save_study
+    from transferbench.report.document import build
     from transferbench.sweep.planning import plan
     from transferbench.sweep.runner import dask_address, results_lock, run_cells
     from transferbench.sweep.store import read_records, remove_orphans
@@ -105,7 +106,8 @@ def measure_domains(study: Study, out: Path, summary, skip: bool = False) -> str
 
 def rebuild_report(results: Path, name: str) -> Path:
     """Tables, figures and report rebuilt from a study folder's records (no training)."""
-    from transferbench.report.document import build, load_saved_study
+    from transferbench.core.study import load_saved_study
+    from transferbench.report.document import build
     from transferbench.sweep.runner import results_lock
     from transferbench.sweep.store import TMP_PREFIX
 
@@ -113,10 +115,11 @@ def rebuild_report(results: Path, name: str) -> Path:
     if not (out / "study.resolved.yaml").exists():
         raise ConfigError("study", f"no results for '{name}' in {results}/", "run `transferbench study` first")
     with results_lock(out):  # a report is never rebuilt from a folder a runner is writing
+        study = load_saved_study(out)
         if not any(p.suffix == ".json" and not p.name.startswith(TMP_PREFIX) for p in (out / "records").glob("*")):
             raise ConfigError("study", f"no cell of '{name}' has a record in {out / 'records'} yet", "run "
                               "`transferbench study` until a cell finishes: a report needs one")
-        return build(load_saved_study(out), out)
+        return build(study, out)
 
 
 # The fields a rerun with other seeds changes: the seed, and which seed's LR choice a cell reuses (lr_search:

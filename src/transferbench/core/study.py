@@ -1,4 +1,5 @@
-"""Study file (YAML) + dotted overrides -> validated Study -> list of Cells.
+"""Study file (YAML) + dotted overrides -> validated Study -> list of Cells; and the resolved study a results folder
+keeps (study.resolved.yaml: saved before training, read back by report, plan --reference and advise).
 
 Pure: no torch here. Names that need a registry (datasets, shifts, schedules, backbones) are
 checked by `planning.plan`, which knows the registries.
@@ -34,7 +35,9 @@ from pydantic import (
     model_validator,
 )
 
+from transferbench.core import atomic
 from transferbench.core.errors import ConfigError, did_you_mean
+from transferbench.core.paths import results_subfolder
 
 
 def _depth(value: Any) -> int | str:
@@ -721,3 +724,20 @@ def load_study(path: Path | str, overrides: list[str] | tuple[str, ...] = (), pr
         return Study.model_validate(raw)
     except ValidationError as e:
         raise format_validation_error(e, str(path)) from None
+
+
+def save_study(study: Study, out: Path) -> None:
+    results_subfolder(out)
+    atomic.write_text(out / "study.resolved.yaml", yaml.safe_dump(json.loads(study.model_dump_json()), sort_keys=False))
+
+
+def load_saved_study(out: Path) -> Study:
+    """The study a results folder was run with; refused (not a traceback) if that file was edited into nonsense."""
+    path = out / "study.resolved.yaml"
+    raw = safe_yaml(path.read_text(errors="replace"), str(path))
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as e:
+        problem = format_validation_error(e, str(path))
+        raise ConfigError(problem.field, problem.problem, "do not edit study.resolved.yaml: rerun `transferbench "
+                          "study` with the study file (it rewrites it; finished cells are kept)") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import re
 from dataclasses import dataclass, field
 from html import escape
@@ -11,17 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import ValidationError
 
 from transferbench.analysis import arms, predictors
 from transferbench.analysis import gains as analysis
 from transferbench.analysis.tables import Tables, write_tables
 from transferbench.core import atomic
-from transferbench.core.errors import ConfigError
-from transferbench.core.paths import results_subfolder
 from transferbench.core.registry import Registry
-from transferbench.core.study import Study, format_validation_error, safe_yaml, scratch_lrs, transfer_lrs
+from transferbench.core.study import Study, scratch_lrs, transfer_lrs
 from transferbench.report import dial, plots
 from transferbench.report.anchors import ANCHORS, anchors
 from transferbench.report.words import interval, markdown_table, per_class, pp
@@ -576,20 +571,3 @@ def write_html(md_path: Path, title: str) -> Path:
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>transferbench: {escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>")
     return atomic.write_text(md_path.with_suffix(".html"), html)
-
-
-def save_study(study: Study, out: Path) -> None:
-    results_subfolder(out)
-    atomic.write_text(out / "study.resolved.yaml", yaml.safe_dump(json.loads(study.model_dump_json()), sort_keys=False))
-
-
-def load_saved_study(out: Path) -> Study:
-    """The study a results folder was run with; refused (not a traceback) if that file was edited into nonsense."""
-    path = out / "study.resolved.yaml"
-    raw = safe_yaml(path.read_text(errors="replace"), str(path))
-    try:
-        return Study.model_validate(raw)
-    except ValidationError as e:
-        problem = format_validation_error(e, str(path))
-        raise ConfigError(problem.field, problem.problem, "do not edit study.resolved.yaml: rerun `transferbench "
-                          "study` with the study file (it rewrites it; finished cells are kept)") from None

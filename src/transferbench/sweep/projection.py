@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from transferbench.core.errors import ConfigError
-from transferbench.core.study import Cell, Study
+from transferbench.core.study import Cell, Study, load_saved_study
 from transferbench.sweep.costs import cell_work
 
 RECORDED = Path("results/baselines")  # the committed runs, from the repository root
@@ -119,7 +119,6 @@ def recorded_rate(folder: Path, study: Study | None = None) -> Rate:
 
 def _planned(folder: Path, study: Study | None) -> tuple[Study, dict[str, Cell]]:
     """A recorded run's study and its planned cells by id; what cannot be read or planned blames --reference."""
-    from transferbench.report.document import load_saved_study
     from transferbench.sweep.planning import plan
 
     try:
@@ -145,7 +144,6 @@ def _check_times(ok: pd.DataFrame, path: Path) -> None:
 def recorded_runs(study: Study, root: Path = RECORDED) -> tuple[list[Rate], list[str]]:
     """The rates of the recorded runs under `root` at the study's image size and worker count, and why the
     damaged ones were left out."""
-    from transferbench.report.document import load_saved_study
 
     rates, damaged = [], []
     for folder in sorted(p for p in root.glob("*") if (p / "runs.csv").is_file()) if root.is_dir() else []:
