@@ -109,14 +109,14 @@ def rebuild_report(results: Path, name: str) -> Path:
     from transferbench.core.study import load_saved_study
     from transferbench.report.document import build
     from transferbench.sweep.runner import results_lock
-    from transferbench.sweep.store import TMP_PREFIX
+    from transferbench.sweep.store import record_paths
 
     out = study_folder(results, name)
     if not (out / "study.resolved.yaml").exists():
         raise ConfigError("study", f"no results for '{name}' in {results}/", "run `transferbench study` first")
     with results_lock(out):  # a report is never rebuilt from a folder a runner is writing
         study = load_saved_study(out)
-        if not any(p.suffix == ".json" and not p.name.startswith(TMP_PREFIX) for p in (out / "records").glob("*")):
+        if not record_paths(out / "records"):
             raise ConfigError("study", f"no cell of '{name}' has a record in {out / 'records'} yet", "run "
                               "`transferbench study` until a cell finishes: a report needs one")
         return build(study, out)

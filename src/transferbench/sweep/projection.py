@@ -144,7 +144,6 @@ def _check_times(ok: pd.DataFrame, path: Path) -> None:
 def recorded_runs(study: Study, root: Path = RECORDED) -> tuple[list[Rate], list[str]]:
     """The rates of the recorded runs under `root` at the study's image size and worker count, and why the
     damaged ones were left out."""
-
     rates, damaged = [], []
     for folder in sorted(p for p in root.glob("*") if (p / "runs.csv").is_file()) if root.is_dir() else []:
         try:

@@ -231,9 +231,10 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     results_subfolder(records_dir)
     run = study.run
     jobs, backend = jobs or run.jobs, backend or run.backend
+    workers = 1 if backend == "sequential" else jobs
     threads = run.threads_per_worker
     # Each record carries its job's reference step: speeds compare as ratios measured within one job (compare.py).
-    context = provenance() | reference.for_job(study, backend) | dict(jobs=1 if backend == "sequential" else jobs)
+    context = provenance() | reference.for_job(study, backend) | dict(jobs=workers)
     summary.reference = context.get("reference_images_per_second")
     bar = WorkBar(todo, study.name, disable=not progress)
     # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
@@ -248,7 +249,7 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
             else:
                 tasks = (delayed(run_group)([(c, chosen_lr(c, records)) for c in g], *args)
                          for g in feature_groups(phase))
-            for results in Parallel(n_jobs=1 if backend == "sequential" else jobs,
+            for results in Parallel(n_jobs=workers,
                                     return_as="generator_unordered")(tasks):
                 summary.ran += results
                 bar.done([r["cell_id"] for r in results])

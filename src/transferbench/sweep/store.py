@@ -87,11 +87,15 @@ def check_record(record: dict) -> str | None:
     return None
 
 
+def record_paths(directory: Path) -> list[Path]:
+    """The record files of a records folder, in name order (a write in flight, named TMP_PREFIX..., is none)."""
+    return [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(TMP_PREFIX)] \
+        if directory.exists() else []
+
+
 def read_records(directory: Path) -> dict[str, dict]:
     out = {}
-    for path in sorted(directory.glob("*.json")) if directory.exists() else []:
-        if path.name.startswith(TMP_PREFIX):
-            continue
+    for path in record_paths(directory):
         if not path.is_file():  # a folder (or FIFO) named like a record: never read, never trained over
             raise ConfigError(f"record {path}", "not a regular file", "move it away; its cell will be trained again "
                               "on the next run")
