@@ -34,6 +34,16 @@ def float64(prepared: training_cell.Prepared) -> training_cell.CellTraining:
                                       prepared.num_classes, prepared.lr, prepared.layer_lrs)
 
 
+# Losses (curves, test loss) of a pack and of the same cells alone, all in float64 (the networks, and since validation
+# scores its logits in their own precision, the losses too): they differ only by float64 rounding that training grows
+# (AdamW's steps turn rounding-noise gradients into weight differences of up to 5e-6 of a tensor's scale after nine
+# steps; see the weights' check below). Measured over three kernel paths (the default, ONEDNN_MAX_CPU_ISA=AVX2,
+# ATEN_CPU_CAPABILITY=default): losses apart by at most 9e-8 relative, weights by 5e-6. 1e-6 keeps 10x headroom and
+# is still 100x tighter than float32's rounding of a loss would need (it once passed at 1e-7 on one CPU only because
+# both sides rounded their logits to the same float32 values, which another CPU's kernels did not).
+LOSS_RTOL = 1e-6
+
+
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     """Equal up to rtol of the tensor's largest magnitude (an elementwise tolerance fails on weights near 0)."""
     a, b = a.double(), b.double()
@@ -65,10 +75,10 @@ def test_a_pack_trains_each_cell_as_it_trains_alone(optimizer, cache, torch_sing
         ra, rb = a.result(), b.result()
         assert ra["lr_chosen"] == rb["lr_chosen"] and ra["steps_taken"] == rb["steps_taken"]
         assert ra["best_step"] == rb["best_step"] and ra["early_stopped"] == rb["early_stopped"]
-        assert ra["test_acc"] == rb["test_acc"] and ra["test_loss"] == pytest.approx(rb["test_loss"], rel=1e-9)
+        assert ra["test_acc"] == rb["test_acc"] and ra["test_loss"] == pytest.approx(rb["test_loss"], rel=LOSS_RTOL)
         for pa, pb in zip(ra["curves"], rb["curves"]):
             assert (pa["step"], pa["split"], pa["metric"]) == (pb["step"], pb["split"], pb["metric"])
-            assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
+            assert pa["value"] == pytest.approx(pb["value"], rel=LOSS_RTOL, abs=1e-12)
         sa, sb = a.suffix.state_dict(), b.suffix.state_dict()
         # Rounding differs (vmap sums in another order; the pack's BatchNorm is plain tensor arithmetic), and
         # training grows it: AdamW's first step moves a weight by about lr * g / (|g| + eps), so a gradient that is
@@ -130,7 +140,9 @@ def test_a_pack_under_bf16_autocast_equals_each_copy_alone_to_bf16_precision(cac
         exact, exact_grads = forward_backward(module, x[i], y[i], nullcontext())  # float32
         out, grads = forward_backward(module, x[i], y[i], bf16(x.device, True))
         assert out.dtype == torch.bfloat16 and not close(logits[i], exact, 1e-4)  # the pack ran in bf16
-        assert close(logits[i], out, 2e-2)
+        # The pack's logits are as far from float32 as the copy's own bf16 logits (bf16 kernels round differently
+        # per CPU: pack and copy once differed by 2.3% of the largest logit under ONEDNN_MAX_CPU_ISA=AVX2)
+        assert (logits[i].double() - exact.double()).norm() <= 2 * (out.double() - exact.double()).norm()
         for n, g in grads.items():  # as far from float32 as the copy alone is, whatever the tensor's scale
             error, alone_error = (views[n][i].view(g.shape) - exact_grads[n]).norm(), (g - exact_grads[n]).norm()
             assert error <= 2 * alone_error + 1e-3 * exact_grads[n].norm(), n
@@ -242,7 +254,7 @@ def test_a_pack_sheds_its_stopped_copies(cache, torch_single_thread, monkeypatch
         ra, rb = a.result(), b.result()
         assert ra["steps_taken"] == rb["steps_taken"] and ra["test_acc"] == rb["test_acc"]
         for pa, pb in zip(ra["curves"], rb["curves"]):
-            assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
+            assert pa["value"] == pytest.approx(pb["value"], rel=LOSS_RTOL, abs=1e-12)
 
 
 def test_tasks_hold_one_network_shape():
@@ -299,7 +311,7 @@ def test_validation_in_the_pack_equals_each_run_validating_alone(chunk, cache, t
         assert [(p["step"], p["split"], p["metric"]) for p in ra["curves"]] == \
             [(p["step"], p["split"], p["metric"]) for p in rb["curves"]]
         for pa, pb in zip(ra["curves"], rb["curves"]):
-            assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
+            assert pa["value"] == pytest.approx(pb["value"], rel=LOSS_RTOL, abs=1e-12)
         for name, v in a.suffix.state_dict().items():
             assert close(v, b.suffix.state_dict()[name], 1e-6), name
 
@@ -327,7 +339,7 @@ def test_arms_that_train_chosen_groups_pack(groups, cache, torch_single_thread):
     for a, b in zip(alone, together):
         ra, rb = a.result(), b.result()
         for pa, pb in zip(ra["curves"], rb["curves"]):
-            assert pa["value"] == pytest.approx(pb["value"], rel=1e-7, abs=1e-12)
+            assert pa["value"] == pytest.approx(pb["value"], rel=LOSS_RTOL, abs=1e-12)
         for name, v in a.suffix.state_dict().items():
             assert close(v, b.suffix.state_dict()[name], 1e-6), name
 

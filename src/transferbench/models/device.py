@@ -24,6 +24,12 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
 
 
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """Outputs in at least float32: bf16 from autocast widened, float64 kept (a float64 network is scored in float64,
+    or its losses would carry float32 rounding that differs between CPU kernels)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A 4-D tensor in channels_last memory format when asked (the weights must match, or conv takes a slow path)."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
@@ -37,7 +43,7 @@ def eval_batch_size(device: torch.device) -> int:
 @torch.inference_mode()
 def forward_batched(module: nn.Module, x: torch.Tensor, device: torch.device, amp: bool = False,
                     channels_last: bool = False, batch_size: int | None = None) -> torch.Tensor:
-    """module(x) in eval mode, batch by batch, returned as float32 on the CPU."""
+    """module(x) in eval mode, batch by batch, returned on the CPU in at least float32 (`widened`)."""
     module.eval()
     batch_size = batch_size or eval_batch_size(device)
     if channels_last:  # weights in the same layout as the input, or conv falls back to a slow path
@@ -46,7 +52,7 @@ def forward_batched(module: nn.Module, x: torch.Tensor, device: torch.device, am
     for i in range(0, len(x), batch_size):
         xb = as_layout(x[i:i + batch_size].to(device, non_blocking=True), channels_last)
         with autocast(device, amp):
-            outs.append(module(xb).float().cpu())
+            outs.append(widened(module(xb)).cpu())
     return torch.cat(outs)
 
 

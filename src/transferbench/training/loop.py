@@ -203,7 +203,7 @@ def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp,
 
 
 def scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(accuracy, mean cross-entropy, predicted classes) of float32 CPU logits."""
+    """(accuracy, mean cross-entropy, predicted classes) of CPU logits, in their precision (`device.widened`)."""
     y = y.cpu()
     pred = logits.argmax(1)
     return (pred == y).float().mean().item(), F.cross_entropy(logits, y).item(), pred
