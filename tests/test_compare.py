@@ -184,6 +184,26 @@ def test_the_reference_step_leaves_the_process_as_it_found_it():
     assert measured["images_per_second"] > 0 and measured["threads"] == 1
 
 
+def test_the_reference_step_runs_in_every_worker_at_once(monkeypatch):
+    """Under the cells' load: each of two joblib workers times its steps while the other does (hosts whose two vCPUs
+    are one core's hyperthreads slow both, cells and reference alike); the job's reference is their median."""
+    import multiprocessing
+
+    from joblib import Parallel, delayed
+
+    from transferbench.sweep import reference
+
+    with multiprocessing.Manager() as manager:
+        barrier = manager.Barrier(2)
+        runs = Parallel(n_jobs=2, backend="loky")(delayed(reference.measure)(1, barrier) for _ in range(2))
+    assert len({r["pid"] for r in runs}) == 2  # two processes
+    assert max(r["began"] for r in runs) < min(r["ended"] for r in runs)  # timing at the same time
+    speeds = []
+    monkeypatch.setattr(reference, "measure", lambda threads, barrier=None: speeds.append(threads) or dict(
+        images_per_second=100.0 * len(speeds)))
+    assert reference.under_load(1, 2) == 100.0 and speeds == [2]  # one worker: measured here, on its threads
+
+
 def test_an_implausible_reference_step_cannot_hide_a_slowdown(tmp_path, degraded):
     """References further apart than two hosts of a kind are (a step of 1e-6 images/s, or 1e308) are not used: the
     gate judges images/s, and the harness ten times slower fails."""

@@ -91,6 +91,20 @@ def verdict(gain: float, q: float, fdr: float, min_effect: float) -> str:
     return "positive" if gain > 0 else "negative"
 
 
+def near_the_level(gain: float, q: float, fdr: float, min_effect: float) -> bool:
+    """A verdict that rests on its q-value: the gain is large enough to count, and q lies within a factor of two of
+    the level either side (fdr/2 < q <= 2 fdr). Such verdicts flip between reruns on hosts whose CPUs round
+    differently (docs/measurements.md): the report says so beside them."""
+    return bool(abs(gain) >= min_effect and fdr / 2 < q <= 2 * fdr)
+
+
+def near_counts(gain: pd.Series, q: pd.Series, verdicts: pd.Series, fdr: float, min_effect: float) -> tuple[int, int]:
+    """(verdicts called positive or negative, inconclusive ones) whose q lies near the level (`near_the_level`)."""
+    near = pd.Series([near_the_level(g, v, fdr, min_effect) for g, v in zip(gain, q)], index=gain.index, dtype=bool)
+    decided = verdicts.isin(["positive", "negative"])
+    return int((near & decided).sum()), int((near & ~decided).sum())
+
+
 def verdict_rule(fdr: float, min_effect: float, confidence: float) -> str:
     return (f"A gain is the mean over seeds of paired (same seed, same k-shot subset) transfer-minus-scratch test "
             f"accuracy, with a {confidence:.0%} Student-t interval over seeds; it is called positive or negative only "

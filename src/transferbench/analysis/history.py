@@ -30,6 +30,7 @@ from transferbench.analysis.compare import checked_runs, read_gains, read_runs
 from transferbench.analysis.gains import bh_q
 from transferbench.core.atomic import write_text
 from transferbench.core.errors import ConfigError
+from transferbench.core.host import cpu_model
 from transferbench.core.study import IDENTIFIER
 
 FORMAT = 1  # bump when a record's layout changes: older records are then refused by name
@@ -40,21 +41,13 @@ SHA = re.compile(r"[0-9a-f]{7,40}")
 
 def host_fingerprint() -> dict:
     """What a record's numbers depend on besides the code: the CPU (its class) and the dependency versions."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return dict(cpu=model, cores=os.cpu_count(), python=platform.python_version(), packages=versions)
+    return dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(), packages=versions)
 
 
 def host_class(fingerprint: dict) -> str:

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 
 from transferbench.analysis.dial import OUTCOMES, widest
+from transferbench.analysis.gains import near_counts
 from transferbench.analysis.tables import Tables
 from transferbench.core.study import Study
 from transferbench.measures import MEASURES
-from transferbench.report.words import markdown_table, per_class, pp, times
+from transferbench.report.words import markdown_table, near_the_level, per_class, pp, times
 
 
 def arm_name(line) -> str:
@@ -82,11 +83,12 @@ def baseline_sentence(study: Study, t: Tables) -> str:
     sel = t.selected
     if "gvb_verdict" not in sel or sel.empty:
         return ""
-    counts = sel["gvb_verdict"].value_counts()
+    counts, a = sel["gvb_verdict"].value_counts(), study.analysis
+    near = near_counts(sel["gain_vs_baseline"], sel["gvb_q"], sel["gvb_verdict"], a.fdr, a.min_effect)
     return (f"Against the strongest baseline without pretraining (scratch or a pixel classifier, chosen on "
             f"validation), transfer is reliably better at {counts.get('positive', 0)} and reliably worse at "
-            f"{counts.get('negative', 0)} of {len(sel)} grid points (BH q <= {study.analysis.fdr:g}, at least "
-            f"{100 * study.analysis.min_effect:g} pp).")
+            f"{counts.get('negative', 0)} of {len(sel)} grid points (BH q <= {a.fdr:g}, at least "
+            f"{100 * a.min_effect:g} pp){near_the_level(*near, a.fdr)}.")
 
 
 def predictor_sentence(study: Study, t: Tables) -> str:

@@ -19,18 +19,20 @@ from transferbench.core.registry import Registry
 from transferbench.core.study import Study, scratch_lrs, transfer_lrs
 from transferbench.report import dial, plots
 from transferbench.report.anchors import ANCHORS, anchors
-from transferbench.report.words import interval, markdown_table, per_class, pp
+from transferbench.report.words import interval, markdown_table, near_the_level, per_class, pp
 
 
-def gain_text(row) -> str:
+def gain_text(row, fdr: float, min_effect: float) -> str:
+    """A grid point's gain, interval and verdict, with its q where the verdict rests on it (near the level)."""
     flags = getattr(row, "flags", "")
-    return (f"{interval(row)} ({row.verdict})"
+    near = analysis.near_the_level(row.gain, row.q, fdr, min_effect)
+    return (f"{interval(row)} ({row.verdict}" + (f"; q {row.q:.2g}, near the level" if near else "") + ")"
             + (f" [flagged: {flags}]" if isinstance(flags, str) and flags else ""))
 
 
 def headlines(study: Study, t: Tables) -> list[str]:
     """Gain with CI at the smallest and largest size, for the nearest and the farthest target as measured."""
-    selected = t.selected
+    selected, a = t.selected, study.analysis
     if selected.empty:
         return ["No transfer cell has a matched scratch cell yet: no gains to report."]
     near, far = t.order[0], t.order[-1]
@@ -41,14 +43,15 @@ def headlines(study: Study, t: Tables) -> list[str]:
             for n in dict.fromkeys([sizes[0], sizes[-1]]):
                 sub = selected[(selected["backbone"] == bb) & (selected["target"] == tg)
                                & (selected["n_per_class"] == n)]
-                parts = [f"{r.tuning}: {gain_text(r)}"
+                parts = [f"{r.tuning}: {gain_text(r, a.fdr, a.min_effect)}"
                          for r in sub.sort_values("frozen_groups").itertuples()]
                 if parts:
                     lines.append(f"**{bb}**, {tg}, {n} per class -- " + "; ".join(parts))
-    negatives = selected[selected["verdict"] == "negative"]
-    lines.append(f"Negative transfer (q <= {study.analysis.fdr:g} after Benjamini-Hochberg, gain <= "
-                 f"-{100 * study.analysis.min_effect:g} pp): {len(negatives)} of {len(selected)} grid points "
-                 "(configurations chosen on val).")
+    negatives, losing = selected[selected["verdict"] == "negative"], selected[selected["gain"] < 0]
+    lines.append(f"Negative transfer (q <= {a.fdr:g} after Benjamini-Hochberg, gain <= -{100 * a.min_effect:g} pp): "
+                 f"{len(negatives)} of {len(selected)} grid points (configurations chosen on val)"
+                 + near_the_level(*analysis.near_counts(losing["gain"], losing["q"], losing["verdict"], a.fdr,
+                                                        a.min_effect), a.fdr) + ".")
     return lines
 
 
@@ -352,7 +355,8 @@ def study_as_run(study: Study, t: Tables, timing: str | None, ordered_by: str, o
              f"- trivial baselines on the same k-shot subsets and test split: {', '.join(study.baselines.methods)}",
              f"- statistics: {a.confidence:.0%} Student-t intervals over seeds; Benjamini-Hochberg at q <= {a.fdr:g} "
              f"across the grid points; a verdict needs |gain| >= {100 * a.min_effect:g} pp",
-             f"- device: {seen('device_used')}; {study.run.jobs} worker(s) x {seen('threads')} thread(s)",
+             f"- device: {seen('device_used')}; {study.run.jobs} worker(s) x {seen('threads')} thread(s); CPU "
+             f"{seen('cpu')} (float results differ between CPU vendors: docs/measurements.md)",
              f"- versions: transferbench {seen('transferbench_version')}, torch {seen('torch_version')}, timm "
              f"{seen('timm_version')}, Python {seen('python_version')}; git commit {seen('git_commit')}"]
     wall = re.search(r"wall time: ([0-9.]+) s for (\d+) cells", timing or "")

@@ -37,3 +37,11 @@ def md_cell(value) -> str:
     error message may hold either), so values never move under another heading."""
     one_line = re.sub(r"[\r\n]+", " ", str(value))
     return re.sub(r"(\\*)\|", lambda m: 2 * m.group(1) + "\\|", one_line)  # backslashes before a | escaped too
+
+
+def near_the_level(decided: int, undecided: int, fdr: float) -> str:
+    """The clause that says how many verdicts rest on a q-value near the level ('' when none does)."""
+    if not decided and not undecided:
+        return ""
+    return (f"; {decided} of these verdicts and {undecided} inconclusive point{'s' if undecided != 1 else ''} have q "
+            f"within a factor of two of {fdr:g}, where a rerun on a host with other float rounding can flip them")

@@ -1,23 +1,33 @@
-"""The speed of the host, measured in the same job as the cells: images/s of a bare PyTorch training step (timm's
-tf_efficientnet_lite0 at random init, 32 px, batch 32, SGD, no transferbench code in the loop) on the threads one
-worker uses. Every record of the job carries it (`reference_images_per_second`), and the gate divides each cell's
-images/s by its own job's reference, so that two runs on different hosts compare as ratios each measured within its
-own job (the way bench/test_speed.py sets the harness step beside the same bare step); an absolute images/s is
-compared only where a side lacks one.
+"""The speed of the host, measured in the same job as the cells and under the same load: images/s of a bare PyTorch
+training step (timm's tf_efficientnet_lite0 at random init, 32 px, batch 32, SGD, no transferbench code in the loop)
+on the threads one worker uses, run in every worker at once, as the cells run. Every record of the job carries it
+(`reference_images_per_second`), and the gate divides each cell's images/s by its own job's reference, so that two
+runs on different hosts compare as ratios each measured within its own job (the way bench/test_speed.py sets the
+harness step beside the same bare step); an absolute images/s is compared only where a side lacks one.
+
+Why under load: where a host's two vCPUs are two hyperthreads of one physical core, two workers each train at a
+fraction of what one alone does. A reference timed with the other worker idle (as it once was) is then faster than
+anything the cells see, and the ratio moves with the host's topology, not the harness (docs/gate.md).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import statistics
 import time
 
 MODEL, IMAGE_SIZE, BATCH, WARMUP_STEPS, TIMED_STEPS = "tf_efficientnet_lite0", 32, 32, 3, 12
+BARRIER_SECONDS = 120  # the workers' start-up (importing torch and timm) is far shorter
 WORKLOAD = dict(model=MODEL, weights="none", image_size=IMAGE_SIZE, batch_size=BATCH, optimizer="sgd",
                 warmup_steps=WARMUP_STEPS, timed_steps=TIMED_STEPS)
 
 
-def measure(threads: int) -> dict:
-    """The bare step's images/s (the median of the timed steps) on `threads` threads; the process's thread count and
-    random state are left as they were (cells trained after it in this process draw what they would have)."""
+def measure(threads: int, barrier=None) -> dict:
+    """The bare step's images/s (the median of the timed steps) on `threads` threads, the timed steps starting when
+    every party of `barrier` (a multiprocessing barrier, one party per worker) has warmed up; the process's thread
+    count and random state are left as they were (cells trained after it in this process draw what they would
+    have)."""
     import timm
     import torch
     import torch.nn.functional as F
@@ -30,8 +40,11 @@ def measure(threads: int) -> dict:
             model = timm.create_model(MODEL, pretrained=False, num_classes=10).train()
             x, y = torch.rand(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), torch.arange(BATCH) % 10
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            times = []
+            times, began = [], time.time()
             for i in range(WARMUP_STEPS + TIMED_STEPS):
+                if i == WARMUP_STEPS and barrier is not None:
+                    barrier.wait(timeout=BARRIER_SECONDS)
+                    began = time.time()
                 t0 = time.perf_counter()
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
@@ -42,14 +55,30 @@ def measure(threads: int) -> dict:
     finally:
         torch.set_num_threads(before)
     times.sort()
-    return dict(images_per_second=BATCH / times[len(times) // 2], threads=threads, workload=WORKLOAD)
+    timed = dict(pid=os.getpid(), began=began, ended=time.time()) if barrier is not None else {}
+    return dict(images_per_second=BATCH / times[len(times) // 2], threads=threads, workload=WORKLOAD) | timed
 
 
-def for_job(study, backend: str) -> dict:
-    """The record fields of this job's reference: measured where the cells train on this host's CPU; none for a dask
-    cluster (other hosts) or a GPU (not measured against a CPU step)."""
+def for_job(study, backend: str, workers: int) -> dict:
+    """The record fields of this job's reference: measured where the cells train on this host's CPU, by `workers`
+    workers at once (`under_load`) inside the job's joblib backend; none for a dask cluster (other hosts) or a GPU
+    (not measured against a CPU step)."""
     from transferbench.models.device import resolve_device
 
     if backend == "dask" or resolve_device(study.train.device).type != "cpu":
         return {}
-    return dict(reference_images_per_second=measure(study.run.threads_per_worker)["images_per_second"])
+    return dict(reference_images_per_second=under_load(workers, study.run.threads_per_worker))
+
+
+def under_load(workers: int, threads: int) -> float:
+    """The median images/s of the bare step run by `workers` joblib workers at once (the timed steps start together,
+    after every worker's warm-up), each on `threads` threads: the load the cells train under. One worker measures in
+    this process."""
+    from joblib import Parallel, delayed
+
+    if workers == 1:
+        return measure(threads)["images_per_second"]
+    with multiprocessing.Manager() as manager:
+        barrier = manager.Barrier(workers)
+        speeds = Parallel(n_jobs=workers)(delayed(measure)(threads, barrier) for _ in range(workers))
+    return statistics.median(s["images_per_second"] for s in speeds)

@@ -26,6 +26,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from transferbench.core.errors import ConfigError
+from transferbench.core.host import cpu_model
 from transferbench.core.paths import LINK_FIX, check_results_folder, results_subfolder
 from transferbench.core.study import Cell, Study
 from transferbench.sweep import reference
@@ -42,7 +43,7 @@ def provenance() -> dict:
     from transferbench import __version__
 
     return dict(transferbench_version=__version__, torch_version=torch.__version__, timm_version=timm.__version__,
-                python_version=platform.python_version(), host=socket.gethostname(), **git_state())
+                python_version=platform.python_version(), host=socket.gethostname(), cpu=cpu_model(), **git_state())
 
 
 def git_state() -> dict:
@@ -233,13 +234,14 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     jobs, backend = jobs or run.jobs, backend or run.backend
     workers = 1 if backend == "sequential" else jobs
     threads = run.threads_per_worker
-    # Each record carries its job's reference step: speeds compare as ratios measured within one job (compare.py).
-    context = provenance() | reference.for_job(study, backend) | dict(jobs=workers)
-    summary.reference = context.get("reference_images_per_second")
     bar = WorkBar(todo, study.name, disable=not progress)
-    # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
-    # every reuse reads a finished record and the result never depends on which worker ran first.
     with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
+        # Each record carries its job's reference step, measured by the job's workers at once (the cells' load):
+        # speeds compare as ratios measured within one job (compare.py).
+        context = provenance() | reference.for_job(study, backend, workers) | dict(jobs=workers)
+        summary.reference = context.get("reference_images_per_second")
+        # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
+        # every reuse reads a finished record and the result never depends on which worker ran first.
         for i, phase in enumerate(p for p in lr_phases(todo) if p):
             records = read_records(records_dir) if i else records
             args = (study.name, str(records_dir), threads, context)
@@ -344,6 +346,6 @@ def timing_table(summary: RunSummary) -> str:
     lines.append("feature cache: " + ", ".join(f"{k or 'none (pixels)'}={v}" for k, v in sorted(cache.items(),
                                                                                                 key=str)))
     if summary.reference:
-        lines.append(f"reference: a bare PyTorch step of lite0 at 32 px on a worker's threads: {summary.reference:.0f} "
-                     "images/s (the gate's speed check divides each cell's images/s by it)")
+        lines.append(f"reference: a bare PyTorch step of lite0 at 32 px, run by every worker at once: "
+                     f"{summary.reference:.0f} images/s (the gate's speed check divides each cell's images/s by it)")
     return "\n".join(lines)
