@@ -98,6 +98,7 @@ def test_speed_is_judged_against_the_reference_step_of_each_job(tmp_path, degrad
     shutil.copytree(BASELINE, base)
     with_reference(base, 150.0)
     edit_runs(degraded, lambda r: r.__setitem__("images_per_second", r["images_per_second"] / 3))
+    with_reference(degraded, float("nan"))
     problems = compare(base, degraded).problems  # the new side records no reference step
     assert any("slower" in p and "no comparable reference" in p for p in problems), problems
     with_reference(degraded, 50.0)
@@ -112,6 +113,20 @@ def test_speed_is_judged_against_the_reference_step_of_each_job(tmp_path, degrad
     with_reference(degraded, 150.0)
     problems = compare(base, degraded).problems
     assert any("slower" in p and "x0.33 as a ratio to the bare PyTorch step" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("ratio, slower", [(0.76, False), (0.5, True)])
+def test_the_within_job_floor_passes_host_conditions_and_fails_a_harness_twice_as_slow(ratio, slower, tmp_path,
+                                                                                     degraded):
+    """0.76: the worst within-job ratio of an unchanged smoke run over the host conditions measured (one worker of
+    two threads against two of one); 0.5: the harness twice as slow on the same host (docs/gate.md)."""
+    base = tmp_path / "base"
+    shutil.copytree(BASELINE, base)
+    with_reference(base, 130.0)
+    with_reference(degraded, 130.0)
+    edit_runs(degraded, lambda r: r.__setitem__("images_per_second", r["images_per_second"] * ratio))
+    problems = compare(base, degraded).problems
+    assert any("as a ratio to the bare PyTorch step" in p and "(below 70%)" in p for p in problems) == slower, problems
 
 
 def test_noise_of_the_seeds_size_is_not_a_regression(degraded):
@@ -185,23 +200,20 @@ def test_the_reference_step_leaves_the_process_as_it_found_it():
 
 
 def test_the_reference_step_runs_in_every_worker_at_once(monkeypatch):
-    """Under the cells' load: each of two joblib workers times its steps while the other does (hosts whose two vCPUs
-    are one core's hyperthreads slow both, cells and reference alike); the job's reference is their median."""
-    import multiprocessing
-
-    from joblib import Parallel, delayed
-
+    """Under the cells' load: two processes time their steps at the same time (hosts whose two vCPUs are one core's
+    hyperthreads slow both, cells and reference alike); the job's reference is their median."""
     from transferbench.sweep import reference
 
-    with multiprocessing.Manager() as manager:
-        barrier = manager.Barrier(2)
-        runs = Parallel(n_jobs=2, backend="loky")(delayed(reference.measure)(1, barrier) for _ in range(2))
+    runs = reference.at_once(2, 1)
     assert len({r["pid"] for r in runs}) == 2  # two processes
     assert max(r["began"] for r in runs) < min(r["ended"] for r in runs)  # timing at the same time
+    assert all(r["images_per_second"] > 0 and r["threads"] == 1 for r in runs)
     speeds = []
     monkeypatch.setattr(reference, "measure", lambda threads, barrier=None: speeds.append(threads) or dict(
         images_per_second=100.0 * len(speeds)))
     assert reference.under_load(1, 2) == 100.0 and speeds == [2]  # one worker: measured here, on its threads
+    monkeypatch.setattr(reference, "at_once", lambda workers, threads: [dict(images_per_second=v) for v in (3, 1, 2)])
+    assert reference.under_load(3, 1) == 2  # the median
 
 
 def test_an_implausible_reference_step_cannot_hide_a_slowdown(tmp_path, degraded):

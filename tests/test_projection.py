@@ -17,6 +17,11 @@ from transferbench.sweep.projection import busy_seconds, duration, projection, r
 SMOKE = Path("results/baselines/smoke")
 
 
+def own_time(factor: float = 1.0) -> str:
+    """The committed smoke run's own cells' wall time (x factor): what it projects for its own study."""
+    return duration(recorded_rate(SMOKE).wall_seconds * factor)
+
+
 def test_busy_time_counts_overlaps_once_and_pauses_not_at_all():
     started = np.array([0.0, 5.0, 2.0, 100.0, 101.0, 112.0])
     ended = np.array([10.0, 12.0, 3.0, 110.0, 102.0, 115.0])
@@ -97,7 +102,8 @@ def test_only_runs_at_the_planned_image_size_and_worker_count_are_used(tmp_path)
     (root / "damaged" / "runs.csv").write_text("cell_id\n")
     (root / "damaged" / "study.resolved.yaml").write_text("name: [")
     line = projection(study, cells, root=root)
-    assert line.startswith("projected wall time of the cells: 2.") and "smoke (cpu, 32 px, 2 workers" in line
+    assert line.startswith(f"projected wall time of the cells: {own_time()} ")
+    assert "smoke (cpu, 32 px, 2 workers" in line
     wider = load_study(study_path("smoke"), ["train.image_size=64"])
     assert "no recorded run at 64 px with 2 workers" in projection(wider, plan(wider), root=root)
     more = load_study(study_path("smoke"), ["run.jobs=4"])
@@ -143,12 +149,12 @@ def test_the_study_s_own_record_is_used_else_the_largest_with_the_others_as_the_
     _stretched(root, "larger", 4.0, study_name="other")
     study = load_study(study_path("smoke"))
     own = projection(study, plan(study), root=root)
-    assert own.startswith("projected wall time of the cells: 2.") and "own (cpu" in own
-    assert "9.2 min to 9.2 min at the rates of the other 1 matching" in own  # 4x the time of the cells
+    assert own.startswith(f"projected wall time of the cells: {own_time()} ") and "own (cpu" in own
+    assert f"{own_time(4)} to {own_time(4)} at the rates of the other 1 matching" in own  # 4x the time of the cells
     renamed = load_study(study_path("smoke"), ["name=third"])
     largest = projection(renamed, plan(renamed), root=root)
-    assert largest.startswith("projected wall time of the cells: 9.2 min") and "larger (cpu" in largest
-    assert "2.3 min to 2.3 min at the rates of the other 1" in largest
+    assert largest.startswith(f"projected wall time of the cells: {own_time(4)} ") and "larger (cpu" in largest
+    assert f"{own_time()} to {own_time()} at the rates of the other 1" in largest
     only = projection(study, plan(study), root=root / "nothing")
     assert "no recorded run at 32 px with 2 workers" in only
     (root / "larger" / "runs.csv").unlink()
@@ -208,4 +214,5 @@ def test_a_reference_whose_study_cannot_be_planned_blames_the_reference(tmp_path
     _stretched(tmp_path / "root", "smoke", 1.0)
     shutil.copytree(folder, tmp_path / "root" / "damaged")
     line = projection(study, plan(study), root=tmp_path / "root")  # left out, named; the good run still projects
-    assert line.startswith("projected wall time of the cells: 2.") and "1 damaged recorded run(s) left out" in line
+    assert line.startswith(f"projected wall time of the cells: {own_time()} ")
+    assert "1 damaged recorded run(s) left out" in line

@@ -13,10 +13,9 @@ counted as independent evidence.
 What must not move at all, on any host, is checked exactly: which grid points exist, that no cell
 failed, and the structure of every point (training examples, frozen fraction, trainable parameters,
 and the digest of the pretrained weights a transfer cell started from).
-Speed fails when an arm's speed falls below a fraction of the base's: each cell's images/s divided by a bare PyTorch
-step measured in its own job (sweep.reference), so that the host's own speed cancels, where both runs recorded one;
-else the images/s themselves (across two hosts of one kind the median moved by a factor of up to 1.6, docs/gate.md),
-so the default fraction is 0.5.
+Speed fails when an arm's speed falls below a fraction of the base's (SPEED_FLOOR): each cell's images/s divided by a
+bare PyTorch step measured by its own job's workers at once (sweep.reference), so that the host's own speed cancels,
+where both runs recorded one; else the images/s themselves, which move with the host, at IMAGES_FLOOR.
 
 Untestable is never "no regression": every check the gate is asked to make and cannot make (a value
 that is missing or not finite, a side with fewer than 2 seeds, nothing in common to test) is listed
@@ -84,7 +83,13 @@ NUMBERS = ["val_acc", "test_acc", "images_per_second", "reference_images_per_sec
 # effect: a margin of a quarter of the accuracy scale lets any real regression pass, so does an FDR of 1e-300.
 OPTIONS = {"margin": ("--margin", 0.0, 0.25), "aggregate_margin": ("--margin (aggregates: half of it)", 0.0, 0.25),
            "fdr": ("--fdr", 0.001, 0.5), "speed_fraction": ("--speed-fraction", 0.1, 1.0)}
-OPTION_DEFAULTS = dict(margin=0.02, fdr=0.05, speed_fraction=0.5, aggregate_margin=0.01)
+# Speed floors (docs/gate.md). The within-job ratio (cells over the reference step run by every worker at once) of an
+# unchanged smoke run moved to 0.76 at worst over the host conditions measured (both workers on one core: 0.86;
+# oneDNN and ATen on AVX2: 0.84; one worker of two threads: 0.76), so 0.7 passes them and fails the 0.5 a 2x slower
+# harness gives. Images/s themselves move with the host (two AMD hosts of one CPU class: 0.70; hosts of this kind: up
+# to 1.6x), so where they are judged the floor is 0.5 (or the given fraction, if lower).
+SPEED_FLOOR, IMAGES_FLOOR = 0.7, 0.5
+OPTION_DEFAULTS = dict(margin=0.02, fdr=0.05, speed_fraction=SPEED_FLOOR, aggregate_margin=0.01)
 
 
 def check_options(**values: float) -> None:
@@ -226,7 +231,7 @@ def _test_rows(b: pd.DataFrame, n: pd.DataFrame, keys: list[str], kind: str, mea
 VALUES = {"gain": "gain", "transfer accuracy": "test_acc", "scratch accuracy": "scratch_test_acc"}
 
 
-def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, speed_fraction: float = 0.5,
+def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, speed_fraction: float = SPEED_FLOOR,
             aggregate_margin: float = 0.01) -> Comparison:
     """Two results folders (their runs.csv, and gains.csv for verdict flips)."""
     check_options(margin=margin, fdr=fdr, speed_fraction=speed_fraction, aggregate_margin=aggregate_margin)
@@ -235,7 +240,7 @@ def compare(base: Path, new: Path, margin: float = 0.02, fdr: float = 0.05, spee
 
 
 def compare_runs(b_runs: pd.DataFrame, n_runs: pd.DataFrame, base: str, margin: float = 0.02, fdr: float = 0.05,
-                 speed_fraction: float = 0.5, aggregate_margin: float = 0.01,
+                 speed_fraction: float = SPEED_FLOOR, aggregate_margin: float = 0.01,
                  flips: pd.DataFrame | None = None, same_host: bool = False) -> Comparison:
     """The gate on two seed-level run tables (read_runs' checks passed); `base` names the base in errors. A base
     pooled from several recorded commits carries distinct seed labels per commit (analysis.history); `same_host`: the
@@ -360,13 +365,14 @@ def speed_problems(b_runs: pd.DataFrame, n_runs: pd.DataFrame, speeds: pd.DataFr
             continue
         row = table.loc[arm]
         within = np.isfinite(row["within_job"])
-        judged = ([("within_job", "as a ratio to the bare PyTorch step measured in each run's own job")] if within
-                  else [("images", "in images/s (no comparable reference step on both sides)")])
-        judged += [("images", "in images/s, against the same host class")] if within and same_host else []
-        for column, basis in judged:
-            if row[column] < fraction:
+        images = min(fraction, IMAGES_FLOOR)
+        judged = ([("within_job", fraction, "as a ratio to the bare PyTorch step measured in each run's own job")]
+                  if within else [("images", images, "in images/s (no comparable reference step on both sides)")])
+        judged += [("images", images, "in images/s, against the same host class")] if within and same_host else []
+        for column, floor, basis in judged:
+            if row[column] < floor:
                 problems.append(f"harness slower: {arm} median {row['new']:.0f} images/s vs {row['base']:.0f} in the "
-                                f"base; x{row[column]:.2f} {basis} (below {fraction:.0%})")
+                                f"base; x{row[column]:.2f} {basis} (below {floor:.0%})")
     return problems, untestable
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import statistics
 import time
 
@@ -61,8 +62,8 @@ def measure(threads: int, barrier=None) -> dict:
 
 def for_job(study, backend: str, workers: int) -> dict:
     """The record fields of this job's reference: measured where the cells train on this host's CPU, by `workers`
-    workers at once (`under_load`) inside the job's joblib backend; none for a dask cluster (other hosts) or a GPU
-    (not measured against a CPU step)."""
+    processes at once (`under_load`); none for a dask cluster (other hosts) or a GPU (not measured against a CPU
+    step)."""
     from transferbench.models.device import resolve_device
 
     if backend == "dask" or resolve_device(study.train.device).type != "cpu":
@@ -71,14 +72,41 @@ def for_job(study, backend: str, workers: int) -> dict:
 
 
 def under_load(workers: int, threads: int) -> float:
-    """The median images/s of the bare step run by `workers` joblib workers at once (the timed steps start together,
-    after every worker's warm-up), each on `threads` threads: the load the cells train under. One worker measures in
-    this process."""
-    from joblib import Parallel, delayed
-
+    """The median images/s of the bare step run by `workers` processes at once (`at_once`), each on `threads`
+    threads: the load the cells train under. One worker measures in this process."""
     if workers == 1:
         return measure(threads)["images_per_second"]
-    with multiprocessing.Manager() as manager:
-        barrier = manager.Barrier(workers)
-        speeds = Parallel(n_jobs=workers)(delayed(measure)(threads, barrier) for _ in range(workers))
-    return statistics.median(s["images_per_second"] for s in speeds)
+    return statistics.median(m["images_per_second"] for m in at_once(workers, threads))
+
+
+def at_once(workers: int, threads: int) -> list[dict]:
+    """`measure` in `workers` fresh processes whose timed steps start together (after every one's warm-up). Fresh
+    processes, not the job's joblib workers: loky restarts a worker whose memory grows by 300 MB after its first
+    task, and a first task this small would make every worker's feature cache look like a leak."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    processes = [ctx.Process(target=_measure_into, args=(threads, barrier, results), daemon=True)
+                 for _ in range(workers)]
+    for p in processes:
+        p.start()
+    try:
+        measured = [results.get(timeout=BARRIER_SECONDS + 60) for _ in processes]
+    except queue.Empty:
+        raise RuntimeError(f"the reference step did not finish in {BARRIER_SECONDS + 60} s in every worker") from None
+    finally:
+        for p in processes:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    failed = [m for m in measured if "error" in m]
+    if failed:
+        raise RuntimeError(f"the reference step failed in a worker: {failed[0]['error']}")
+    return measured
+
+
+def _measure_into(threads: int, barrier, results) -> None:
+    try:
+        results.put(measure(threads, barrier))
+    except Exception as e:  # the parent raises it: a hang would be worse than a failed study start
+        barrier.abort()
+        results.put(dict(error=f"{type(e).__name__}: {e}"))

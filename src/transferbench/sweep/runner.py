@@ -234,12 +234,12 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     jobs, backend = jobs or run.jobs, backend or run.backend
     workers = 1 if backend == "sequential" else jobs
     threads = run.threads_per_worker
+    # Each record carries its job's reference step, timed in as many processes at once as the job has workers (the
+    # cells' load): speeds compare as ratios measured within one job (compare.py).
+    context = provenance() | reference.for_job(study, backend, workers) | dict(jobs=workers)
+    summary.reference = context.get("reference_images_per_second")
     bar = WorkBar(todo, study.name, disable=not progress)
     with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
-        # Each record carries its job's reference step, measured by the job's workers at once (the cells' load):
-        # speeds compare as ratios measured within one job (compare.py).
-        context = provenance() | reference.for_job(study, backend, workers) | dict(jobs=workers)
-        summary.reference = context.get("reference_images_per_second")
         # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
         # every reuse reads a finished record and the result never depends on which worker ran first.
         for i, phase in enumerate(p for p in lr_phases(todo) if p):
