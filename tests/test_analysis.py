@@ -183,3 +183,30 @@ def test_a_measure_that_tracks_the_gain_beats_the_trivial_predictor():
     corr = correlations(domains, selected, n_boot=200, classes=classes)
     duel = top_two(domains, selected, measure_ranking(corr), n_boot=200, classes=classes)
     assert duel["first"] == "fd" and duel["beats_trivial"] is True and duel["trivial_low"] > 0
+
+
+def test_a_verdict_that_rests_on_a_q_near_the_level_says_so():
+    """A q within a factor of two of the level, either side, with a gain large enough to count, is near it: the
+    Headline gives its q and the Summary's count says how many verdicts (and inconclusive points) are."""
+    from types import SimpleNamespace
+
+    from transferbench.analysis.gains import near_the_level
+    from transferbench.core.study import load_study, study_path
+    from transferbench.report.dial import baseline_sentence
+    from transferbench.report.document import gain_text
+
+    assert near_the_level(0.1, 0.03, 0.05, 0.01) and near_the_level(-0.1, 0.09, 0.05, 0.01)
+    assert not near_the_level(0.1, 0.02, 0.05, 0.01) and not near_the_level(0.1, 0.11, 0.05, 0.01)
+    assert not near_the_level(0.005, 0.04, 0.05, 0.01)  # too small to count whatever its q
+    study = load_study(study_path("smoke"))
+    selected = pd.DataFrame(dict(gain_vs_baseline=[0.2, 0.2, -0.1, 0.1, 0.1],
+                                 gvb_q=[0.001, 0.04, 0.03, 0.08, 0.3],
+                                 gvb_verdict=["positive", "positive", "negative", "inconclusive", "inconclusive"]))
+    said = baseline_sentence(study, SimpleNamespace(selected=selected))
+    assert "reliably better at 2 and reliably worse at 1 of 5 grid points" in said
+    assert "; 2 of these verdicts and 1 inconclusive point have q within a factor of two of 0.05" in said
+    assert "within a factor" not in baseline_sentence(study, SimpleNamespace(selected=selected.iloc[[0, 4]]))
+    row = SimpleNamespace(gain=0.2, ci_low=0.1, ci_high=0.3, q=0.04, verdict="positive", flags="")
+    assert gain_text(row, 0.05, 0.01) == "+20.0 pp [+10.0, +30.0] (positive; q 0.04, near the level)"
+    row.q = 0.001
+    assert gain_text(row, 0.05, 0.01) == "+20.0 pp [+10.0, +30.0] (positive)"
