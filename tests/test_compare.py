@@ -216,6 +216,20 @@ def test_the_reference_step_runs_in_every_worker_at_once(monkeypatch):
     assert reference.under_load(3, 1) == 2  # the median
 
 
+def test_a_reference_process_that_dies_fails_the_measurement_at_once():
+    """Not after the whole time-out: a process killed or crashed in start-up never sends its result."""
+    import queue
+    import time
+    from types import SimpleNamespace
+
+    from transferbench.sweep import reference
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exit codes \[-9\]"):
+        reference._collect(queue.Queue(), [SimpleNamespace(exitcode=-9), SimpleNamespace(exitcode=None)], t0 + 100)
+    assert time.monotonic() - t0 < 10
+
+
 def test_an_implausible_reference_step_cannot_hide_a_slowdown(tmp_path, degraded):
     """References further apart than two hosts of a kind are (a step of 1e-6 images/s, or 1e308) are not used: the
     gate judges images/s, and the harness ten times slower fails."""

@@ -90,9 +90,7 @@ def at_once(workers: int, threads: int) -> list[dict]:
     for p in processes:
         p.start()
     try:
-        measured = [results.get(timeout=BARRIER_SECONDS + 60) for _ in processes]
-    except queue.Empty:
-        raise RuntimeError(f"the reference step did not finish in {BARRIER_SECONDS + 60} s in every worker") from None
+        measured = _collect(results, processes, time.monotonic() + BARRIER_SECONDS + 60)
     finally:
         for p in processes:
             p.join(timeout=10)
@@ -101,6 +99,20 @@ def at_once(workers: int, threads: int) -> list[dict]:
     failed = [m for m in measured if "error" in m]
     if failed:
         raise RuntimeError(f"the reference step failed in a worker: {failed[0]['error']}")
+    return measured
+
+
+def _collect(results, processes: list, deadline: float) -> list[dict]:
+    """One result per process; a process that died without one (killed, crashed in start-up) fails at once."""
+    measured: list[dict] = []
+    while len(measured) < len(processes):
+        try:
+            measured.append(results.get(timeout=1))
+        except queue.Empty:
+            dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"the reference step did not finish in every worker (exit codes {dead})" if dead
+                                   else "the reference step did not finish in time in every worker") from None
     return measured
 
 
