@@ -82,7 +82,8 @@ def under_load(workers: int, threads: int) -> float:
 def at_once(workers: int, threads: int) -> list[dict]:
     """`measure` in `workers` fresh processes whose timed steps start together (after every one's warm-up). Fresh
     processes, not the job's joblib workers: loky restarts a worker whose memory grows by 300 MB after its first
-    task, and a first task this small would make every worker's feature cache look like a leak."""
+    task, and a first task this small would set that mark below every worker's feature cache. Spawned, so a script
+    that calls this (through `run_cells`) needs the usual `if __name__ == "__main__":` guard; the CLI has it."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
     barrier, results = ctx.Barrier(workers), ctx.Queue()
     processes = [ctx.Process(target=_measure_into, args=(threads, barrier, results), daemon=True)
