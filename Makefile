@@ -38,8 +38,8 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-## the test suite again on another float path (oneDNN and ATen's kernels held to AVX2, as on a CPU without AVX-512):
-## a test whose float comparison holds on one CPU vendor only fails here, on any one machine; CI runs it
+## the test suite again on another float path (oneDNN's and ATen's kernels held to AVX2: other summation orders, as
+## another CPU vendor's kernels take): a test whose float comparison holds on one CPU only fails here; CI runs it
 FLOAT_PATH ?= ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 test-float-paths: $(STAMP)
 	env $(FLOAT_PATH) $(PY) -m pytest -q

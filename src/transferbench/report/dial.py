@@ -12,7 +12,7 @@ from transferbench.analysis.gains import near_counts
 from transferbench.analysis.tables import Tables
 from transferbench.core.study import Study
 from transferbench.measures import MEASURES
-from transferbench.report.words import markdown_table, near_the_level, per_class, pp, times
+from transferbench.report.words import markdown_table, near_the_level_clause, per_class, pp, times
 
 
 def arm_name(line) -> str:
@@ -88,7 +88,7 @@ def baseline_sentence(study: Study, t: Tables) -> str:
     return (f"Against the strongest baseline without pretraining (scratch or a pixel classifier, chosen on "
             f"validation), transfer is reliably better at {counts.get('positive', 0)} and reliably worse at "
             f"{counts.get('negative', 0)} of {len(sel)} grid points (BH q <= {a.fdr:g}, at least "
-            f"{100 * a.min_effect:g} pp){near_the_level(*near, a.fdr)}.")
+            f"{100 * a.min_effect:g} pp){near_the_level_clause(*near, a.fdr)}.")
 
 
 def predictor_sentence(study: Study, t: Tables) -> str:

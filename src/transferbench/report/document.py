@@ -19,7 +19,7 @@ from transferbench.core.registry import Registry
 from transferbench.core.study import Study, scratch_lrs, transfer_lrs
 from transferbench.report import dial, plots
 from transferbench.report.anchors import ANCHORS, anchors
-from transferbench.report.words import interval, markdown_table, near_the_level, per_class, pp
+from transferbench.report.words import interval, markdown_table, near_the_level_clause, per_class, pp
 
 
 def gain_text(row, fdr: float, min_effect: float) -> str:
@@ -50,7 +50,7 @@ def headlines(study: Study, t: Tables) -> list[str]:
     negatives, losing = selected[selected["verdict"] == "negative"], selected[selected["gain"] < 0]
     lines.append(f"Negative transfer (q <= {a.fdr:g} after Benjamini-Hochberg, gain <= -{100 * a.min_effect:g} pp): "
                  f"{len(negatives)} of {len(selected)} grid points (configurations chosen on val)"
-                 + near_the_level(*analysis.near_counts(losing["gain"], losing["q"], losing["verdict"], a.fdr,
+                 + near_the_level_clause(*analysis.near_counts(losing["gain"], losing["q"], losing["verdict"], a.fdr,
                                                         a.min_effect), a.fdr) + ".")
     return lines
 

@@ -39,7 +39,7 @@ def md_cell(value) -> str:
     return re.sub(r"(\\*)\|", lambda m: 2 * m.group(1) + "\\|", one_line)  # backslashes before a | escaped too
 
 
-def near_the_level(decided: int, undecided: int, fdr: float) -> str:
+def near_the_level_clause(decided: int, undecided: int, fdr: float) -> str:
     """The clause that says how many verdicts rest on a q-value near the level ('' when none does)."""
     if not decided and not undecided:
         return ""

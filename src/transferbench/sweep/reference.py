@@ -1,9 +1,10 @@
 """The speed of the host, measured in the same job as the cells and under the same load: images/s of a bare PyTorch
 training step (timm's tf_efficientnet_lite0 at random init, 32 px, batch 32, SGD, no transferbench code in the loop)
-on the threads one worker uses, run in every worker at once, as the cells run. Every record of the job carries it
-(`reference_images_per_second`), and the gate divides each cell's images/s by its own job's reference, so that two
-runs on different hosts compare as ratios each measured within its own job (the way bench/test_speed.py sets the
-harness step beside the same bare step); an absolute images/s is compared only where a side lacks one.
+on the threads one worker uses, in as many processes at once as the job has workers, as the cells run. Every record
+of the job carries it (`reference_images_per_second`), and the gate divides each cell's images/s by its own job's
+reference, so that two runs on different hosts compare as ratios each measured within its own job (the way
+bench/test_speed.py sets the harness step beside the same bare step); an absolute images/s is compared only where a
+side lacks one.
 
 Why under load: where a host's two vCPUs are two hyperthreads of one physical core, two workers each train at a
 fraction of what one alone does. A reference timed with the other worker idle (as it once was) is then faster than

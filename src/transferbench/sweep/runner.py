@@ -239,9 +239,9 @@ def run_cells(study: Study, cells: list[Cell], records_dir: Path, jobs: int | No
     context = provenance() | reference.for_job(study, backend, workers) | dict(jobs=workers)
     summary.reference = context.get("reference_images_per_second")
     bar = WorkBar(todo, study.name, disable=not progress)
+    # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
+    # every reuse reads a finished record and the result never depends on which worker ran first.
     with PeakMemory() as memory, _backend(backend, jobs, threads, scheduler or run.scheduler):
-        # Two phases: the cells that choose their LR, then those that reuse another seed's choice (lr_from_seed), so
-        # every reuse reads a finished record and the result never depends on which worker ran first.
         for i, phase in enumerate(p for p in lr_phases(todo) if p):
             records = read_records(records_dir) if i else records
             args = (study.name, str(records_dir), threads, context)
@@ -346,6 +346,6 @@ def timing_table(summary: RunSummary) -> str:
     lines.append("feature cache: " + ", ".join(f"{k or 'none (pixels)'}={v}" for k, v in sorted(cache.items(),
                                                                                                 key=str)))
     if summary.reference:
-        lines.append(f"reference: a bare PyTorch step of lite0 at 32 px, run by every worker at once: "
+        lines.append(f"reference: a bare PyTorch step of lite0 at 32 px, in one process per worker at once: "
                      f"{summary.reference:.0f} images/s (the gate's speed check divides each cell's images/s by it)")
     return "\n".join(lines)

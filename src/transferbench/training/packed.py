@@ -206,9 +206,9 @@ class Pack:
         first = runs[0].examples("val")[0]
         val = {i: self.runs[i].examples("val")[0] for i in due}
         chunk = device.eval_batch_size(first.device)
-        logits = torch.cat([device.widened(self.forward(torch.stack([val.get(i, first)[j:j + chunk]
-                                                      for i in range(len(self.runs))]))).cpu()
-                            for j in range(0, len(first), chunk)], 1)
+        stacked = (torch.stack([val.get(i, first)[j:j + chunk] for i in range(len(self.runs))])
+                   for j in range(0, len(first), chunk))
+        logits = torch.cat([device.widened(self.forward(x)).cpu() for x in stacked], 1)
         self.template.train()
         return {i: scores(logits[i], self.runs[i].examples("val")[1])[:2] for i in due}
 
